@@ -1,0 +1,94 @@
+"""The generate stage: this round's prompts, K completions each, saved as a `datasets` folder.
+
+Work is cut into shards of `shard_size` prompts, each written (atomically) as soon as it is done and seeded by
+(seed, round, shard index): a stage killed halfway resumes from its finished shards and ends with exactly the
+texts an uninterrupted run would have produced.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import datasets
+from hydra.utils import instantiate
+from tqdm.auto import tqdm
+
+from data_gen.hf_backend import Sampling
+from data_gen.prompts import load_prompts, sample_round
+from posttrain.rundir import StageResult, stable_hash
+
+GENERATION_FEATURES = datasets.Features(
+    {
+        "prompt_id": datasets.Value("string"),
+        "messages": [{"role": datasets.Value("string"), "content": datasets.Value("string")}],
+        "sample_idx": datasets.Value("int32"),
+        "text": datasets.Value("string"),
+        "prompt_tokens": datasets.Value("int32"),
+        "completion_tokens": datasets.Value("int32"),
+        "finish_reason": datasets.Value("string"),
+        "model": datasets.Value("string"),
+        "round": datasets.Value("int32"),
+    }
+)
+
+
+def generate(cfg: dict, inputs: dict[str, str], out: Path) -> StageResult:
+    """Stage function. `cfg` holds round, seed, the data settings, k, sampling settings, the backend's
+    `_target_` config and `shard_size`; `inputs` holds `prompts` (a prompt source) and `model` (the spec
+    of the model that generates). Writes `generations/` (one row per completion) and, when rows were set
+    aside, `quarantine.jsonl`."""
+    data = cfg["data"]
+    pool = load_prompts(inputs["prompts"], on_empty=data["on_empty"], split=data["split"])
+    if pool.quarantined:
+        with open(out / "quarantine.jsonl", "w") as f:
+            for q in pool.quarantined:
+                f.write(json.dumps(q, default=str) + "\n")
+    prompts = sample_round(pool.prompts, data["num_prompts"], cfg["round"], cfg["seed"])
+
+    shard_dir = out / "shards"
+    shard_dir.mkdir(exist_ok=True)
+    size = cfg["shard_size"]
+    todo = [i for i in range(0, len(prompts), size) if not (shard_dir / f"{i // size:05d}.jsonl").exists()]
+    backend = None
+    bar = tqdm(total=len(prompts), desc=f"round {cfg['round']} generate", unit="prompt")
+    bar.update(len(prompts) - sum(len(prompts[i : i + size]) for i in todo))
+    for start in todo:
+        if backend is None:  # load the model only when there is work left
+            backend = instantiate(cfg["backend"], model=inputs["model"], _convert_="all")
+        batch = prompts[start : start + size]
+        sampling = Sampling(
+            temperature=cfg["temperature"],
+            top_p=cfg["top_p"],
+            max_new_tokens=cfg["max_new_tokens"],
+            seed=int(stable_hash([cfg["seed"], cfg["round"], start // size]), 16) % (2**31),
+        )
+        completions = backend.generate([p["messages"] for p in batch], cfg["k"], sampling)
+        path = shard_dir / f"{start // size:05d}.jsonl"
+        with open(path.with_suffix(".tmp"), "w") as f:
+            for p, samples in zip(batch, completions):
+                for j, c in enumerate(samples):
+                    row = {**p, "sample_idx": j, **c, "model": inputs["model"], "round": cfg["round"]}
+                    f.write(json.dumps(row) + "\n")
+        os.replace(path.with_suffix(".tmp"), path)
+        bar.update(len(batch))
+    bar.close()
+
+    rows = [json.loads(line) for s in sorted(shard_dir.glob("*.jsonl")) for line in open(s)]
+    datasets.Dataset.from_list(rows, features=GENERATION_FEATURES).save_to_disk(str(out / "generations"))
+    for s in shard_dir.glob("*.jsonl"):
+        s.unlink()
+    shard_dir.rmdir()
+    finished = sum(r["finish_reason"] == "stop" for r in rows)
+    return StageResult(
+        outputs={"generations": "generations"},
+        rows=len(rows),
+        metrics={
+            "prompts": len(prompts),
+            "quarantined": {"empty_prompt": len(pool.quarantined)},
+            "finish_reason_stop": finished,
+            "finish_reason_length": len(rows) - finished,
+            "mean_completion_tokens": sum(r["completion_tokens"] for r in rows) / max(len(rows), 1),
+        },
+    )

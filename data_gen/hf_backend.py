@@ -1,0 +1,79 @@
+"""The local `hf` generation backend: transformers `generate` on small models (CPU tests, quick recipes).
+
+Large teachers belong on vLLM or an OpenAI-compatible server; this backend keeps the same interface:
+`generate(prompts, n, sampling) -> n completions per prompt`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from posttrain.chat import end_of_turn_ids
+from posttrain.models import load_causal_lm, load_tokenizer
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    seed: int = 0
+
+
+class HFBackend:
+    """Batched sampling with transformers. `model` is any spec `posttrain.models` resolves."""
+
+    def __init__(self, model: str, batch_size: int = 8, dtype: str = "float32", device: str = "auto"):
+        self.model_spec = model
+        self.batch_size = batch_size
+        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        self.tokenizer = load_tokenizer(model)
+        # Decoder-only models continue from the last position: pad on the left so it is the prompt's end.
+        self.tokenizer.padding_side = "left"
+        self.model = load_causal_lm(model, dtype=dtype).to(self.device).eval()
+        self.stop_ids = end_of_turn_ids(self.tokenizer)
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[list[dict]], n: int, sampling: Sampling) -> list[list[dict]]:
+        """Sample `n` completions for each chat prompt (a list of messages). Returns, per prompt, `n` dicts with
+        text, prompt_tokens, completion_tokens and finish_reason ("stop" at an end-of-turn token, else
+        "length"). Seeded by `sampling.seed`: the same call gives the same texts."""
+        torch.manual_seed(sampling.seed)
+        out: list[list[dict]] = []
+        for start in range(0, len(prompts), self.batch_size):
+            batch = prompts[start : start + self.batch_size]
+            enc = self.tokenizer.apply_chat_template(
+                batch, add_generation_prompt=True, padding=True, return_tensors="pt", return_dict=True
+            ).to(self.device)
+            greedy = sampling.temperature == 0
+            gen = self.model.generate(
+                **enc,
+                do_sample=not greedy,
+                temperature=None if greedy else sampling.temperature,
+                top_p=None if greedy else sampling.top_p,
+                top_k=None,
+                max_new_tokens=sampling.max_new_tokens,
+                num_return_sequences=n,
+                eos_token_id=self.stop_ids,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
+            prompt_len = enc["input_ids"].shape[1]
+            prompt_tokens = enc["attention_mask"].sum(dim=1).tolist()
+            for i in range(len(batch)):
+                samples = []
+                for j in range(n):
+                    ids = gen[i * n + j, prompt_len:].tolist()
+                    stop_at = next((t for t, tok in enumerate(ids) if tok in self.stop_ids), None)
+                    body = ids if stop_at is None else ids[:stop_at]
+                    samples.append(
+                        {
+                            "text": self.tokenizer.decode(body, skip_special_tokens=True),
+                            "prompt_tokens": int(prompt_tokens[i]),
+                            "completion_tokens": len(body),
+                            "finish_reason": "length" if stop_at is None else "stop",
+                        }
+                    )
+                out.append(samples)
+        return out

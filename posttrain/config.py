@@ -1,0 +1,133 @@
+"""Typed recipe schemas.
+
+Every recipe is composed on top of `PosttrainConfig`, registered in Hydra's ConfigStore as `posttrain_schema`.
+The schema is structured (OmegaConf struct mode), so a misspelt or unknown key fails while Hydra composes the
+config, before anything runs. Plug-in points (generation backend, and later rewards and eval suites) are plain
+`_target_` dictionaries: their keyword arguments belong to the user's class, so they are checked by
+`posttrain.validate` instead (allowlist, importable, arguments accepted).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+
+@dataclass
+class ModelConfig:
+    # A model spec: local folder, .gguf file, pkg://<package>/<file>, tiny://k=v,... or a hub id.
+    path: str = MISSING
+    dtype: str = "float32"
+
+
+@dataclass
+class DataConfig:
+    # JSONL file or a `datasets` folder saved with save_to_disk; pkg://<package>/<file> works too.
+    prompts: str = MISSING
+    # Prompts drawn for each round. Rounds walk one seeded permutation of the pool, so rounds see disjoint
+    # prompts until the pool is used up.
+    num_prompts: int = 64
+    # What to do with a prompt whose text is empty: "error" stops before any stage runs, "quarantine" sets
+    # the row aside, counts it in the manifest and writes it to the stage's quarantine.jsonl.
+    on_empty: str = "error"
+    # Split to read when `prompts` is a DatasetDict on disk.
+    split: str = "train"
+
+
+@dataclass
+class GenerateConfig:
+    # "teacher": sequence-level distillation from `teacher`; "policy": sample the current policy.
+    source: str = "teacher"
+    k: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    backend: Dict[str, Any] = field(
+        default_factory=lambda: {"_target_": "data_gen.hf_backend.HFBackend", "batch_size": 8}
+    )
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: List[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+@dataclass
+class SFTConfig:
+    enabled: bool = True
+    # "base": every round fine-tunes `model.path` (the Llama 3 recipe); "policy": continue from the last policy.
+    init: str = "base"
+    learning_rate: float = 1e-5  # Llama 3, section 4.1.3
+    epochs: float = 1.0
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_length: int = 1024
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    logging_steps: int = 10
+    save_steps: int = 200
+    # Share of prompts (with all their samples) held out to measure the loss before and after training.
+    eval_fraction: float = 0.1
+    keep_checkpoints: bool = False
+    report_to: List[str] = field(default_factory=lambda: ["none"])
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class LaunchConfig:
+    # How a training stage process is started. "direct": `python -m posttrain.train.<stage> CONFIG`.
+    launcher: str = "direct"
+    nproc: int = 1
+
+
+@dataclass
+class PosttrainConfig:
+    name: str = "default"
+    run_dir: str = "runs/${name}"
+    # Bring the run up to this round.
+    round: int = 1
+    seed: int = 0
+    # Finished stages to run again ("generate", "round_2/sft", "all"); the old folders are kept under
+    # round_N/superseded/.
+    redo: List[str] = field(default_factory=list)
+    # Module prefixes allowed in `_target_` besides posttrain's own packages.
+    allowed_targets: List[str] = field(default_factory=list)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    teacher: Optional[ModelConfig] = None
+    data: DataConfig = field(default_factory=DataConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    # Per-round overrides: rounds[i] is merged over the recipe for round i+1, e.g. `- {generate: {k: 8}}`.
+    # Rounds past the end of the list use the recipe as it is.
+    rounds: List[Any] = field(default_factory=list)
+
+
+def register() -> None:
+    ConfigStore.instance().store(name="posttrain_schema", node=PosttrainConfig)
+
+
+def round_config(cfg: DictConfig, round_idx: int) -> DictConfig:
+    """The recipe as it applies to round `round_idx` (1-based): `rounds[round_idx-1]` merged over the base.
+
+    The merge goes through the typed schema, so a misspelt key in `rounds` fails here with its name.
+    """
+    base = OmegaConf.merge(OmegaConf.structured(PosttrainConfig), OmegaConf.masked_copy(cfg, _TYPED_KEYS))
+    if round_idx <= len(cfg.rounds):
+        override = cfg.rounds[round_idx - 1]
+        if override is not None:
+            base = OmegaConf.merge(base, override)
+    return base
+
+
+_TYPED_KEYS = [k for k in PosttrainConfig.__dataclass_fields__ if k != "rounds"]

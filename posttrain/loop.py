@@ -1,0 +1,85 @@
+"""The round loop, read top to bottom like the paper's figure (Llama 3, section 4.1):
+
+    prompts -> generate (teacher or policy, K each) -> SFT -> policy for the next round
+
+Each stage is a plain function `(stage config, inputs, out_dir) -> StageResult` run through `RunDir.run_stage`,
+which skips what already finished and resumes what did not.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import partial
+
+from omegaconf import DictConfig, OmegaConf
+
+from data_gen.generate import generate
+from posttrain.models import resolve_path
+from posttrain.rundir import RunDir
+from posttrain.train.sft import sft_stage
+from posttrain.validate import validate
+
+_SECRET = re.compile(r"(^|_)(api_key|apikey|secret|password|passwd|token|auth)$", re.IGNORECASE)
+
+
+def redact(node):
+    """A copy of a plain config container with the values of secret-looking keys replaced."""
+    if isinstance(node, dict):
+        return {k: "<redacted>" if _SECRET.search(str(k)) and v is not None else redact(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [redact(v) for v in node]
+    return node
+
+
+def _section(rc: DictConfig, key: str) -> dict:
+    return OmegaConf.to_container(rc[key], resolve=True)
+
+
+def run_round(rd: RunDir, rc: DictConfig, r: int, policy: str) -> str:
+    """Run round `r` with its config `rc`, starting from `policy` (a model spec or folder); returns the
+    policy for the next round."""
+    gen_model = rc.teacher.path if rc.generate.source == "teacher" else policy
+    gen_cfg = {
+        **_section(rc, "generate"),
+        "round": r,
+        "seed": rc.seed,
+        "data": _section(rc, "data"),
+        "shard_size": rc.generate.backend.get("batch_size", 8),
+    }
+    gen_inputs = {"prompts": str(resolve_path(rc.data.prompts)), "model": gen_model}
+    gen = rd.run_stage(r, "generate", gen_cfg, gen_inputs, partial(generate, gen_cfg, gen_inputs), resumable=True)
+
+    if rc.sft.enabled:
+        sft_cfg = {**_section(rc, "sft"), "seed": rc.seed, "launch": _section(rc, "launch")}
+        sft_inputs = {
+            "model": rc.model.path if rc.sft.init == "base" else policy,
+            "data": rd.output(gen, "generations"),
+        }
+        sft = rd.run_stage(r, "sft", sft_cfg, sft_inputs, partial(sft_stage, sft_cfg, sft_inputs), resumable=True)
+        policy = rd.output(sft, "model")
+    return policy
+
+
+def run(cfg: DictConfig, run_dir: str | None = None) -> RunDir:
+    """Bring the run in `run_dir` (default `cfg.run_dir`) up to round `cfg.round`."""
+    rounds = validate(cfg)
+    rd = RunDir(run_dir or cfg.run_dir, redo=list(cfg.redo))
+    try:
+        rd.write_config(OmegaConf.to_yaml(OmegaConf.create(redact(OmegaConf.to_container(cfg, resolve=True)))))
+        policy = cfg.model.path
+        for r, rc in enumerate(rounds, 1):
+            policy = run_round(rd, rc, r, policy)
+    finally:
+        rd.close()
+    print(summary(rd))
+    return rd
+
+
+def summary(rd: RunDir) -> str:
+    lines = [f"run directory: {rd.root}", f"{'stage':<20}{'rows':>8}{'seconds':>10}  status"]
+    for e in rd.manifest["stages"]:
+        sid = f"round_{e['round']}/{e['stage']}"
+        rows = e["rows"] if isinstance(e["rows"], int) else sum(e["rows"].values())
+        status = "ran" if sid in rd.ran else "done earlier"
+        lines.append(f"{sid:<20}{rows:>8}{e['seconds']:>10.1f}  {status}")
+    return "\n".join(lines)

@@ -1,0 +1,267 @@
+"""The run directory: stage folders, the manifest, and the resume rules.
+
+```
+runs/<name>/
+  config.yaml        resolved recipe of the latest invocation (secrets redacted); older ones in config.history/
+  manifest.json      {"stages": [...], "superseded": [...]}: one entry per finished stage, written last
+  round_N/NN_<stage>/
+```
+A stage runs in `round_N/.NN_<stage>.partial/` and is renamed into place when it has finished; its manifest entry
+is written after the rename, atomically. So a stage folder without an entry is partial: it is wiped and redone.
+A stage that can resume inside itself (Trainer checkpoints, generation shards) keeps its partial folder when it
+was started by the same stage config on the same inputs.
+
+A finished stage is skipped when its config and inputs are unchanged. If they changed, the run stops with an
+error naming the stage and the keys that differ, unless the stage is listed in `redo` or its inputs were remade
+by a stage redone in this invocation; then the old folder moves to `round_N/superseded/` (never deleted) and
+the stage runs again.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import platform
+import shutil
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable
+
+from posttrain.errors import PosttrainError
+
+# Fixed numbers keep folders in data-flow order whichever stages a recipe runs.
+STAGE_NUMBERS = {"rm": 0, "generate": 1, "score": 2, "select": 3, "sft": 4, "dpo": 5, "average": 6, "eval": 7}
+_VERSIONED = ("posttrain", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "deepspeed",
+              "hydra-core")
+
+
+class StageChanged(PosttrainError):
+    pass
+
+
+@dataclass
+class StageResult:
+    """What a stage function returns: output paths relative to its folder, row counts, and anything worth
+    recording (metrics, quarantine counts)."""
+
+    outputs: dict[str, str]
+    rows: int | dict[str, int] = 0
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def stable_hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def tree_hash(path: Path) -> str:
+    """Content hash of a file or folder (relative paths and bytes), used to fingerprint stage outputs."""
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for f in files:
+        h.update(str(f.relative_to(path) if f != path else f.name).encode() + b"\0")
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=False, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for dist in _VERSIONED:
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _diff_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = sorted(set(old) | set(new))
+        return [d for k in keys for d in _diff_keys(old.get(k), new.get(k), f"{prefix}{k}.")]
+    return [] if old == new else [prefix.rstrip(".") or "<value>"]
+
+
+class RunDir:
+    """A run directory opened by one driver at a time (an exclusive lock on `.lock`)."""
+
+    def __init__(self, root: str | Path, redo: list[str] | tuple[str, ...] = ()):
+        self.root = Path(root).expanduser().resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock = open(self.root / ".lock", "w")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise PosttrainError(f"run directory {self.root} is in use by another posttrain process") from None
+        self.redo = set(redo)
+        self.manifest_path = self.root / "manifest.json"
+        self.manifest = (
+            json.loads(self.manifest_path.read_text()) if self.manifest_path.exists() else {"stages": []}
+        )
+        self.manifest.setdefault("superseded", [])
+        # Output hashes of stages (re)made by this invocation: stages fed by them may be redone automatically.
+        self._fresh_outputs: set[str] = set()
+        self.ran: list[str] = []  # stage ids that did work in this invocation
+
+    def close(self) -> None:
+        self._lock.close()
+
+    # ---- manifest ---------------------------------------------------------------------------------------------
+    def entry(self, round_idx: int, stage: str) -> dict | None:
+        for e in self.manifest["stages"]:
+            if e["round"] == round_idx and e["stage"] == stage:
+                return e
+        return None
+
+    def stage_dir(self, round_idx: int, stage: str) -> Path:
+        return self.root / f"round_{round_idx}" / f"{STAGE_NUMBERS[stage]:02d}_{stage}"
+
+    def input_fingerprint(self, path: str) -> str:
+        """A finished stage's output is known by the hash recorded when it finished; other inputs (a prompt
+        file, a base model folder) by their content when small and by size + mtime when large."""
+        for e in self.manifest["stages"]:
+            for out in e["outputs"].values():
+                if str(self.root / out) == str(path):
+                    return e["output_hash"]
+        p = Path(path)
+        if not p.exists():
+            return f"spec:{path}"  # a hub id or a spec that has no file of its own
+        files = [p] if p.is_file() else sorted(q for q in p.rglob("*") if q.is_file())
+        if sum(f.stat().st_size for f in files) <= (64 << 20):
+            return tree_hash(p)
+        return stable_hash([(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files])
+
+    def _is_redo(self, round_idx: int, stage: str) -> bool:
+        return bool({"all", stage, f"round_{round_idx}/{stage}", f"round_{round_idx}"} & self.redo)
+
+    # ---- running a stage --------------------------------------------------------------------------------------
+    def run_stage(
+        self,
+        round_idx: int,
+        stage: str,
+        config: dict,
+        inputs: dict[str, str],
+        fn: Callable[[Path], StageResult],
+        resumable: bool = False,
+    ) -> dict:
+        """Run `fn(work_dir)` as stage `stage` of round `round_idx` unless it already finished with the same
+        config and inputs. Returns the stage's manifest entry; its `outputs` are paths relative to the run dir."""
+        final = self.stage_dir(round_idx, stage)
+        stage_id = f"round_{round_idx}/{stage}"
+        input_hashes = {k: self.input_fingerprint(v) for k, v in sorted(inputs.items())}
+        config_hash = stable_hash(config)
+        old = self.entry(round_idx, stage)
+        if old is not None:
+            if old["config_hash"] == config_hash and old["input_hashes"] == input_hashes and not self._is_redo(
+                round_idx, stage
+            ):
+                return old
+            inputs_remade = any(
+                input_hashes[k] in self._fresh_outputs
+                for k in input_hashes
+                if old["input_hashes"].get(k) != input_hashes[k]
+            )
+            if not (self._is_redo(round_idx, stage) or inputs_remade):
+                raise StageChanged(self._changed_message(stage_id, final, old, config, input_hashes))
+            self._supersede(old, final)
+
+        work = final.with_name(f".{final.name}.partial")
+        marker = {"config_hash": config_hash, "input_hashes": input_hashes}
+        stale = final.exists()  # renamed into place but no manifest entry: the driver died in between
+        if stale:
+            shutil.rmtree(final)
+        if work.exists():
+            keep = resumable and (work / ".stage.json").exists() and json.loads(
+                (work / ".stage.json").read_text()
+            ) == marker
+            if not keep:
+                shutil.rmtree(work)
+        work.mkdir(parents=True, exist_ok=True)
+        (work / "stage_config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
+        _write_json_atomic(work / ".stage.json", marker)
+
+        start = time.time()
+        result = fn(work)
+        for name, rel in result.outputs.items():
+            if not (work / rel).exists():
+                raise PosttrainError(f"stage {stage_id} did not produce its output '{name}' ({rel})")
+        output_hash = tree_hash(work)
+        os.replace(work, final)
+        entry = {
+            "round": round_idx,
+            "stage": stage,
+            "dir": str(final.relative_to(self.root)),
+            "config_hash": config_hash,
+            "inputs": {k: self._relative(v) for k, v in sorted(inputs.items())},
+            "input_hashes": input_hashes,
+            "outputs": {k: str((final / v).relative_to(self.root)) for k, v in result.outputs.items()},
+            "output_hash": output_hash,
+            "rows": result.rows,
+            "seconds": round(time.time() - start, 3),
+            "metrics": result.metrics,
+            "versions": versions(),
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        self.manifest["stages"].append(entry)
+        _write_json_atomic(self.manifest_path, self.manifest)
+        self._fresh_outputs.add(output_hash)
+        self.ran.append(stage_id)
+        return entry
+
+    def _relative(self, path: str) -> str:
+        """Paths inside the run directory are recorded relative to it, so a run can move to another machine."""
+        p = Path(path)
+        return str(p.relative_to(self.root)) if p.is_absolute() and p.is_relative_to(self.root) else str(path)
+
+    def output(self, entry: dict, name: str) -> str:
+        return str(self.root / entry["outputs"][name])
+
+    def _supersede(self, old: dict, final: Path) -> None:
+        dest = final.parent / "superseded" / f"{final.name}.{time.strftime('%Y%m%d-%H%M%S')}"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if final.exists():
+            os.replace(final, dest)
+        self.manifest["stages"].remove(old)
+        self.manifest["superseded"].append({**old, "dir": str(dest.relative_to(self.root))})
+        _write_json_atomic(self.manifest_path, self.manifest)
+
+    def _changed_message(self, stage_id: str, final: Path, old: dict, config: dict, input_hashes: dict) -> str:
+        old_cfg_path = final / "stage_config.json"
+        old_cfg = json.loads(old_cfg_path.read_text()) if old_cfg_path.exists() else {}
+        keys = _diff_keys(old_cfg, json.loads(json.dumps(config, default=str)))
+        changed_inputs = [k for k in input_hashes if old["input_hashes"].get(k) != input_hashes[k]]
+        what = []
+        if keys:
+            what.append("config keys " + ", ".join(keys))
+        if changed_inputs:
+            what.append("inputs " + ", ".join(changed_inputs))
+        return (
+            f"stage {stage_id} already finished in {final} with a different "
+            f"{' and '.join(what) or 'config'}. Rerun with the original recipe to resume, or add "
+            f"redo=[{stage_id}] to run it again (the finished folder is kept under {final.parent}/superseded/)."
+        )
+
+    def write_config(self, yaml_text: str) -> None:
+        """Write the resolved recipe; an earlier, different config.yaml is kept in config.history/."""
+        path = self.root / "config.yaml"
+        if path.exists() and path.read_text() != yaml_text:
+            hist = self.root / "config.history"
+            hist.mkdir(exist_ok=True)
+            n = len(list(hist.glob("*.yaml"))) + 1
+            os.replace(path, hist / f"{n:03d}.yaml")
+        tmp = path.with_name(".config.yaml.tmp")
+        tmp.write_text(yaml_text)
+        os.replace(tmp, path)

@@ -1,0 +1,162 @@
+"""SFT stage: a thin wrapper on TRL's SFTTrainer, run as its own process.
+
+`python -m posttrain.train.sft train_config.json` trains on generated rows (prompt messages + completion text)
+with the loss on the assistant's completion only (TRL prompt-completion format: the prompt is masked whatever
+the chat template is), optionally through a LoRA adapter merged on save. It resumes from the last Trainer
+checkpoint in its folder, measures the loss on held-out prompts before and after training, and leaves a plain
+Hugging Face folder in `model/`.
+
+The driver side, `sft_stage`, builds the frozen settings and launches this module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from posttrain.rundir import StageResult
+
+
+def sft_stage(cfg: dict, inputs: dict[str, str], out: Path) -> StageResult:
+    """Stage function. `cfg`: the recipe's `sft` section plus `seed` and `launch`; `inputs`: `model` (spec of
+    the checkpoint to start from) and `data` (generations dataset folder). Output: `model/` (HF folder)."""
+    from posttrain.models import resolve_model
+    from posttrain.train.launch import run_training
+
+    settings = {
+        **{k: v for k, v in cfg.items() if k not in ("launch", "enabled", "init")},
+        "model": resolve_model(inputs["model"]),
+        "data": [inputs["data"]],
+        "output_dir": str(out),
+    }
+    run_training("posttrain.train.sft", settings, out, cfg["launch"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    return StageResult(outputs={"model": "model"}, rows=metrics["train_rows"], metrics=metrics)
+
+
+# ---- the training process -----------------------------------------------------------------------------------
+
+
+def _held_out(prompt_id: str, fraction: float) -> bool:
+    # By prompt, not by row: all K samples of a prompt fall on the same side of the split.
+    return int(hashlib.sha256(prompt_id.encode()).hexdigest()[:8], 16) / 16**8 < fraction
+
+
+def build_datasets(paths: list[str], eval_fraction: float):
+    """Generation rows -> TRL conversational prompt-completion rows, split into train and held-out sets."""
+    import datasets
+
+    ds = datasets.concatenate_datasets([datasets.load_from_disk(p) for p in paths])
+    missing = {"prompt_id", "messages", "text"} - set(ds.column_names)
+    if missing:
+        raise ValueError(f"SFT data {paths} lacks columns {sorted(missing)}")
+    ds = ds.map(
+        lambda r: {"prompt": r["messages"], "completion": [{"role": "assistant", "content": r["text"]}]},
+        remove_columns=ds.column_names,
+        with_indices=False,
+        desc="SFT rows",
+        load_from_cache_file=False,
+    ).add_column("prompt_id", ds["prompt_id"])
+    held = [_held_out(pid, eval_fraction) for pid in ds["prompt_id"]]
+    if eval_fraction > 0 and not any(held) and len(set(ds["prompt_id"])) > 1:
+        held = [pid == ds["prompt_id"][0] for pid in ds["prompt_id"]]  # at least one prompt held out
+    train = ds.select([i for i, h in enumerate(held) if not h]).remove_columns("prompt_id")
+    evals = ds.select([i for i, h in enumerate(held) if h]).remove_columns("prompt_id")
+    return train, (evals if len(evals) else None)
+
+
+def train(settings: dict) -> dict:
+    import torch
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.trainer_utils import get_last_checkpoint
+    from trl import SFTConfig, SFTTrainer
+
+    out = Path(settings["output_dir"])
+    trainer_dir = out / "trainer"
+    gpu = torch.cuda.is_available()
+    train_ds, eval_ds = build_datasets(settings["data"], settings["eval_fraction"])
+    args = SFTConfig(
+        output_dir=str(trainer_dir),
+        learning_rate=settings["learning_rate"],
+        num_train_epochs=settings["epochs"],
+        per_device_train_batch_size=settings["batch_size"],
+        per_device_eval_batch_size=settings["batch_size"],
+        gradient_accumulation_steps=settings["grad_accum"],
+        max_length=settings["max_length"],
+        lr_scheduler_type=settings["lr_scheduler"],
+        warmup_steps=settings["warmup_ratio"],
+        weight_decay=settings["weight_decay"],
+        logging_steps=settings["logging_steps"],
+        save_strategy="steps",
+        save_steps=settings["save_steps"],
+        save_total_limit=2,
+        eval_strategy="no",
+        report_to=settings["report_to"],
+        seed=settings["seed"],
+        use_cpu=not gpu,
+        bf16=gpu and torch.cuda.is_bf16_supported(),
+        gradient_checkpointing=gpu,
+        dataset_num_proc=None,
+        disable_tqdm=False,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(settings["model"])
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(settings["model"], dtype=torch.float32)
+    lora = settings["lora"]
+    peft_config = (
+        LoraConfig(
+            r=lora["r"],
+            lora_alpha=lora["alpha"],
+            lora_dropout=lora["dropout"],
+            target_modules=list(lora["target_modules"]),
+            task_type="CAUSAL_LM",
+        )
+        if lora["enabled"]
+        else None
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
+    metrics: dict = {"train_rows": len(train_ds), "eval_rows": len(eval_ds) if eval_ds is not None else 0}
+    if eval_ds is not None:
+        metrics["eval_loss_before"] = trainer.evaluate()["eval_loss"]
+    last = get_last_checkpoint(str(trainer_dir)) if trainer_dir.exists() else None
+    metrics["resumed_from"] = Path(last).name if last else None
+    result = trainer.train(resume_from_checkpoint=last)
+    metrics["train_loss"] = result.training_loss
+    metrics["steps"] = result.global_step
+    metrics["loss_curve"] = [
+        {"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h
+    ]
+    if eval_ds is not None:
+        metrics["eval_loss_after"] = trainer.evaluate()["eval_loss"]
+
+    final = trainer.model.merge_and_unload() if peft_config is not None else trainer.model
+    model_dir = out / "model"
+    final.save_pretrained(str(model_dir), safe_serialization=True)
+    tokenizer.save_pretrained(str(model_dir))
+    if not settings["keep_checkpoints"]:
+        shutil.rmtree(trainer_dir, ignore_errors=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        sys.exit("usage: python -m posttrain.train.sft TRAIN_CONFIG.json")
+    train(json.loads(Path(argv[0]).read_text()))
+
+
+if __name__ == "__main__":
+    main()

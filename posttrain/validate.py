@@ -1,0 +1,140 @@
+"""Check a whole recipe before the first stage runs, so a mistake surfaces in seconds and not in round 3.
+
+Every round's config (the recipe with its `rounds` override merged) is checked: each `_target_` is on the
+allowlist, importable and accepts its arguments; counts are positive and settings within range; every model
+spec and prompt source resolves (prompt files are read and validated row by row). All problems are reported
+at once, each naming its key.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable
+
+from hydra.utils import get_object
+from omegaconf import DictConfig, OmegaConf
+
+from posttrain.config import round_config
+from posttrain.errors import PosttrainError
+
+ALLOWED_PREFIXES = ("posttrain.", "data_gen.", "reward.", "evals.")
+_HYDRA_KEYS = {"_target_", "_partial_", "_convert_", "_recursive_", "_args_"}
+
+_positive = (lambda v: v > 0, "must be > 0")
+_non_negative = (lambda v: v >= 0, "must be >= 0")
+# key -> (predicate, what the predicate demands)
+CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "round": _positive,
+    "data.num_prompts": _positive,
+    "data.on_empty": (lambda v: v in ("error", "quarantine"), "must be 'error' or 'quarantine'"),
+    "generate.source": (lambda v: v in ("teacher", "policy"), "must be 'teacher' or 'policy'"),
+    "generate.k": _positive,
+    "generate.max_new_tokens": _positive,
+    "generate.temperature": _non_negative,
+    "generate.top_p": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    "sft.init": (lambda v: v in ("base", "policy"), "must be 'base' or 'policy'"),
+    "sft.learning_rate": _positive,
+    "sft.epochs": _positive,
+    "sft.batch_size": _positive,
+    "sft.grad_accum": _positive,
+    "sft.max_length": _positive,
+    "sft.save_steps": _positive,
+    "sft.logging_steps": _positive,
+    "sft.warmup_ratio": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "sft.eval_fraction": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "sft.lora.r": _positive,
+    "launch.nproc": _positive,
+}
+
+
+def _targets(node: Any, path: str = ""):
+    """Yield (key, dict) for every mapping with a `_target_` under `node`."""
+    if isinstance(node, dict):
+        if "_target_" in node:
+            yield path, node
+        for k, v in node.items():
+            yield from _targets(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _targets(v, f"{path}[{i}]")
+
+
+def check_target(key: str, node: dict, allowed: tuple[str, ...], injected: tuple[str, ...] = ()) -> str | None:
+    """Why the `_target_` at `key` cannot be used, or None. `injected` are arguments posttrain passes itself."""
+    target = node["_target_"]
+    if not isinstance(target, str) or not target.startswith(allowed):
+        return (
+            f"{key}._target_: {target!r} is not allowed; targets must start with one of {list(allowed)} "
+            f"(add your package's prefix to `allowed_targets` to plug in your own class)"
+        )
+    try:
+        obj = get_object(target)
+    except Exception as e:  # noqa: BLE001 - any import failure is reported the same way
+        return f"{key}._target_: cannot import {target!r} ({type(e).__name__}: {e})"
+    try:
+        params = inspect.signature(obj).parameters
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return None
+    unknown = sorted(set(node) - _HYDRA_KEYS - set(params))
+    if unknown:
+        return f"{key}: {target} takes no argument(s) {unknown} (it takes {sorted(set(params) - set(injected))})"
+    return None
+
+
+def _round_problems(rc: DictConfig, where: str) -> list[str]:
+    problems = []
+    for key, (ok, demand) in CHECKS.items():
+        value = OmegaConf.select(rc, key)
+        if value is not None and not ok(value):
+            problems.append(f"{where}{key}: {demand}, got {value!r}")
+    allowed = ALLOWED_PREFIXES + tuple(rc.allowed_targets)
+    container = OmegaConf.to_container(rc, resolve=True)
+    for key, node in _targets(container):
+        injected = ("model",) if key == "generate.backend" else ()
+        problem = check_target(key, node, allowed, injected)
+        if problem:
+            problems.append(where + problem)
+    if rc.generate.source == "teacher" and rc.teacher is None:
+        problems.append(f"{where}generate.source: 'teacher' needs a `teacher` model (teacher=... or teacher.path=...)")
+    return problems
+
+
+def validate(cfg: DictConfig) -> list[DictConfig]:
+    """Validate the recipe for rounds 1..cfg.round. Returns the per-round configs; raises PosttrainError
+    listing every problem found."""
+    from data_gen.prompts import PromptError, load_prompts
+    from posttrain.models import check_model_spec
+
+    problems: list[str] = []
+    rounds: list[DictConfig] = []
+    if cfg.round < 1:
+        raise PosttrainError(f"round: must be >= 1, got {cfg.round}")
+    for r in range(1, cfg.round + 1):
+        try:
+            rounds.append(round_config(cfg, r))
+        except Exception as e:  # noqa: BLE001 - OmegaConf's message names the key
+            problems.append(f"rounds[{r - 1}]: {e}".replace("\n", " "))
+    if problems:
+        raise PosttrainError("invalid recipe:\n  - " + "\n  - ".join(problems))
+
+    for r, rc in enumerate(rounds, 1):
+        where = f"round {r}: " if r <= len(cfg.rounds) else ""
+        problems += [p for p in _round_problems(rc, where) if p not in problems]
+
+    specs = {("model.path", cfg.model.path)}
+    specs |= {("teacher.path", rc.teacher.path) for rc in rounds if rc.teacher and rc.generate.source == "teacher"}
+    for key, spec in sorted(specs):
+        try:
+            check_model_spec(spec, key)
+        except ValueError as e:
+            problems.append(str(e))
+    for data in {(rc.data.prompts, rc.data.on_empty, rc.data.split) for rc in rounds}:
+        try:
+            load_prompts(*data)
+        except PromptError as e:
+            problems.append(f"data.prompts: {e}")
+    if problems:
+        raise PosttrainError("invalid recipe:\n  - " + "\n  - ".join(problems))
+    return rounds
