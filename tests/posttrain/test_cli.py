@@ -1,0 +1,226 @@
+"""The `posttrain` command end to end, on tiny models, through real subprocesses."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import datasets
+import pytest
+
+POSTTRAIN = [sys.executable, "-m", "posttrain.cli"]
+# Small enough to run in seconds, big enough to be killed halfway through generation and through SFT.
+FAST = [
+    "experiment=tiny",
+    "data.num_prompts=24",
+    "generate.backend.batch_size=2",
+    "generate.max_new_tokens=32",
+    "sft.epochs=4",
+    "sft.save_steps=3",
+]
+
+
+def posttrain(*args, check=True, timeout=300):
+    proc = subprocess.run(POSTTRAIN + list(args), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"posttrain {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def manifest(run_dir):
+    return json.loads((Path(run_dir) / "manifest.json").read_text())
+
+
+def stage_keys(run_dir):
+    """What must match between an interrupted-then-resumed run and an uninterrupted one."""
+    keys = []
+    for e in manifest(run_dir)["stages"]:
+        keys.append((e["round"], e["stage"], e["config_hash"], tuple(sorted(e["input_hashes"].items())), e["rows"]))
+    return keys
+
+
+def texts(run_dir, round_idx=1):
+    ds = datasets.load_from_disk(str(Path(run_dir) / f"round_{round_idx}" / "01_generate" / "generations"))
+    return [(r["prompt_id"], r["sample_idx"], r["text"]) for r in ds]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """An uninterrupted round-1 run of the tiny recipe."""
+    run_dir = tmp_path_factory.mktemp("runs") / "tiny"
+    proc = posttrain(*FAST, f"run_dir={run_dir}")
+    return run_dir, proc
+
+
+def test_tiny_round_distills_teacher_into_student(finished):
+    run_dir, proc = finished
+    entries = {e["stage"]: e for e in manifest(run_dir)["stages"]}
+    assert set(entries) == {"generate", "sft"}
+    gen, sft = entries["generate"], entries["sft"]
+    assert gen["dir"] == "round_1/01_generate" and sft["dir"] == "round_1/04_sft"
+    for e in entries.values():
+        assert {"round", "stage", "config_hash", "inputs", "outputs", "rows", "seconds"} <= set(e)
+
+    rows = datasets.load_from_disk(str(run_dir / gen["outputs"]["generations"]))
+    assert len(rows) == 24 * 2 == gen["rows"]  # K=2 completions per prompt
+    assert set(rows["sample_idx"]) == {0, 1}
+    assert set(rows["model"]) == {"tiny://layers=2,hidden=64,seed=1,init_std=0.3"}  # the teacher wrote them
+    assert set(rows["finish_reason"]) <= {"stop", "length"}
+
+    m = sft["metrics"]
+    assert m["eval_loss_after"] < m["eval_loss_before"] - 0.3, m  # the student learned the teacher's answers
+    assert m["loss_curve"][-1]["loss"] < m["loss_curve"][0]["loss"]
+    assert (run_dir / sft["outputs"]["model"] / "model.safetensors").exists()
+    assert (run_dir / "round_1/04_sft/train.log").read_text().count("loss") > 0
+    assert "round_1/sft" in proc.stdout and "ran" in proc.stdout
+    assert (run_dir / "config.yaml").read_text().startswith("name: tiny")
+
+
+def test_rerunning_a_finished_run_does_no_work(finished):
+    run_dir, _ = finished
+    before = (run_dir / "manifest.json").read_text()
+    mtimes = {p: p.stat().st_mtime_ns for p in (run_dir / "round_1").rglob("*")}
+    proc = posttrain(*FAST, f"run_dir={run_dir}")
+    assert (run_dir / "manifest.json").read_text() == before
+    assert {p: p.stat().st_mtime_ns for p in (run_dir / "round_1").rglob("*")} == mtimes
+    assert proc.stdout.count("done earlier") == 2 and " ran" not in proc.stdout
+
+
+def test_changed_config_on_finished_stage_errors_then_redo_keeps_old(finished, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished[0], run_dir)
+    proc = posttrain(*FAST, f"run_dir={run_dir}", "generate.temperature=0.7", check=False)
+    assert proc.returncode == 2
+    assert "round_1/generate" in proc.stderr and "temperature" in proc.stderr and "redo=" in proc.stderr
+    assert manifest(run_dir) == manifest(finished[0])
+
+    posttrain(*FAST, f"run_dir={run_dir}", "generate.temperature=0.7", "redo=[round_1/generate]")
+    m = manifest(run_dir)
+    # The SFT stage consumed the remade generations, so it was redone too; both old folders are kept.
+    assert [e["stage"] for e in m["superseded"]] == ["generate", "sft"]
+    assert all((run_dir / e["dir"]).is_dir() for e in m["superseded"])
+    assert texts(run_dir) != texts(finished[0])
+
+
+def test_round_2_after_round_1_runs_only_round_2(finished, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished[0], run_dir)
+    round_1 = manifest(run_dir)["stages"]
+    proc = posttrain(*FAST, f"run_dir={run_dir}", "round=2")
+    stages = manifest(run_dir)["stages"]
+    assert stages[:2] == round_1
+    assert [(e["round"], e["stage"]) for e in stages[2:]] == [(2, "generate"), (2, "sft")]
+    assert proc.stdout.count("done earlier") == 2
+    # Round 2 draws different prompts from the pool.
+    assert not {t[0] for t in texts(run_dir, 2)} & {t[0] for t in texts(run_dir, 1)}
+
+
+def _kill_when(args, run_dir, ready, timeout=120):
+    """Start posttrain, SIGKILL its whole process group as soon as `ready()` is true."""
+    proc = subprocess.Popen(POSTTRAIN + args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + timeout
+    while not ready():
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail("posttrain finished (or hung) before the point where the test kills it")
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def test_sigkill_during_generation_then_rerun_matches_uninterrupted(finished, tmp_path):
+    run_dir = tmp_path / "run"
+    shards = run_dir / "round_1" / ".01_generate.partial" / "shards"
+    _kill_when([*FAST, f"run_dir={run_dir}"], run_dir, lambda: len(list(shards.glob("*.jsonl"))) >= 2)
+    assert not (run_dir / "manifest.json").exists() or not manifest(run_dir)["stages"]
+    done_before_rerun = {p.name for p in shards.glob("*.jsonl")}
+    assert 2 <= len(done_before_rerun) < 12  # killed halfway: 12 shards of 2 prompts
+
+    posttrain(*FAST, f"run_dir={run_dir}")
+    assert stage_keys(run_dir) == stage_keys(finished[0])
+    assert texts(run_dir) == texts(finished[0])
+    assert manifest(run_dir)["stages"][0]["output_hash"] == manifest(finished[0])["stages"][0]["output_hash"]
+
+
+def test_sigkill_during_sft_then_rerun_resumes_from_checkpoint(finished, tmp_path):
+    run_dir = tmp_path / "run"
+    trainer = run_dir / "round_1" / ".04_sft.partial" / "trainer"
+    _kill_when([*FAST, f"run_dir={run_dir}"], run_dir,
+               lambda: any((c / "trainer_state.json").exists() for c in trainer.glob("checkpoint-*")))
+    assert [e["stage"] for e in manifest(run_dir)["stages"]] == ["generate"]
+
+    posttrain(*FAST, f"run_dir={run_dir}")
+    assert stage_keys(run_dir) == stage_keys(finished[0])
+    assert texts(run_dir) == texts(finished[0])
+    resumed = manifest(run_dir)["stages"][1]["metrics"]
+    assert resumed["resumed_from"] and resumed["resumed_from"].startswith("checkpoint-")
+    baseline = manifest(finished[0])["stages"][1]["metrics"]
+    assert resumed["steps"] == baseline["steps"]
+    assert resumed["eval_loss_after"] == pytest.approx(baseline["eval_loss_after"], abs=1e-3)
+
+
+def test_cfg_job_prints_the_recipe_without_running(tmp_path):
+    proc = posttrain("experiment=tiny", f"run_dir={tmp_path / 'run'}", "--cfg", "job")
+    assert "generate:" in proc.stdout and "k: 2" in proc.stdout
+    assert not (tmp_path / "run" / "manifest.json").exists()
+
+
+def test_multirun_gives_each_job_its_own_run_dir(tmp_path):
+    posttrain("-m", "experiment=tiny", f"run_dir={tmp_path}", "data.num_prompts=4", "sft.enabled=false",
+              "generate.k=1,2")
+    for k in (1, 2):  # Hydra's override_dirname, less round/run_dir/redo/experiment
+        job_dir = tmp_path / f"data.num_prompts=4,generate.k={k},sft.enabled=False"
+        assert manifest(job_dir)["stages"][0]["rows"] == 4 * k
+
+
+def test_user_recipe_from_own_config_dir(tmp_path):
+    (tmp_path / "recipes" / "experiment").mkdir(parents=True)
+    prompts = tmp_path / "mine.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"m{i}", "prompt": f"Count to {i}."}) + "\n" for i in range(3)))
+    (tmp_path / "recipes" / "experiment" / "mine.yaml").write_text(
+        "# @package _global_\n"
+        f"# posttrain --config-dir {tmp_path / 'recipes'} experiment=mine\n"
+        "defaults:\n  - tiny\n"
+        f"name: mine\nrun_dir: {tmp_path / 'run'}\ndata:\n  prompts: {prompts}\n  num_prompts: 3\n"
+        "sft:\n  enabled: false\n"
+    )
+    posttrain("--config-dir", str(tmp_path / "recipes"), "experiment=mine")
+    assert sorted({t[0] for t in texts(tmp_path / "run")}) == ["m0", "m1", "m2"]
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("model.pathh=x", "pathh"),
+        ("generate.backend._target_=os.system", "generate.backend._target_"),
+        ("generate.k=0", "generate.k"),
+        ("model.path=/no/such/model", "model.path"),
+    ],
+)
+def test_bad_recipe_fails_before_any_stage_naming_the_key(tmp_path, override, expected):
+    proc = posttrain("experiment=tiny", f"run_dir={tmp_path / 'run'}", override, check=False)
+    assert proc.returncode != 0
+    assert expected in proc.stderr
+    assert not (tmp_path / "run" / "round_1").exists()
+
+
+def test_malformed_prompt_file_names_file_and_line(tmp_path):
+    bad = tmp_path / "prompts.jsonl"
+    bad.write_text('{"prompt": "fine"}\n{"prompt": "broken"\n')
+    proc = posttrain("experiment=tiny", f"run_dir={tmp_path / 'run'}", f"data.prompts={bad}", check=False)
+    assert proc.returncode == 2
+    assert f"{bad}:2" in proc.stderr and "invalid JSON" in proc.stderr
+
+
+def test_failing_training_process_fails_the_stage_with_its_log(tmp_path):
+    proc = posttrain("experiment=tiny", f"run_dir={tmp_path / 'run'}", "data.num_prompts=4",
+                     "sft.lora.enabled=true", "sft.lora.target_modules=[no_such_module]", check=False)
+    assert proc.returncode == 2
+    assert "posttrain.train.sft exited with code" in proc.stderr
+    assert "no_such_module" in proc.stderr  # the child's own error, from the end of its log
+    assert [e["stage"] for e in manifest(tmp_path / "run")["stages"]] == ["generate"]

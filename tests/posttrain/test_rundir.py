@@ -1,0 +1,275 @@
+"""Tests for posttrain.rundir: stage folders, the manifest and the resume rules (no models, milliseconds each)."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from posttrain import rundir as rundir_mod
+from posttrain.errors import PosttrainError
+from posttrain.rundir import STAGE_NUMBERS, RunDir, StageChanged, StageResult, stable_hash, tree_hash
+
+
+class Stage:
+    """A stage function that writes `out.txt` (its text depends on `text` and the call number) and counts calls.
+    With `fail=True` it writes its file, then raises, like a crash in the middle of a stage."""
+
+    def __init__(self, text="hello", fail=False, output="out.txt", write=True):
+        self.text, self.fail, self.output, self.write = text, fail, output, write
+        self.calls = 0
+        self.seen = []  # files present in the work dir when each call started
+
+    def __call__(self, work: Path) -> StageResult:
+        self.calls += 1
+        self.seen.append(sorted(p.name for p in work.iterdir()))
+        if self.write:
+            (work / "out.txt").write_text(f"{self.text} {self.calls}")
+        if self.fail:
+            raise RuntimeError("stage crashed")
+        return StageResult(outputs={"out": self.output}, rows=3, metrics={"m": 1.5})
+
+
+def run(root, stage="generate", config=None, inputs=None, fn=None, redo=(), round_idx=1, resumable=False):
+    """Open the run dir, run one stage, close. Returns (entry, fn)."""
+    fn = fn or Stage()
+    rd = RunDir(root, redo=redo)
+    try:
+        entry = rd.run_stage(round_idx, stage, config or {"k": 1}, inputs or {}, fn, resumable=resumable)
+    finally:
+        rd.close()
+    return entry, fn
+
+
+def manifest(root) -> dict:
+    return json.loads((Path(root) / "manifest.json").read_text())
+
+
+def test_hashes():
+    assert stable_hash({"a": 1, "b": [1, 2]}) == stable_hash({"b": [1, 2], "a": 1})
+    assert stable_hash({"a": 1}) != stable_hash({"a": 2})
+    assert stable_hash({"p": Path("/x")}) == stable_hash({"p": "/x"})  # default=str: paths hash as strings
+
+
+def test_tree_hash(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d, order in ((a, ["x", "y"]), (b, ["y", "x"])):  # creation order does not matter
+        (d / "sub").mkdir(parents=True)
+        for name in order:
+            (d / "sub" / name).write_text(name)
+    assert tree_hash(a) == tree_hash(b)
+    (b / "sub" / "y").write_text("changed")
+    assert tree_hash(a) != tree_hash(b)
+    (b / "sub" / "y").write_text("y")
+    (b / "sub" / "y").rename(b / "sub" / "z")  # same bytes, different name
+    assert tree_hash(a) != tree_hash(b)
+    assert tree_hash(a / "sub" / "x") == tree_hash(b / "sub" / "x")  # a single file
+
+
+def test_stage_runs_once_and_records_entry(tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "hi"}\n')
+    root = tmp_path / "run"
+    entry, fn = run(root, inputs={"prompts": str(prompts)})
+
+    assert fn.calls == 1
+    assert STAGE_NUMBERS["generate"] == 1
+    final = root / "round_1" / "01_generate"
+    assert (final / "out.txt").read_text() == "hello 1"
+    assert not (root / "round_1" / ".01_generate.partial").exists()
+    assert json.loads((final / "stage_config.json").read_text()) == {"k": 1}
+
+    assert entry["round"] == 1 and entry["stage"] == "generate"
+    assert entry["dir"] == "round_1/01_generate"
+    assert entry["config_hash"] == stable_hash({"k": 1})
+    assert entry["inputs"] == {"prompts": str(prompts)}  # outside the run dir: kept as given
+    assert entry["input_hashes"] == {"prompts": tree_hash(prompts)}
+    assert entry["outputs"] == {"out": "round_1/01_generate/out.txt"}  # relative to the run dir
+    assert entry["rows"] == 3 and entry["metrics"] == {"m": 1.5}
+    assert isinstance(entry["seconds"], float) and entry["seconds"] >= 0
+    assert entry["output_hash"] == tree_hash(final)
+    assert entry["versions"]["python"] and "torch" in entry["versions"]
+    assert manifest(root) == {"stages": [entry], "superseded": []}
+
+
+def test_same_config_and_inputs_skip(tmp_path):
+    first, _ = run(tmp_path)
+    second, fn = run(tmp_path)
+    assert fn.calls == 0
+    assert second == first
+    assert (tmp_path / "round_1" / "01_generate" / "out.txt").read_text() == "hello 1"
+
+
+def test_changed_config_is_an_error_and_leaves_the_folder(tmp_path):
+    run(tmp_path, config={"k": 1, "same": 0})
+    before = tree_hash(tmp_path / "round_1" / "01_generate")
+    fn = Stage()
+    with pytest.raises(StageChanged) as err:
+        run(tmp_path, config={"k": 2, "same": 0}, fn=fn)
+    msg = str(err.value)
+    assert "round_1/generate" in msg and "config keys k" in msg and "same" not in msg
+    assert "redo=[round_1/generate]" in msg
+    assert fn.calls == 0
+    assert tree_hash(tmp_path / "round_1" / "01_generate") == before
+    assert len(manifest(tmp_path)["stages"]) == 1 and not (tmp_path / "round_1" / "superseded").exists()
+
+
+@pytest.mark.parametrize("redo", ["round_1/generate", "generate", "all", "round_1"])
+def test_redo_supersedes_the_old_folder(tmp_path, redo):
+    old, _ = run(tmp_path, fn=Stage("old"))
+    new, fn = run(tmp_path, config={"k": 2}, fn=Stage("new"), redo=[redo])
+    assert fn.calls == 1
+    assert (tmp_path / "round_1" / "01_generate" / "out.txt").read_text() == "new 1"
+    kept = list((tmp_path / "round_1" / "superseded").iterdir())
+    assert len(kept) == 1 and kept[0].name.startswith("01_generate.")
+    assert (kept[0] / "out.txt").read_text() == "old 1"
+    m = manifest(tmp_path)
+    assert m["stages"] == [new]
+    assert m["superseded"] == [{**old, "dir": f"round_1/superseded/{kept[0].name}"}]
+
+
+def test_redo_of_another_stage_does_not_touch_this_one(tmp_path):
+    run(tmp_path)
+    _, fn = run(tmp_path, redo=["score", "round_2/generate"])
+    assert fn.calls == 0
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: _supersede names the old folder by the second only, so a second redo "
+                   "within the same second fails with OSError (Directory not empty)")
+def test_redo_twice_in_the_same_second_keeps_both_old_folders(tmp_path, monkeypatch):
+    monkeypatch.setattr(rundir_mod.time, "strftime", lambda fmt, *a: "20250101-000000")  # one wall-clock second
+    run(tmp_path, fn=Stage("v1"))
+    run(tmp_path, fn=Stage("v2"), redo=["all"])
+    run(tmp_path, fn=Stage("v3"), redo=["all"])
+    kept = sorted((p / "out.txt").read_text() for p in (tmp_path / "round_1" / "superseded").iterdir())
+    assert kept == ["v1 1", "v2 1"]
+    assert len(manifest(tmp_path)["superseded"]) == 2
+
+
+def _pipeline(root, prompts, redo=(), gen_text="gen"):
+    """generate (reads prompts) -> score (reads generate's output), in one invocation."""
+    gen, score = Stage(gen_text), Stage("score")
+    rd = RunDir(root, redo=redo)
+    try:
+        g = rd.run_stage(1, "generate", {"k": 1}, {"prompts": str(prompts)}, gen)
+        s = rd.run_stage(1, "score", {"rm": "x"}, {"generations": rd.output(g, "out")}, score)
+    finally:
+        rd.close()
+    return gen, score, g, s
+
+
+def test_downstream_of_a_redone_stage_is_redone(tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("a\n")
+    root = tmp_path / "run"
+    _, _, g1, s1 = _pipeline(root, prompts)
+    assert s1["inputs"] == {"generations": "round_1/01_generate/out.txt"}
+    assert s1["input_hashes"] == {"generations": g1["output_hash"]}
+
+    gen, score, g2, s2 = _pipeline(root, prompts, redo=["round_1/generate"], gen_text="regen")
+    assert gen.calls == 1 and score.calls == 1
+    assert s2["input_hashes"] == {"generations": g2["output_hash"]} != s1["input_hashes"]
+    assert sorted(e["stage"] for e in manifest(root)["superseded"]) == ["generate", "score"]
+    assert len(list((root / "round_1" / "superseded").iterdir())) == 2
+
+    gen, score, *_ = _pipeline(root, prompts, gen_text="regen")  # and then it is all finished again
+    assert gen.calls == score.calls == 0
+
+
+def test_input_changed_by_hand_is_an_error(tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("a\n")
+    root = tmp_path / "run"
+    _pipeline(root, prompts)
+    prompts.write_text("b\n")
+    with pytest.raises(StageChanged, match=r"round_1/generate .*inputs prompts"):
+        _pipeline(root, prompts)
+
+
+def _crash(root, config=None):
+    """Run a stage that writes its file and then crashes, leaving round_1/.01_generate.partial behind."""
+    with pytest.raises(RuntimeError, match="stage crashed"):
+        run(root, config=config, fn=Stage("partial", fail=True))
+    assert (Path(root) / "round_1" / ".01_generate.partial" / "out.txt").exists()
+
+
+def test_failed_stage_leaves_no_entry_and_no_final_folder(tmp_path):
+    _crash(tmp_path)
+    assert not (tmp_path / "round_1" / "01_generate").exists()
+    assert not (tmp_path / "manifest.json").exists() or manifest(tmp_path)["stages"] == []
+    _, fn = run(tmp_path)  # the next invocation runs it
+    assert fn.calls == 1 and len(manifest(tmp_path)["stages"]) == 1
+
+
+def test_partial_wiped_when_not_resumable(tmp_path):
+    _crash(tmp_path)
+    _, fn = run(tmp_path, resumable=False)
+    assert "out.txt" not in fn.seen[0]
+
+
+def test_partial_kept_when_resumable_and_marker_matches(tmp_path):
+    _crash(tmp_path)
+    _, fn = run(tmp_path, resumable=True)
+    assert "out.txt" in fn.seen[0]
+    assert fn.calls == 1 and (tmp_path / "round_1" / "01_generate" / "out.txt").exists()
+
+
+def test_partial_wiped_when_resumable_but_config_differs(tmp_path):
+    _crash(tmp_path, config={"k": 1})
+    _, fn = run(tmp_path, config={"k": 2}, resumable=True)
+    assert "out.txt" not in fn.seen[0]
+
+
+def test_final_folder_without_entry_is_redone(tmp_path):
+    stale = tmp_path / "round_1" / "01_generate"
+    stale.mkdir(parents=True)
+    (stale / "junk.txt").write_text("left by a driver that died before writing the manifest")
+    entry, fn = run(tmp_path)
+    assert fn.calls == 1
+    assert sorted(p.name for p in stale.iterdir()) == [".stage.json", "out.txt", "stage_config.json"]
+    assert manifest(tmp_path)["stages"] == [entry]
+
+
+def test_missing_declared_output_is_an_error(tmp_path):
+    with pytest.raises(PosttrainError, match=r"round_1/generate did not produce its output 'out' \(missing.bin\)"):
+        run(tmp_path, fn=Stage(output="missing.bin"))
+    assert not (tmp_path / "round_1" / "01_generate").exists()
+    assert not (tmp_path / "manifest.json").exists() or manifest(tmp_path)["stages"] == []
+
+
+def test_lock(tmp_path):
+    first = RunDir(tmp_path)
+    with pytest.raises(PosttrainError, match="in use by another posttrain process"):
+        RunDir(tmp_path)
+    first.close()
+    RunDir(tmp_path).close()
+
+
+def test_write_config_keeps_history(tmp_path):
+    rd = RunDir(tmp_path)
+    rd.write_config("a: 1\n")
+    rd.write_config("a: 1\n")  # unchanged: no history entry
+    assert not (tmp_path / "config.history").exists()
+    rd.write_config("a: 2\n")
+    rd.write_config("a: 3\n")
+    rd.close()
+    assert (tmp_path / "config.yaml").read_text() == "a: 3\n"
+    hist = tmp_path / "config.history"
+    assert {p.name: p.read_text() for p in hist.iterdir()} == {"001.yaml": "a: 1\n", "002.yaml": "a: 2\n"}
+    assert not (tmp_path / ".config.yaml.tmp").exists()
+
+
+def test_manifest_is_valid_json_after_each_stage(tmp_path):
+    rd = RunDir(tmp_path)
+    for n, stage in enumerate(["generate", "score", "select"], 1):
+        rd.run_stage(1, stage, {"k": 1}, {}, Stage())
+        assert [e["stage"] for e in manifest(tmp_path)["stages"]] == ["generate", "score", "select"][:n]
+        assert not (tmp_path / ".manifest.json.tmp").exists()
+    rd.close()
+    assert sorted(p.name for p in (tmp_path / "round_1").iterdir()) == ["01_generate", "02_score", "03_select"]
+
+
+def test_rounds_are_separate(tmp_path):
+    run(tmp_path, round_idx=1)
+    entry, fn = run(tmp_path, round_idx=2)
+    assert fn.calls == 1 and entry["dir"] == "round_2/01_generate"
+    assert [(e["round"], e["stage"]) for e in manifest(tmp_path)["stages"]] == [(1, "generate"), (2, "generate")]
