@@ -55,7 +55,8 @@ class HFBackend:
                 top_p=None if greedy else sampling.top_p,
                 top_k=None,
                 max_new_tokens=sampling.max_new_tokens,
-                num_return_sequences=n,
+                # Greedy decoding gives one answer per prompt; it is repeated below rather than recomputed.
+                num_return_sequences=1 if greedy else n,
                 eos_token_id=self.stop_ids,
                 pad_token_id=self.tokenizer.pad_token_id,
             )
@@ -64,7 +65,7 @@ class HFBackend:
             for i in range(len(batch)):
                 samples = []
                 for j in range(n):
-                    ids = gen[i * n + j, prompt_len:].tolist()
+                    ids = gen[i if greedy else i * n + j, prompt_len:].tolist()
                     stop_at = next((t for t, tok in enumerate(ids) if tok in self.stop_ids), None)
                     body = ids if stop_at is None else ids[:stop_at]
                     samples.append(
