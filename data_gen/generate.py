@@ -35,7 +35,8 @@ GENERATION_FEATURES = datasets.Features(
 
 
 def generate(cfg: dict, inputs: dict[str, str], out: Path) -> StageResult:
-    """Stage function. `cfg` holds round, seed, the data settings, k, sampling settings, the backend's
+    """Stage function. `cfg` holds round, seed, the data settings, `prompt_start` (where this round starts
+    reading the prompt stream: the prompts drawn by earlier rounds), k, sampling settings, the backend's
     `_target_` config and `shard_size`; `inputs` holds `prompts` (a prompt source) and `model` (the spec
     of the model that generates). Writes `generations/` (one row per completion) and, when rows were set
     aside, `quarantine.jsonl`."""
@@ -45,7 +46,7 @@ def generate(cfg: dict, inputs: dict[str, str], out: Path) -> StageResult:
         with open(out / "quarantine.jsonl", "w") as f:
             for q in pool.quarantined:
                 f.write(json.dumps(q, default=str) + "\n")
-    prompts = sample_round(pool.prompts, data["num_prompts"], cfg["round"], cfg["seed"])
+    prompts = sample_round(pool.prompts, data["num_prompts"], cfg["prompt_start"], cfg["seed"])
 
     shard_dir = out / "shards"
     shard_dir.mkdir(exist_ok=True)

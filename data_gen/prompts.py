@@ -84,7 +84,10 @@ def load_prompts(path: str, on_empty: str = "error", split: str = "train") -> Pr
     quarantined rows. Raises PromptError naming the file and line/row for malformed input."""
     if on_empty not in ("error", "quarantine"):
         raise PromptError(f"data.on_empty must be 'error' or 'quarantine', not {on_empty!r}")
-    p = resolve_path(path)
+    try:
+        p = resolve_path(path)
+    except ValueError as e:
+        raise PromptError(str(e)) from None
     if not p.exists():
         raise PromptError(f"prompt source {path} does not exist")
     out = PromptSet(prompts=[])
@@ -108,16 +111,22 @@ def load_prompts(path: str, on_empty: str = "error", split: str = "train") -> Pr
     return out
 
 
-def sample_round(prompts: list[dict], n: int, round_idx: int, seed: int) -> list[dict]:
-    """The `n` prompts of round `round_idx` (1-based): consecutive slices of one seeded permutation of the
-    pool, so rounds get disjoint prompts until the pool runs out, then a fresh permutation begins. A round
-    takes at most the whole pool."""
-    n = min(n, len(prompts))  # never the same prompt twice in one round
+def sample_round(prompts: list[dict], n: int, start: int, seed: int) -> list[dict]:
+    """`n` distinct prompts read from position `start` of a stream made of seeded permutations of the pool, one
+    after another. Rounds read consecutive stretches (round r starts where round r-1 ended), so they get
+    disjoint prompts until the pool runs out. A round takes at most the whole pool and never a prompt twice:
+    where its stretch crosses into the next permutation, prompts it already has are skipped."""
+    n = min(n, len(prompts))
     out: list[dict] = []
-    start = (round_idx - 1) * n
+    taken: set[str] = set()
+    pos = start
     while len(out) < n:
-        epoch, offset = divmod(start + len(out), len(prompts))
+        epoch, offset = divmod(pos, len(prompts))
         order = list(range(len(prompts)))
         random.Random(f"{seed}:{epoch}").shuffle(order)
-        out.extend(prompts[i] for i in order[offset : offset + n - len(out)])
+        p = prompts[order[offset]]
+        if p["prompt_id"] not in taken:
+            taken.add(p["prompt_id"])
+            out.append(p)
+        pos += 1
     return out

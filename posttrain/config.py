@@ -120,10 +120,13 @@ def register() -> None:
 def round_config(cfg: DictConfig, round_idx: int) -> DictConfig:
     """The recipe as it applies to round `round_idx` (1-based): `rounds[round_idx-1]` merged over the base.
 
-    The merge goes through the typed schema, so a misspelt key in `rounds` fails here with its name.
+    The merge goes through the typed schema as plain data, so a misspelt key fails here with its name, in
+    `rounds` and also in the recipe itself (Hydra lets `+key=value` add keys a schema does not have).
+    Round 0 is the recipe with no override.
     """
-    base = OmegaConf.merge(OmegaConf.structured(PosttrainConfig), OmegaConf.masked_copy(cfg, _TYPED_KEYS))
-    if round_idx <= len(cfg.rounds):
+    plain = OmegaConf.to_container(OmegaConf.masked_copy(cfg, _TYPED_KEYS), resolve=False)
+    base = OmegaConf.merge(OmegaConf.structured(PosttrainConfig), plain)
+    if 1 <= round_idx <= len(cfg.rounds):
         override = cfg.rounds[round_idx - 1]
         if override is not None:
             base = OmegaConf.merge(base, override)

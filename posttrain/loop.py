@@ -35,14 +35,15 @@ def _section(rc: DictConfig, key: str) -> dict:
     return OmegaConf.to_container(rc[key], resolve=True)
 
 
-def run_round(rd: RunDir, rc: DictConfig, r: int, policy: str) -> str:
-    """Run round `r` with its config `rc`, starting from `policy` (a model spec or folder); returns the
-    policy for the next round."""
+def run_round(rd: RunDir, rc: DictConfig, r: int, policy: str, prompt_start: int) -> str:
+    """Run round `r` with its config `rc`, starting from `policy` (a model spec or folder) and reading prompts
+    from position `prompt_start` of the seeded prompt stream; returns the policy for the next round."""
     gen_model = rc.teacher.path if rc.generate.source == "teacher" else policy
     gen_cfg = {
         **_section(rc, "generate"),
         "round": r,
         "seed": rc.seed,
+        "prompt_start": prompt_start,
         "data": _section(rc, "data"),
         "shard_size": rc.generate.backend.get("batch_size", 8),
     }
@@ -66,9 +67,10 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> RunDir:
     rd = RunDir(run_dir or cfg.run_dir, redo=list(cfg.redo))
     try:
         rd.write_config(OmegaConf.to_yaml(OmegaConf.create(redact(OmegaConf.to_container(cfg, resolve=True)))))
-        policy = cfg.model.path
+        policy, prompt_start = cfg.model.path, 0
         for r, rc in enumerate(rounds, 1):
-            policy = run_round(rd, rc, r, policy)
+            policy = run_round(rd, rc, r, policy, prompt_start)
+            prompt_start += rc.data.num_prompts
     finally:
         rd.close()
     print(summary(rd))

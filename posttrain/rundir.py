@@ -105,6 +105,7 @@ class RunDir:
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            self._lock.close()
             raise PosttrainError(f"run directory {self.root} is in use by another posttrain process") from None
         self.redo = set(redo)
         self.manifest_path = self.root / "manifest.json"
@@ -169,10 +170,13 @@ class RunDir:
                 round_idx, stage
             ):
                 return old
-            inputs_remade = any(
-                input_hashes[k] in self._fresh_outputs
-                for k in input_hashes
-                if old["input_hashes"].get(k) != input_hashes[k]
+            # Redone automatically only when the config is the same and every changed input was remade by a
+            # stage redone in this invocation; a hand-edited input or a new setting is the user's call.
+            changed = [k for k in input_hashes if old["input_hashes"].get(k) != input_hashes[k]]
+            inputs_remade = (
+                old["config_hash"] == config_hash
+                and bool(changed)
+                and all(input_hashes[k] in self._fresh_outputs for k in changed)
             )
             if not (self._is_redo(round_idx, stage) or inputs_remade):
                 raise StageChanged(self._changed_message(stage_id, final, old, config, input_hashes))
@@ -230,7 +234,10 @@ class RunDir:
         return str(self.root / entry["outputs"][name])
 
     def _supersede(self, old: dict, final: Path) -> None:
-        dest = final.parent / "superseded" / f"{final.name}.{time.strftime('%Y%m%d-%H%M%S')}"
+        base = final.parent / "superseded" / f"{final.name}.{time.strftime('%Y%m%d-%H%M%S')}"
+        dest, n = base, 1
+        while dest.exists():  # two redos within one second
+            dest, n = base.with_name(f"{base.name}.{n}"), n + 1
         dest.parent.mkdir(parents=True, exist_ok=True)
         if final.exists():
             os.replace(final, dest)

@@ -71,6 +71,9 @@ def check_target(key: str, node: dict, allowed: tuple[str, ...], injected: tuple
         obj = get_object(target)
     except Exception as e:  # noqa: BLE001 - any import failure is reported the same way
         return f"{key}._target_: cannot import {target!r} ({type(e).__name__}: {e})"
+    module = getattr(obj, "__module__", None) or ""
+    if not f"{module}.".startswith(allowed):  # e.g. posttrain.rundir.os.system is os.system
+        return f"{key}._target_: {target!r} resolves to {module}.{getattr(obj, '__qualname__', obj)}, which is not allowed"
     try:
         params = inspect.signature(obj).parameters
     except (TypeError, ValueError):
@@ -111,11 +114,16 @@ def validate(cfg: DictConfig) -> list[DictConfig]:
     rounds: list[DictConfig] = []
     if cfg.round < 1:
         raise PosttrainError(f"round: must be >= 1, got {cfg.round}")
-    for r in range(1, cfg.round + 1):
+    for r in range(0, cfg.round + 1):  # round 0: the recipe without any `rounds` override
         try:
-            rounds.append(round_config(cfg, r))
+            rc = round_config(cfg, r)
         except Exception as e:  # noqa: BLE001 - OmegaConf's message names the key
-            problems.append(f"rounds[{r - 1}]: {e}".replace("\n", " "))
+            problems.append(f"{f'rounds[{r - 1}]' if r else 'recipe'}: {e}".replace("\n", " "))
+            if r == 0:
+                break
+            continue
+        if r:
+            rounds.append(rc)
     if problems:
         raise PosttrainError("invalid recipe:\n  - " + "\n  - ".join(problems))
 

@@ -133,8 +133,6 @@ def test_redo_of_another_stage_does_not_touch_this_one(tmp_path):
     assert fn.calls == 0
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: _supersede names the old folder by the second only, so a second redo "
-                   "within the same second fails with OSError (Directory not empty)")
 def test_redo_twice_in_the_same_second_keeps_both_old_folders(tmp_path, monkeypatch):
     monkeypatch.setattr(rundir_mod.time, "strftime", lambda fmt, *a: "20250101-000000")  # one wall-clock second
     run(tmp_path, fn=Stage("v1"))
