@@ -23,6 +23,7 @@ GENERATION_FEATURES = datasets.Features(
     {
         "prompt_id": datasets.Value("string"),
         "messages": [{"role": datasets.Value("string"), "content": datasets.Value("string")}],
+        "meta": datasets.Value("string"),  # JSON: the prompt row's other fields, for rewards
         "sample_idx": datasets.Value("int32"),
         "text": datasets.Value("string"),
         "prompt_tokens": datasets.Value("int32"),
@@ -70,7 +71,15 @@ def generate(cfg: dict, inputs: dict[str, str], out: Path) -> StageResult:
         with open(path.with_suffix(".tmp"), "w") as f:
             for p, samples in zip(batch, completions):
                 for j, c in enumerate(samples):
-                    row = {**p, "sample_idx": j, **c, "model": inputs["model"], "round": cfg["round"]}
+                    row = {
+                        "prompt_id": p["prompt_id"],
+                        "messages": p["messages"],
+                        "meta": json.dumps(p["meta"], sort_keys=True, default=str),
+                        "sample_idx": j,
+                        **c,
+                        "model": inputs["model"],
+                        "round": cfg["round"],
+                    }
                     f.write(json.dumps(row) + "\n")
         os.replace(path.with_suffix(".tmp"), path)
         bar.update(len(batch))

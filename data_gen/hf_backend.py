@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from transformers import DynamicCache
 
 from posttrain.chat import end_of_turn_ids
 from posttrain.models import load_causal_lm, load_tokenizer
@@ -23,11 +24,24 @@ class Sampling:
 
 
 class HFBackend:
-    """Batched sampling with transformers. `model` is any spec `posttrain.models` resolves."""
+    """Batched sampling with transformers. `model` is any spec `posttrain.models` resolves.
 
-    def __init__(self, model: str, batch_size: int = 8, dtype: str = "float32", device: str = "auto"):
+    With `prefix_sharing` (the default) each prompt is prefilled once and its KV cache serves all `n` of its
+    samples, the compute half of the paper's PagedAttention trick (Llama 3 paper, "Rejection sampling").
+    `prefix_sharing=False` keeps plain `generate(num_return_sequences=n)`, which encodes each prompt `n` times.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        batch_size: int = 8,
+        dtype: str = "float32",
+        device: str = "auto",
+        prefix_sharing: bool = True,
+    ):
         self.model_spec = model
         self.batch_size = batch_size
+        self.prefix_sharing = prefix_sharing
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         self.tokenizer = load_tokenizer(model)
         # Decoder-only models continue from the last position: pad on the left so it is the prompt's end.
@@ -41,25 +55,15 @@ class HFBackend:
         text, prompt_tokens, completion_tokens and finish_reason ("stop" at an end-of-turn token, else
         "length"). Seeded by `sampling.seed`: the same call gives the same texts."""
         torch.manual_seed(sampling.seed)
+        greedy = sampling.temperature == 0
         out: list[list[dict]] = []
         for start in range(0, len(prompts), self.batch_size):
             batch = prompts[start : start + self.batch_size]
             enc = self.tokenizer.apply_chat_template(
                 batch, add_generation_prompt=True, padding=True, return_tensors="pt", return_dict=True
             ).to(self.device)
-            greedy = sampling.temperature == 0
-            gen = self.model.generate(
-                **enc,
-                do_sample=not greedy,
-                temperature=None if greedy else sampling.temperature,
-                top_p=None if greedy else sampling.top_p,
-                top_k=None,
-                max_new_tokens=sampling.max_new_tokens,
-                # Greedy decoding gives one answer per prompt; it is repeated below rather than recomputed.
-                num_return_sequences=1 if greedy else n,
-                eos_token_id=self.stop_ids,
-                pad_token_id=self.tokenizer.pad_token_id,
-            )
+            # Greedy decoding gives one answer per prompt; it is repeated below rather than recomputed.
+            gen = self._sample(enc["input_ids"], enc["attention_mask"], 1 if greedy else n, sampling)
             prompt_len = enc["input_ids"].shape[1]
             prompt_tokens = enc["attention_mask"].sum(dim=1).tolist()
             for i in range(len(batch)):
@@ -78,3 +82,43 @@ class HFBackend:
                     )
                 out.append(samples)
         return out
+
+    def _sample(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, k: int, sampling: Sampling):
+        """`k` sequences per row of the left-padded batch, row i's at i*k ... i*k+k-1, prompt included."""
+        greedy = sampling.temperature == 0
+        options = dict(
+            do_sample=not greedy,
+            temperature=None if greedy else sampling.temperature,
+            top_p=None if greedy else sampling.top_p,
+            top_k=None,
+            max_new_tokens=sampling.max_new_tokens,
+            eos_token_id=self.stop_ids,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        if not self.prefix_sharing or input_ids.shape[1] < 2:
+            return self.model.generate(
+                input_ids=input_ids, attention_mask=attention_mask, num_return_sequences=k, **options
+            )
+        # Prefill all but the last prompt token once per prompt. The last one is left to `generate`: it needs
+        # that token's logits to sample the first answer token, and sees a cache `len - 1` long, so it feeds
+        # only that token (then one per step); positions come from the full mask, as in the plain path.
+        cache = DynamicCache(config=self.model.config)
+        head_ids, head_mask = input_ids[:, :-1], attention_mask[:, :-1]
+        self.model(
+            input_ids=head_ids,
+            attention_mask=head_mask,
+            # What `generate` would use: left padding does not shift the real tokens' positions.
+            position_ids=(head_mask.long().cumsum(-1) - 1).masked_fill(head_mask == 0, 0),
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,  # the prefill's logits are not used
+        )
+        # Honest limit: the prefill compute is shared, but the cache is then copied k times, one per sample;
+        # memory is not shared copy-on-write pages as in vLLM's PagedAttention.
+        cache.batch_repeat_interleave(k)
+        return self.model.generate(
+            input_ids=input_ids.repeat_interleave(k, dim=0),
+            attention_mask=attention_mask.repeat_interleave(k, dim=0),
+            past_key_values=cache,
+            **options,
+        )

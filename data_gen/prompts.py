@@ -1,7 +1,8 @@
 """Prompt sources: JSONL files and `datasets` folders, validated row by row, sampled per round.
 
 A row holds either `messages` (a list of {"role", "content"} ending with a non-assistant turn) or `prompt`
-(a string, turned into one user message), and optionally `id` (otherwise a hash of the messages).
+(a string, turned into one user message), and optionally `id` (otherwise a hash of the messages). Any other
+fields (a reference `answer`, `constraints`, unit `tests`...) travel with the prompt as its `meta`, for rewards.
 A malformed row is an error naming the file and line (JSONL) or row (dataset). An empty prompt is an error,
 or, with `on_empty="quarantine"`, set aside and counted.
 """
@@ -26,7 +27,7 @@ class PromptError(PosttrainError):
 
 @dataclass
 class PromptSet:
-    prompts: list[dict]  # {"prompt_id": str, "messages": [...]}
+    prompts: list[dict]  # {"prompt_id": str, "messages": [...], "meta": {other fields of the row}}
     quarantined: list[dict] = field(default_factory=list)  # {"where": "file:line", "reason": str, "row": ...}
 
 
@@ -105,7 +106,8 @@ def load_prompts(path: str, on_empty: str = "error", split: str = "train") -> Pr
         if pid in seen:
             raise PromptError(f"{where}: prompt id {pid!r} already used at {seen[pid]}")
         seen[pid] = where
-        out.prompts.append({"prompt_id": pid, "messages": msgs})
+        meta = {k: v for k, v in row.items() if k not in ("id", "prompt", "messages")}
+        out.prompts.append({"prompt_id": pid, "messages": msgs, "meta": meta})
     if not out.prompts:
         raise PromptError(f"{path}: no usable prompts")
     return out

@@ -51,6 +51,28 @@ class GenerateConfig:
 
 
 @dataclass
+class RewardConfig:
+    # name -> a Reward's `_target_` config (reward/protocol.py). Empty: no score/select stages.
+    rewards: Dict[str, Any] = field(default_factory=dict)
+    # The reward that ranks responses for selection; defaults to the only (or first) one. To combine several,
+    # make the primary a reward.ensemble.WeightedEnsemble.
+    primary: Optional[str] = None
+    batch_size: int = 64
+
+
+@dataclass
+class SelectConfig:
+    # Best-of-K answers scoring below this are not used for SFT.
+    min_score: Optional[float] = None
+    # "best_vs_worst" (RLHFlow, open-instruct) or "best_vs_random_lower".
+    pairs: str = "best_vs_worst"
+    # Pairs with a margin at or below this are dropped (ties always are).
+    min_margin: float = 0.0
+    # Pairs whose two responses are more similar than this (difflib ratio on normalised text) are dropped.
+    max_similarity: float = 0.95
+
+
+@dataclass
 class LoraConfig:
     enabled: bool = False
     r: int = 16
@@ -106,6 +128,8 @@ class PosttrainConfig:
     teacher: Optional[ModelConfig] = None
     data: DataConfig = field(default_factory=DataConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     # Per-round overrides: rounds[i] is merged over the recipe for round i+1, e.g. `- {generate: {k: 8}}`.

@@ -1,6 +1,7 @@
 """The round loop, read top to bottom like the paper's figure (Llama 3, section 4.1):
 
-    prompts -> generate (teacher or policy, K each) -> SFT -> policy for the next round
+    prompts -> generate (teacher or policy, K each) -> score (every reward) -> select (best-of-K, pairs)
+            -> SFT -> policy for the next round
 
 Each stage is a plain function `(stage config, inputs, out_dir) -> StageResult` run through `RunDir.run_stage`,
 which skips what already finished and resumes what did not.
@@ -18,6 +19,8 @@ from posttrain.models import resolve_path
 from posttrain.rundir import RunDir
 from posttrain.train.sft import sft_stage
 from posttrain.validate import validate
+from reward.score import score
+from reward.select import select
 
 _SECRET = re.compile(r"(^|_)(api_key|apikey|secret|password|passwd|token|auth)$", re.IGNORECASE)
 
@@ -49,12 +52,22 @@ def run_round(rd: RunDir, rc: DictConfig, r: int, policy: str, prompt_start: int
     }
     gen_inputs = {"prompts": str(resolve_path(rc.data.prompts)), "model": gen_model}
     gen = rd.run_stage(r, "generate", gen_cfg, gen_inputs, partial(generate, gen_cfg, gen_inputs), resumable=True)
+    sft_data = rd.output(gen, "generations")
+
+    if rc.reward.rewards:
+        score_cfg = _section(rc, "reward")
+        score_inputs = {"generations": sft_data}
+        scored = rd.run_stage(r, "score", score_cfg, score_inputs, partial(score, score_cfg, score_inputs))
+        select_cfg = {**_section(rc, "select"), "seed": rc.seed}
+        select_inputs = {"scored": rd.output(scored, "scored")}
+        selected = rd.run_stage(r, "select", select_cfg, select_inputs, partial(select, select_cfg, select_inputs))
+        sft_data = rd.output(selected, "sft")
 
     if rc.sft.enabled:
         sft_cfg = {**_section(rc, "sft"), "seed": rc.seed, "launch": _section(rc, "launch")}
         sft_inputs = {
             "model": rc.model.path if rc.sft.init == "base" else policy,
-            "data": rd.output(gen, "generations"),
+            "data": sft_data,
         }
         sft = rd.run_stage(r, "sft", sft_cfg, sft_inputs, partial(sft_stage, sft_cfg, sft_inputs), resumable=True)
         policy = rd.output(sft, "model")

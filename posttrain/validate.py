@@ -32,6 +32,11 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "generate.max_new_tokens": _positive,
     "generate.temperature": _non_negative,
     "generate.top_p": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    "reward.batch_size": _positive,
+    "select.pairs": (lambda v: v in ("best_vs_worst", "best_vs_random_lower"),
+                     "must be 'best_vs_worst' or 'best_vs_random_lower'"),
+    "select.min_margin": _non_negative,
+    "select.max_similarity": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
     "sft.init": (lambda v: v in ("base", "policy"), "must be 'base' or 'policy'"),
     "sft.learning_rate": _positive,
     "sft.epochs": _positive,
@@ -99,6 +104,12 @@ def _round_problems(rc: DictConfig, where: str) -> list[str]:
         problem = check_target(key, node, allowed, injected)
         if problem:
             problems.append(where + problem)
+    for name, node in rc.reward.rewards.items():
+        if not isinstance(node, DictConfig) or "_target_" not in node:
+            problems.append(f"{where}reward.rewards.{name}: needs a `_target_` naming a Reward class or function")
+    if rc.reward.primary is not None and rc.reward.primary not in rc.reward.rewards:
+        problems.append(f"{where}reward.primary: {rc.reward.primary!r} is not one of reward.rewards "
+                        f"{sorted(rc.reward.rewards)}")
     if rc.generate.source == "teacher" and rc.teacher is None:
         problems.append(f"{where}generate.source: 'teacher' needs a `teacher` model (teacher=... or teacher.path=...)")
     return problems

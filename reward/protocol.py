@@ -1,0 +1,42 @@
+"""The Reward protocol: batch in, batch out.
+
+A reward is any callable `(prompts, responses) -> list[float | None]`:
+- `prompts[i]` is the prompt row the i-th response answers: a dict with `prompt_id`, `messages` (the chat turns
+  before the answer) and whatever extra fields the prompt source carried for it (a reference `answer`,
+  instruction `constraints`, unit `tests`, ...);
+- `responses[i]` is the response text;
+- the result has one entry per response: a float, or None when the reward cannot score that response (no
+  reference answer, an unparseable judge verdict). None is kept and counted by the score stage, never dropped.
+
+Rewards are named in recipes by `_target_` and built with their keyword arguments, e.g.
+
+    reward:
+      rewards:
+        - _target_: reward.verifiers.MathAnswer
+        - _target_: mypkg.rewards.Politeness   # with allowed_targets: [mypkg.]
+          weight: 0.5
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+
+@runtime_checkable
+class Reward(Protocol):
+    def __call__(self, prompts: list[dict], responses: list[str]) -> list[float | None]: ...
+
+
+def build_reward(node: dict) -> Reward:
+    """A reward from its recipe config: a class `_target_` is built with the other keys as arguments; a
+    function `_target_` is the reward itself (other keys are bound as keyword arguments)."""
+    import functools
+    import inspect
+
+    from hydra.utils import get_object, instantiate
+
+    target = get_object(node["_target_"])
+    if inspect.isclass(target):
+        return instantiate(node, _convert_="all")
+    kwargs = {k: v for k, v in node.items() if not k.startswith("_")}
+    return functools.partial(target, **kwargs) if kwargs else target

@@ -1,0 +1,143 @@
+"""The select stage: best-of-K for SFT and chosen/rejected pairs for DPO (Llama 3, section 4.2.2; RLHFlow).
+
+Per prompt, among its scored samples:
+- SFT: the best (optionally only if its score reaches `min_score`);
+- DPO: the best against the worst (`best_vs_worst`) or against a random lower-scored sample
+  (`best_vs_random_lower`, seeded per prompt), kept when the margin is above `min_margin`.
+Ties are broken the same way every time: a higher score wins, then the shorter response (so ties never feed
+length drift), then the lower sample index. Prompts whose responses are all identical or all tied give no pair;
+pairs whose two responses are near-identical are dropped. Every drop is counted by reason.
+"""
+
+from __future__ import annotations
+
+import difflib
+import random
+import re
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import datasets
+
+from posttrain.rundir import StageResult
+
+PAIRINGS = ("best_vs_worst", "best_vs_random_lower")
+
+
+def normalize_text(text: str) -> str:
+    return re.sub(r"\s+", " ", text.strip().lower())
+
+
+def similarity(a: str, b: str) -> float:
+    """Character-level similarity of two normalised texts in [0, 1] (difflib's ratio)."""
+    a, b = normalize_text(a), normalize_text(b)
+    return 1.0 if a == b else difflib.SequenceMatcher(None, a, b, autojunk=False).ratio()
+
+
+def _rank_key(row: dict):
+    return (-row["score"], len(row["text"]), row["sample_idx"])
+
+
+def best_of_k(samples: list[dict]) -> dict:
+    """The best scored sample (deterministic tie-breaking, see module docstring)."""
+    return min(samples, key=_rank_key)
+
+
+def pair_for_prompt(samples: list[dict], pairing: str, min_margin: float, max_similarity: float, seed: int):
+    """(chosen, rejected) for one prompt's scored samples, or (None, reason) when it gives no pair."""
+    if len(samples) < 2:
+        return None, "fewer_than_two_scored"
+    if len({normalize_text(s["text"]) for s in samples}) == 1:
+        return None, "all_identical"
+    if len({s["score"] for s in samples}) == 1:
+        return None, "all_tied"
+    ranked = sorted(samples, key=_rank_key)
+    chosen = ranked[0]
+    if pairing == "best_vs_worst":
+        rejected = ranked[-1]
+    else:
+        lower = [s for s in ranked if s["score"] < chosen["score"]]
+        rejected = random.Random(f"{seed}:{chosen['prompt_id']}").choice(lower)
+    margin = chosen["score"] - rejected["score"]
+    if margin <= min_margin:
+        return None, "below_margin"
+    if similarity(chosen["text"], rejected["text"]) > max_similarity:
+        return None, "near_duplicate"
+    return (chosen, rejected), None
+
+
+def select(cfg: dict, inputs: dict[str, str], out: Path) -> StageResult:
+    """Stage function. `cfg`: the recipe's `select` section plus `seed`; `inputs`: `scored` (from the score
+    stage). Writes `sft/` (best-of-K rows in the generations format, with `score`) and `pairs/` (prompt_id,
+    messages, chosen, rejected, their scores, sample indices and margin)."""
+    if cfg["pairs"] not in PAIRINGS:
+        raise ValueError(f"select.pairs must be one of {PAIRINGS}, not {cfg['pairs']!r}")
+    scored = datasets.load_from_disk(inputs["scored"])
+    by_prompt: dict[str, list[dict]] = defaultdict(list)
+    unscored = 0
+    for row in scored:
+        if row["score"] is None:
+            unscored += 1
+        else:
+            by_prompt[row["prompt_id"]].append(row)
+
+    drops: Counter = Counter()
+    sft_rows, pair_rows = [], []
+    for pid in sorted(by_prompt):
+        samples = by_prompt[pid]
+        best = best_of_k(samples)
+        if cfg["min_score"] is not None and best["score"] < cfg["min_score"]:
+            drops["sft_below_min_score"] += 1
+        else:
+            sft_rows.append(best)
+        pair, reason = pair_for_prompt(samples, cfg["pairs"], cfg["min_margin"], cfg["max_similarity"], cfg["seed"])
+        if pair is None:
+            drops[f"pair_{reason}"] += 1
+            continue
+        chosen, rejected = pair
+        pair_rows.append(
+            {
+                "prompt_id": pid,
+                "messages": chosen["messages"],
+                "meta": chosen["meta"],
+                "chosen": chosen["text"],
+                "rejected": rejected["text"],
+                "chosen_score": chosen["score"],
+                "rejected_score": rejected["score"],
+                "margin": chosen["score"] - rejected["score"],
+                "chosen_sample_idx": chosen["sample_idx"],
+                "rejected_sample_idx": rejected["sample_idx"],
+                "round": chosen["round"],
+            }
+        )
+    datasets.Dataset.from_list(sft_rows, features=scored.features).save_to_disk(str(out / "sft"))
+    pair_features = datasets.Features(
+        {
+            "prompt_id": datasets.Value("string"),
+            "messages": scored.features["messages"],
+            "meta": datasets.Value("string"),
+            "chosen": datasets.Value("string"),
+            "rejected": datasets.Value("string"),
+            "chosen_score": datasets.Value("float64"),
+            "rejected_score": datasets.Value("float64"),
+            "margin": datasets.Value("float64"),
+            "chosen_sample_idx": datasets.Value("int32"),
+            "rejected_sample_idx": datasets.Value("int32"),
+            "round": datasets.Value("int32"),
+        }
+    )
+    datasets.Dataset.from_list(pair_rows, features=pair_features).save_to_disk(str(out / "pairs"))
+    return StageResult(
+        outputs={"sft": "sft", "pairs": "pairs"},
+        rows={"sft": len(sft_rows), "pairs": len(pair_rows)},
+        metrics={
+            "rows": len(scored),
+            "unscored_rows": unscored,
+            "prompts": len(set(scored["prompt_id"])),
+            "prompts_without_scores": len(set(scored["prompt_id"]) - set(by_prompt)),
+            "sft_rows": len(sft_rows),
+            "pairs": len(pair_rows),
+            "dropped": dict(sorted(drops.items())),
+            "mean_margin": sum(p["margin"] for p in pair_rows) / len(pair_rows) if pair_rows else None,
+        },
+    )
