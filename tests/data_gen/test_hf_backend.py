@@ -69,3 +69,72 @@ def test_stops_at_the_templates_end_of_turn(tiny_model_dir):
     backend.model.lm_head = _FixedHead(vocab, eot, -100.0)  # end-of-turn never sampled
     out = backend.generate(PROMPTS, n=1, sampling=Sampling(max_new_tokens=10))
     assert {(s["finish_reason"], s["completion_tokens"]) for samples in out for s in samples} == {("length", 10)}
+
+
+# --- prefix sharing: one prefill per prompt, its KV cache shared by the prompt's n samples --------------------------
+
+
+@pytest.fixture(scope="module")
+def plain(tiny_model_dir):
+    """The old path, `generate(num_return_sequences=n)`, as the reference."""
+    return HFBackend(str(tiny_model_dir), batch_size=2, prefix_sharing=False)
+
+
+def test_prefix_shared_sampling_gives_n_completions_deterministically(backend):
+    assert backend.prefix_sharing  # the default
+    sampling = Sampling(temperature=1.0, max_new_tokens=10, seed=5)
+    a = backend.generate(PROMPTS, n=4, sampling=sampling)
+    assert [len(samples) for samples in a] == [4, 4, 4]
+    for samples in a:
+        for s in samples:
+            assert 0 <= s["completion_tokens"] <= 10
+            assert (s["finish_reason"] == "length") == (s["completion_tokens"] == 10)
+    assert len({s["text"] for samples in a for s in samples}) > 1  # sampled, not one answer repeated
+    assert backend.generate(PROMPTS, n=4, sampling=sampling) == a
+
+
+def test_greedy_prefix_shared_tokens_equal_plain_generate_under_left_padding(backend, plain):
+    long_system = "You are a helpful assistant. Answer the question briefly and correctly. " * 3
+    prompts = [*PROMPTS, [{"role": "system", "content": long_system}, {"role": "user", "content": "Hi."}]]
+    enc = backend.tokenizer.apply_chat_template(
+        prompts, add_generation_prompt=True, padding=True, return_tensors="pt", return_dict=True
+    )
+    lengths = enc["attention_mask"].sum(dim=1)
+    assert len(set(lengths.tolist())) == 4  # four lengths in one batch: three rows are left-padded
+    # 40 tokens: the random tiny model is nearly position-blind, and shorter runs miss a wrong-positions prefill.
+    sampling = Sampling(temperature=0, max_new_tokens=40)
+    reference = backend.model.generate(
+        **enc,
+        do_sample=False,
+        max_new_tokens=40,
+        eos_token_id=backend.stop_ids,
+        pad_token_id=backend.tokenizer.pad_token_id,
+    )
+    shared = backend._sample(enc["input_ids"], enc["attention_mask"], 1, sampling)
+    assert torch.equal(shared, reference)
+    # And through the public interface, batch size 2 included.
+    assert backend.generate(prompts, n=3, sampling=sampling) == plain.generate(prompts, n=3, sampling=sampling)
+
+
+def _embedded_shapes(backend, prompts, n):
+    """Input shapes of every forward through the embeddings during one `generate` call of one new token."""
+    shapes = []
+    hook = backend.model.get_input_embeddings().register_forward_hook(
+        lambda module, args, output: shapes.append(tuple(args[0].shape))
+    )
+    try:
+        out = backend.generate(prompts, n=n, sampling=Sampling(max_new_tokens=1, seed=0))
+    finally:
+        hook.remove()
+    return shapes, [samples[0]["prompt_tokens"] for samples in out]
+
+
+def test_each_prompt_is_prefilled_once_not_n_times(tiny_model_dir):
+    n = 8
+    shared, lengths = _embedded_shapes(HFBackend(str(tiny_model_dir), batch_size=1), PROMPTS, n)
+    # Per prompt: its first len - 1 tokens once, then its last token once per sample.
+    assert shared == [shape for length in lengths for shape in [(1, length - 1), (n, 1)]]
+    assert sum(a * b for a, b in shared) == sum(lengths) + len(PROMPTS) * (n - 1)
+
+    plain, _ = _embedded_shapes(HFBackend(str(tiny_model_dir), batch_size=1, prefix_sharing=False), PROMPTS, n)
+    assert plain == [(n, length) for length in lengths]  # the old path encodes each prompt n times

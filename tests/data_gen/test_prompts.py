@@ -36,8 +36,9 @@ def test_prompt_and_messages_rows(tmp_path):
     path = jsonl(tmp_path, {"id": "a", "prompt": "Say hi."}, "", {"messages": msgs, "extra": 1})
     ps = load_prompts(path)
     assert ps.quarantined == []
-    assert ps.prompts[0] == {"prompt_id": "a", "messages": [{"role": "user", "content": "Say hi."}]}
+    assert ps.prompts[0] == {"prompt_id": "a", "messages": [{"role": "user", "content": "Say hi."}], "meta": {}}
     assert ps.prompts[1]["messages"] == msgs
+    assert ps.prompts[1]["meta"] == {"extra": 1}  # other fields travel with the prompt, for rewards
     second = load_prompts(path).prompts[1]["prompt_id"]  # no id: a hash of the messages, stable across reads
     assert ps.prompts[1]["prompt_id"] == second and len(second) == 12
 

@@ -1,0 +1,344 @@
+"""Reward-model stage: a thin wrapper on TRL's RewardTrainer, run as its own process (Llama 3 section 4.1.2).
+
+`python -m posttrain.train.rm train_config.json` trains a sequence-classification head (num_labels=1) on a
+backbone with the Bradley-Terry loss without margin, -log sigmoid(r(x, y_chosen) - r(x, y_rejected)).
+
+Preference data: one or more `datasets` folders. A folder's rows are either
+- pairs: `messages` (prompt turns), `chosen` (str), `rejected` (str); or
+- ranked rows: `messages`, `responses` (list of str, best first: edited > chosen > rejected in Llama 3), expanded
+  into every ordered pair, so 3 responses give 3 pairs. (Llama 3 packs all of a prompt's responses into one row
+  for speed; TRL's trainer takes pairs, so we expand, which trains on the same comparisons.)
+An optional `prompt_id` column keys the held-out split (by prompt, so no prompt is on both sides); without it
+the prompt turns are. Pairs whose responses are near-identical are dropped and counted (`near_identical`).
+
+Inputs are tokenized here with `reward.rm_scorer.rm_inputs`, the function `RewardModelScorer` uses, and handed
+to RewardTrainer pre-tokenized (`chosen_ids` / `rejected_ids`): TRL's own preprocessing knows no BERT-style text
+pairs, and this way training and scoring cannot drift apart. There is no `margin` column, so TRL's loss is the
+plain Bradley-Terry one. The process resumes from its last Trainer checkpoint, measures held-out pairwise
+accuracy before and after training, and leaves `model/` (a plain HF folder that `RewardModelScorer` loads) with
+`posttrain_reward.json` (mean and std of its scores on training responses, for `normalize=True`).
+
+The driver side, `rm_stage`, builds the frozen settings and launches this module.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+import random
+import shutil
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List
+
+from posttrain.rundir import StageResult
+
+NORM_SAMPLE = 4096  # training responses scored for the normalisation statistics
+
+
+@dataclass
+class RMConfig:
+    """The recipe's `rm` section (register it in posttrain.config); `seed` and `launch` come from the root."""
+
+    enabled: bool = False
+    # The paper gives no RM learning rate; 1e-5 is its SFT and DPO rate. Tiny test models want ~1e-3.
+    learning_rate: float = 1e-5
+    epochs: float = 1.0
+    batch_size: int = 8  # pairs per device step (each pair is two sequences)
+    grad_accum: int = 1
+    max_length: int = 1024
+    lr_scheduler: str = "linear"
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    logging_steps: int = 10
+    save_steps: int = 200
+    # Share of prompts (with all their pairs) held out to measure pairwise accuracy before and after training.
+    eval_fraction: float = 0.1
+    # A pair is dropped when its responses differ by less than this: difflib similarity ratio of the
+    # lower-cased, whitespace-collapsed texts > 1 - min_difference (default: ratio > 0.95).
+    min_difference: float = 0.05
+    keep_checkpoints: bool = False
+    report_to: List[str] = field(default_factory=lambda: ["none"])
+
+
+def data_paths(inputs: dict[str, str]) -> list[str]:
+    """Preference folders named by `inputs`: every key starting with "data" ("data", "data_round_1", ...), in key
+    order; a value may also join several folders with os.pathsep. Separate keys are better in a run: the run
+    directory fingerprints each input path, and a joined string is not a path."""
+    paths = [p for k in sorted(inputs) if k.startswith("data") for p in inputs[k].split(os.pathsep) if p]
+    if not paths:
+        raise ValueError(f"rm stage: no preference data among inputs {sorted(inputs)} (keys starting with 'data')")
+    return paths
+
+
+def rm_stage(cfg: dict, inputs: dict[str, str], out: Path) -> StageResult:
+    """Stage function. `cfg`: the recipe's `rm` section (RMConfig) plus `seed` and `launch`; `inputs`: `model`
+    (backbone spec: a causal LM or an encoder, gets a fresh 1-output head) and preference data (see `data_paths`).
+    Output: `model/` (HF sequence-classification folder). Rows: training pairs."""
+    from posttrain.models import resolve_model
+    from posttrain.train.launch import run_training
+
+    settings = {
+        **{k: v for k, v in cfg.items() if k not in ("launch", "enabled")},
+        "model": resolve_model(inputs["model"]),
+        "data": data_paths(inputs),
+        "output_dir": str(out),
+    }
+    run_training("posttrain.train.rm", settings, out, cfg["launch"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    return StageResult(outputs={"model": "model"}, rows=metrics["train_pairs"], metrics=metrics)
+
+
+# ---- preference pairs -----------------------------------------------------------------------------------------
+
+
+def _normalise(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def near_identical(a: str, b: str, min_difference: float) -> bool:
+    """True when the two responses' similarity ratio (difflib, characters of the normalised texts) exceeds
+    1 - min_difference. The cheap upper bounds are tried first; most pairs stop there."""
+    limit = 1.0 - min_difference
+    m = difflib.SequenceMatcher(None, _normalise(a), _normalise(b), autojunk=False)
+    return m.real_quick_ratio() > limit and m.quick_ratio() > limit and m.ratio() > limit
+
+
+def _prompt_key(row: dict) -> str:
+    if row.get("prompt_id") is not None:
+        return str(row["prompt_id"])
+    return hashlib.sha256(json.dumps(row["messages"], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def preference_pairs(paths: list[str], min_difference: float) -> tuple[list[dict], dict]:
+    """Preference folders -> pairs `{prompt_key, messages, chosen, rejected}` and counts
+    `{"rows", "pairs_before_filter", "near_identical"}`. Ranked rows expand into all ordered pairs."""
+    import datasets
+
+    pairs: list[dict] = []
+    counts = {"rows": 0, "pairs_before_filter": 0, "near_identical": 0}
+    for path in paths:
+        ds = datasets.load_from_disk(path)
+        cols = set(ds.column_names)
+        ranked = "responses" in cols
+        is_pairs = {"chosen", "rejected"} <= cols
+        if "messages" not in cols or ranked == is_pairs:
+            raise ValueError(
+                f"preference data {path} has columns {sorted(cols)}; expected `messages` with either `chosen` and "
+                "`rejected` (pairs) or `responses` (ranked, best first)"
+            )
+        for row in ds:
+            counts["rows"] += 1
+            responses = row["responses"] if ranked else [row["chosen"], row["rejected"]]
+            if len(responses) < 2 or not all(isinstance(r, str) for r in responses):
+                raise ValueError(f"preference data {path}: row {counts['rows'] - 1} needs >= 2 text responses")
+            key = _prompt_key(row)
+            for i in range(len(responses)):
+                for j in range(i + 1, len(responses)):
+                    counts["pairs_before_filter"] += 1
+                    if near_identical(responses[i], responses[j], min_difference):
+                        counts["near_identical"] += 1
+                        continue
+                    pairs.append(
+                        {"prompt_key": key, "messages": row["messages"], "chosen": responses[i], "rejected": responses[j]}
+                    )
+    return pairs, counts
+
+
+def split_pairs(pairs: list[dict], eval_fraction: float) -> tuple[list[dict], list[dict]]:
+    """Held out by prompt (the SFT stage's rule), at least one prompt when eval_fraction > 0 and there are two."""
+    from posttrain.train.sft import _held_out
+
+    held = [_held_out(p["prompt_key"], eval_fraction) for p in pairs]
+    keys = {p["prompt_key"] for p in pairs}
+    if eval_fraction > 0 and not any(held) and len(keys) > 1:
+        first = pairs[0]["prompt_key"]
+        held = [p["prompt_key"] == first for p in pairs]
+    return [p for p, h in zip(pairs, held) if not h], [p for p, h in zip(pairs, held) if h]
+
+
+def encode_pairs(pairs: list[dict], tokenizer, max_length: int):
+    """Pairs -> a pre-tokenized RewardTrainer dataset: `chosen_ids`, `rejected_ids` (+ `*_token_type_ids` for text
+    pairs), built by `rm_inputs`. No `margin` column: TRL would subtract it inside the sigmoid."""
+    import datasets
+
+    from reward.rm_scorer import rm_inputs
+
+    def encode(row):
+        c = rm_inputs(tokenizer, row["messages"], row["chosen"], max_length)
+        r = rm_inputs(tokenizer, row["messages"], row["rejected"], max_length)
+        out = {"chosen_ids": c["input_ids"], "rejected_ids": r["input_ids"]}
+        if "token_type_ids" in c:
+            out.update(chosen_token_type_ids=c["token_type_ids"], rejected_token_type_ids=r["token_type_ids"])
+        return out
+
+    ds = datasets.Dataset.from_list(pairs)
+    return ds.map(encode, remove_columns=ds.column_names, desc="RM pairs", load_from_cache_file=False)
+
+
+@dataclass
+class PairCollator:
+    """TRL's preference collator (chosen half, then rejected half, right-padded), plus BERT's segment ids,
+    which TRL's collator does not carry."""
+
+    pad_token_id: int
+
+    def __call__(self, examples: list[dict]) -> dict:
+        import torch
+        from trl.trainer.reward_trainer import DataCollatorForPreference
+        from trl.trainer.utils import pad
+
+        batch = DataCollatorForPreference(pad_token_id=self.pad_token_id)(
+            [{"chosen_ids": e["chosen_ids"], "rejected_ids": e["rejected_ids"]} for e in examples]
+        )
+        if "chosen_token_type_ids" in examples[0]:
+            types = [torch.tensor(e["chosen_token_type_ids"]) for e in examples]
+            types += [torch.tensor(e["rejected_token_type_ids"]) for e in examples]
+            batch["token_type_ids"] = pad(types, padding_value=0, padding_side="right")
+        return batch
+
+
+# ---- the training process -------------------------------------------------------------------------------------
+
+
+def _inputs(ds, side: str) -> list[dict]:
+    types = f"{side}_token_type_ids"
+    return [
+        {"input_ids": row[f"{side}_ids"], **({"token_type_ids": row[types]} if types in row else {})} for row in ds
+    ]
+
+
+def pairwise_accuracy(model, ds, pad_token_id: int, batch_size: int) -> float:
+    """Share of pairs whose chosen response scores strictly above the rejected one."""
+    from reward.rm_scorer import score_inputs
+
+    chosen = score_inputs(model, _inputs(ds, "chosen"), pad_token_id, batch_size, "RM eval chosen")
+    rejected = score_inputs(model, _inputs(ds, "rejected"), pad_token_id, batch_size, "RM eval rejected")
+    return sum(c > r for c, r in zip(chosen, rejected)) / len(chosen)
+
+
+def build_trainer(settings: dict, train_ds, tokenizer):
+    """RewardTrainer on the backbone in settings["model"] with a fresh one-output head."""
+    import torch
+    from trl import RewardConfig, RewardTrainer
+
+    gpu = torch.cuda.is_available()
+    args = RewardConfig(
+        output_dir=str(Path(settings["output_dir"]) / "trainer"),
+        learning_rate=settings["learning_rate"],
+        num_train_epochs=settings["epochs"],
+        per_device_train_batch_size=settings["batch_size"],
+        per_device_eval_batch_size=settings["batch_size"],
+        gradient_accumulation_steps=settings["grad_accum"],
+        max_length=None,  # rm_inputs already cut every input to max_length
+        lr_scheduler_type=settings["lr_scheduler"],
+        warmup_steps=settings["warmup_ratio"],
+        weight_decay=settings["weight_decay"],
+        logging_steps=settings["logging_steps"],
+        save_strategy="steps",
+        save_steps=settings["save_steps"],
+        save_total_limit=2,
+        eval_strategy="no",
+        report_to=settings["report_to"],
+        seed=settings["seed"],
+        use_cpu=not gpu,
+        bf16=gpu and torch.cuda.is_bf16_supported(),
+        activation_checkpointing=gpu,  # the new name of gradient_checkpointing (transformers 5)
+        center_rewards_coefficient=None,
+        remove_unused_columns=False,  # keep the segment-id columns for PairCollator
+        model_init_kwargs={"dtype": torch.float32},
+        disable_tqdm=False,
+    )
+    return RewardTrainer(
+        model=settings["model"],
+        args=args,
+        train_dataset=train_ds,
+        processing_class=tokenizer,
+        data_collator=PairCollator(tokenizer.pad_token_id),
+    )
+
+
+def train(settings: dict) -> dict:
+    from transformers import AutoTokenizer
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from reward.rm_scorer import NORM_FILE, length_limit, prepare_tokenizer, score_inputs
+
+    out = Path(settings["output_dir"])
+    trainer_dir = out / "trainer"
+    tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(settings["model"]))
+    pairs, counts = preference_pairs(settings["data"], settings["min_difference"])
+    train_pairs, eval_pairs = split_pairs(pairs, settings["eval_fraction"])
+    if not train_pairs:
+        raise ValueError(f"no training pairs left in {settings['data']} ({counts})")
+    train_ds = encode_pairs(train_pairs, tokenizer, settings["max_length"])
+    eval_ds = encode_pairs(eval_pairs, tokenizer, settings["max_length"]) if eval_pairs else None
+    limit = length_limit(tokenizer, settings["max_length"])
+    metrics: dict = {
+        "pairs": len(pairs),
+        "train_pairs": len(train_pairs),
+        "eval_pairs": len(eval_pairs),
+        "dropped_near_identical": counts["near_identical"],
+        "preference_rows": counts["rows"],
+        "input_format": "chat_template" if getattr(tokenizer, "chat_template", None) else "text_pair",
+        "truncated_pairs": sum(
+            max(len(r["chosen_ids"]), len(r["rejected_ids"])) >= limit for r in train_ds
+        ) if limit else 0,
+    }
+
+    trainer = build_trainer(settings, train_ds, tokenizer)
+    bs = settings["batch_size"] * 2
+    if eval_ds is not None:
+        metrics["eval_accuracy_before"] = pairwise_accuracy(trainer.model, eval_ds, tokenizer.pad_token_id, bs)
+    last = get_last_checkpoint(str(trainer_dir)) if trainer_dir.exists() else None
+    metrics["resumed_from"] = Path(last).name if last else None
+    result = trainer.train(resume_from_checkpoint=last)
+    metrics["train_loss"] = result.training_loss
+    metrics["steps"] = result.global_step
+    metrics["loss_curve"] = [
+        {"step": h["step"], "loss": h["loss"], "accuracy": h.get("accuracy")}
+        for h in trainer.state.log_history
+        if "loss" in h
+    ]
+    if eval_ds is not None:
+        metrics["eval_accuracy_after"] = pairwise_accuracy(trainer.model, eval_ds, tokenizer.pad_token_id, bs)
+
+    # Normalisation statistics over distinct training responses (a seeded sample of at most NORM_SAMPLE).
+    responses = {json.dumps(x): x for side in ("chosen", "rejected") for x in _inputs(train_ds, side)}
+    sample = sorted(responses)
+    random.Random(settings["seed"]).shuffle(sample)
+    scores = score_inputs(
+        trainer.model, [responses[k] for k in sample[:NORM_SAMPLE]], tokenizer.pad_token_id, bs, "RM score stats"
+    )
+    stats = {
+        "score_mean": statistics.fmean(scores),
+        "score_std": statistics.pstdev(scores),
+        "responses_scored": len(scores),
+        "input_format": metrics["input_format"],
+        "max_length": settings["max_length"],
+    }
+    metrics.update(score_mean=stats["score_mean"], score_std=stats["score_std"])
+
+    model_dir = out / "model"
+    trainer.model.save_pretrained(str(model_dir), safe_serialization=True)
+    tokenizer.save_pretrained(str(model_dir))
+    (model_dir / NORM_FILE).write_text(json.dumps(stats, indent=2))
+    if not settings["keep_checkpoints"]:
+        shutil.rmtree(trainer_dir, ignore_errors=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        sys.exit("usage: python -m posttrain.train.rm TRAIN_CONFIG.json")
+    train(json.loads(Path(argv[0]).read_text()))
+
+
+if __name__ == "__main__":
+    main()
