@@ -61,6 +61,13 @@ class RewardConfig:
 
 
 @dataclass
+class FilterConfig:
+    # name -> a filter's `_target_` config (reward/filters.py), applied in order between score and select.
+    # Empty: no filter stage.
+    filters: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class SelectConfig:
     # Best-of-K answers scoring below this are not used for SFT.
     min_score: Optional[float] = None
@@ -129,6 +136,7 @@ class PosttrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    filter: FilterConfig = field(default_factory=FilterConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)

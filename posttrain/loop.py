@@ -1,7 +1,7 @@
 """The round loop, read top to bottom like the paper's figure (Llama 3, section 4.1):
 
-    prompts -> generate (teacher or policy, K each) -> score (every reward) -> select (best-of-K, pairs)
-            -> SFT -> policy for the next round
+    prompts -> generate (teacher or policy, K each) -> score (every reward) -> [filter: cleaning, dedup, quality]
+            -> select (best-of-K, pairs) -> SFT -> policy for the next round
 
 Each stage is a plain function `(stage config, inputs, out_dir) -> StageResult` run through `RunDir.run_stage`,
 which skips what already finished and resumes what did not.
@@ -19,6 +19,7 @@ from posttrain.models import resolve_path
 from posttrain.rundir import RunDir
 from posttrain.train.sft import sft_stage
 from posttrain.validate import validate
+from reward.filters import filter_stage
 from reward.score import score
 from reward.select import select
 
@@ -58,8 +59,18 @@ def run_round(rd: RunDir, rc: DictConfig, r: int, policy: str, prompt_start: int
         score_cfg = _section(rc, "reward")
         score_inputs = {"generations": sft_data}
         scored = rd.run_stage(r, "score", score_cfg, score_inputs, partial(score, score_cfg, score_inputs))
+        candidates = rd.output(scored, "scored")
+        if rc.filter.filters:
+            filter_cfg = _section(rc, "filter")
+            # Earlier rounds' SFT data, so a response already trained on is not trained on again.
+            filter_inputs = {"scored": candidates, **{
+                f"previous_sft_{i}": rd.output(rd.entry(i, "select"), "sft")
+                for i in range(1, r) if rd.entry(i, "select") is not None
+            }}
+            filtered = rd.run_stage(r, "filter", filter_cfg, filter_inputs, partial(filter_stage, filter_cfg, filter_inputs))
+            candidates = rd.output(filtered, "kept")
         select_cfg = {**_section(rc, "select"), "seed": rc.seed}
-        select_inputs = {"scored": rd.output(scored, "scored")}
+        select_inputs = {"scored": candidates}
         selected = rd.run_stage(r, "select", select_cfg, select_inputs, partial(select, select_cfg, select_inputs))
         sft_data = rd.output(selected, "sft")
 

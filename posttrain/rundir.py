@@ -34,7 +34,7 @@ from typing import Any, Callable
 from posttrain.errors import PosttrainError
 
 # Fixed numbers keep folders in data-flow order whichever stages a recipe runs.
-STAGE_NUMBERS = {"rm": 0, "generate": 1, "score": 2, "select": 3, "sft": 4, "dpo": 5, "average": 6, "eval": 7}
+STAGE_NUMBERS = {"rm": 0, "generate": 1, "score": 2, "filter": 3, "select": 4, "sft": 5, "dpo": 6, "eval": 7}
 _VERSIONED = ("posttrain", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "deepspeed",
               "hydra-core")
 

@@ -24,6 +24,10 @@ FAST = [
 ]
 
 
+BEFORE_SFT = ["generate", "score", "filter", "select"]
+ROUND = BEFORE_SFT + ["sft"]
+
+
 def posttrain(*args, check=True, timeout=300):
     proc = subprocess.run(POSTTRAIN + list(args), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
@@ -59,9 +63,10 @@ def finished(tmp_path_factory):
 def test_tiny_round_distills_teacher_into_student(finished):
     run_dir, proc = finished
     entries = {e["stage"]: e for e in manifest(run_dir)["stages"]}
-    assert set(entries) == {"generate", "sft"}
+    assert entries["select"]["metrics"]["sft_rows"] == 24  # best-of-2 per prompt
+    assert list(entries) == ROUND
     gen, sft = entries["generate"], entries["sft"]
-    assert gen["dir"] == "round_1/01_generate" and sft["dir"] == "round_1/04_sft"
+    assert gen["dir"] == "round_1/01_generate" and sft["dir"] == "round_1/05_sft"
     for e in entries.values():
         assert {"round", "stage", "config_hash", "inputs", "outputs", "rows", "seconds"} <= set(e)
 
@@ -75,7 +80,7 @@ def test_tiny_round_distills_teacher_into_student(finished):
     assert m["eval_loss_after"] < m["eval_loss_before"] - 0.3, m  # the student learned the teacher's answers
     assert m["loss_curve"][-1]["loss"] < m["loss_curve"][0]["loss"]
     assert (run_dir / sft["outputs"]["model"] / "model.safetensors").exists()
-    assert (run_dir / "round_1/04_sft/train.log").read_text().count("loss") > 0
+    assert (run_dir / "round_1/05_sft/train.log").read_text().count("loss") > 0
     assert "round_1/sft" in proc.stdout and "ran" in proc.stdout
     assert (run_dir / "config.yaml").read_text().startswith("name: tiny")
 
@@ -87,7 +92,7 @@ def test_rerunning_a_finished_run_does_no_work(finished):
     proc = posttrain(*FAST, f"run_dir={run_dir}")
     assert (run_dir / "manifest.json").read_text() == before
     assert {p: p.stat().st_mtime_ns for p in (run_dir / "round_1").rglob("*")} == mtimes
-    assert proc.stdout.count("done earlier") == 2 and " ran" not in proc.stdout
+    assert proc.stdout.count("done earlier") == len(ROUND) and " ran" not in proc.stdout
 
 
 def test_changed_config_on_finished_stage_errors_then_redo_keeps_old(finished, tmp_path):
@@ -100,8 +105,8 @@ def test_changed_config_on_finished_stage_errors_then_redo_keeps_old(finished, t
 
     posttrain(*FAST, f"run_dir={run_dir}", "generate.temperature=0.7", "redo=[round_1/generate]")
     m = manifest(run_dir)
-    # The SFT stage consumed the remade generations, so it was redone too; both old folders are kept.
-    assert [e["stage"] for e in m["superseded"]] == ["generate", "sft"]
+    # The stages downstream consumed the remade generations, so they were redone too; all old folders are kept.
+    assert [e["stage"] for e in m["superseded"]] == ROUND
     assert all((run_dir / e["dir"]).is_dir() for e in m["superseded"])
     assert texts(run_dir) != texts(finished[0])
 
@@ -112,9 +117,9 @@ def test_round_2_after_round_1_runs_only_round_2(finished, tmp_path):
     round_1 = manifest(run_dir)["stages"]
     proc = posttrain(*FAST, f"run_dir={run_dir}", "round=2")
     stages = manifest(run_dir)["stages"]
-    assert stages[:2] == round_1
-    assert [(e["round"], e["stage"]) for e in stages[2:]] == [(2, "generate"), (2, "sft")]
-    assert proc.stdout.count("done earlier") == 2
+    assert stages[: len(ROUND)] == round_1
+    assert [(e["round"], e["stage"]) for e in stages[len(ROUND):]] == [(2, s) for s in ROUND]
+    assert proc.stdout.count("done earlier") == len(ROUND)
     # Round 2 draws different prompts from the pool.
     assert not {t[0] for t in texts(run_dir, 2)} & {t[0] for t in texts(run_dir, 1)}
 
@@ -149,17 +154,17 @@ def test_sigkill_during_generation_then_rerun_matches_uninterrupted(finished, tm
 
 def test_sigkill_during_sft_then_rerun_resumes_from_checkpoint(finished, tmp_path):
     run_dir = tmp_path / "run"
-    trainer = run_dir / "round_1" / ".04_sft.partial" / "trainer"
+    trainer = run_dir / "round_1" / ".05_sft.partial" / "trainer"
     _kill_when([*FAST, f"run_dir={run_dir}"], run_dir,
                lambda: any((c / "trainer_state.json").exists() for c in trainer.glob("checkpoint-*")))
-    assert [e["stage"] for e in manifest(run_dir)["stages"]] == ["generate"]
+    assert [e["stage"] for e in manifest(run_dir)["stages"]] == BEFORE_SFT
 
     posttrain(*FAST, f"run_dir={run_dir}")
     assert stage_keys(run_dir) == stage_keys(finished[0])
     assert texts(run_dir) == texts(finished[0])
-    resumed = manifest(run_dir)["stages"][1]["metrics"]
+    resumed = manifest(run_dir)["stages"][-1]["metrics"]
     assert resumed["resumed_from"] and resumed["resumed_from"].startswith("checkpoint-")
-    baseline = manifest(finished[0])["stages"][1]["metrics"]
+    baseline = manifest(finished[0])["stages"][-1]["metrics"]
     assert resumed["steps"] == baseline["steps"]
     assert resumed["eval_loss_after"] == pytest.approx(baseline["eval_loss_after"], abs=1e-3)
 
@@ -223,4 +228,4 @@ def test_failing_training_process_fails_the_stage_with_its_log(tmp_path):
     assert proc.returncode == 2
     assert "posttrain.train.sft exited with code" in proc.stderr
     assert "no_such_module" in proc.stderr  # the child's own error, from the end of its log
-    assert [e["stage"] for e in manifest(tmp_path / "run")["stages"]] == ["generate"]
+    assert [e["stage"] for e in manifest(tmp_path / "run")["stages"]] == BEFORE_SFT

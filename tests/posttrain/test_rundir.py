@@ -263,7 +263,7 @@ def test_manifest_is_valid_json_after_each_stage(tmp_path):
         assert [e["stage"] for e in manifest(tmp_path)["stages"]] == ["generate", "score", "select"][:n]
         assert not (tmp_path / ".manifest.json.tmp").exists()
     rd.close()
-    assert sorted(p.name for p in (tmp_path / "round_1").iterdir()) == ["01_generate", "02_score", "03_select"]
+    assert sorted(p.name for p in (tmp_path / "round_1").iterdir()) == ["01_generate", "02_score", "04_select"]
 
 
 def test_rounds_are_separate(tmp_path):
