@@ -113,6 +113,32 @@ class SFTConfig:
 
 
 @dataclass
+class EvalConfig:
+    # Held-out prompts (never trained on: overlap with any round's prompts is an error). None: no eval stage.
+    heldout: Optional[str] = None
+    split: str = "train"
+    # Greedy by default, so a round-to-round difference comes from the policy, not from sampling noise.
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    batch_size: int = 64  # reward scoring batch
+    backend: Dict[str, Any] = field(
+        default_factory=lambda: {"_target_": "data_gen.hf_backend.HFBackend", "batch_size": 8}
+    )
+    # name -> Reward `_target_` config; empty: the recipe's reward.rewards.
+    rewards: Dict[str, Any] = field(default_factory=dict)
+    # Round 0 also answers the held-out prompts with the teacher once, for win rates against it.
+    teacher: bool = True
+    suites: Dict[str, Any] = field(
+        default_factory=lambda: {
+            "reward": {"_target_": "evals.suites.RewardSuite"},
+            "win_rate": {"_target_": "evals.suites.WinRate"},
+            "drift": {"_target_": "evals.suites.Drift"},
+        }
+    )
+
+
+@dataclass
 class LaunchConfig:
     # How a training stage process is started. "direct": `python -m posttrain.train.<stage> CONFIG`.
     launcher: str = "direct"
@@ -139,6 +165,7 @@ class PosttrainConfig:
     filter: FilterConfig = field(default_factory=FilterConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    evals: EvalConfig = field(default_factory=EvalConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     # Per-round overrides: rounds[i] is merged over the recipe for round i+1, e.g. `- {generate: {k: 8}}`.
     # Rounds past the end of the list use the recipe as it is.

@@ -15,6 +15,9 @@ from functools import partial
 from omegaconf import DictConfig, OmegaConf
 
 from data_gen.generate import generate
+from evals.report import build_report, terminal_table
+from evals.stage import eval_stage
+from posttrain.config import round_config
 from posttrain.models import resolve_path
 from posttrain.rundir import RunDir
 from posttrain.train.sft import sft_stage
@@ -85,6 +88,27 @@ def run_round(rd: RunDir, rc: DictConfig, r: int, policy: str, prompt_start: int
     return policy
 
 
+def run_eval(rd: RunDir, rc: DictConfig, r: int, policy: str) -> None:
+    """Evaluate `policy` on the held-out prompts as round `r` (0: the starting policy), then rebuild the report."""
+    ev = _section(rc, "evals")
+    cfg = {**ev, "round": r, "seed": rc.seed, "rewards": ev["rewards"] or _section(rc, "reward")["rewards"]}
+    inputs = {"policy": policy, "heldout": str(resolve_path(rc.evals.heldout))}
+    if r == 0 and rc.evals.teacher and rc.teacher is not None:
+        inputs["teacher"] = rc.teacher.path
+    if r > 0:
+        previous, first = rd.entry(r - 1, "eval"), rd.entry(0, "eval")
+        if previous is not None:
+            inputs["previous"] = rd.output(previous, "responses")
+        if first is not None and "teacher_responses" in first["outputs"]:
+            inputs["teacher_responses"] = rd.output(first, "teacher_responses")
+    rd.run_stage(r, "eval", cfg, inputs, partial(eval_stage, cfg, inputs))
+    try:
+        build_report(rd.root)
+    except Exception as e:  # noqa: BLE001 - a plotting problem must not stop a run whose stages are saved
+        print(f"posttrain: warning: the report could not be built ({type(e).__name__}: {e}); "
+              f"rebuild it with `posttrain-report {rd.root}`")
+
+
 def run(cfg: DictConfig, run_dir: str | None = None) -> RunDir:
     """Bring the run in `run_dir` (default `cfg.run_dir`) up to round `cfg.round`."""
     rounds = validate(cfg)
@@ -92,12 +116,20 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> RunDir:
     try:
         rd.write_config(OmegaConf.to_yaml(OmegaConf.create(redact(OmegaConf.to_container(cfg, resolve=True)))))
         policy, prompt_start = cfg.model.path, 0
+        start = round_config(cfg, 0)
+        if start.evals.heldout:
+            run_eval(rd, start, 0, policy)
         for r, rc in enumerate(rounds, 1):
             policy = run_round(rd, rc, r, policy, prompt_start)
             prompt_start += rc.data.num_prompts
+            if rc.evals.heldout:
+                run_eval(rd, rc, r, policy)
     finally:
         rd.close()
     print(summary(rd))
+    if any(e["stage"] == "eval" for e in rd.manifest["stages"]):
+        print(terminal_table(rd.root))
+        print(f"report: {rd.root / 'report.md'}")
     return rd
 
 

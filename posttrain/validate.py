@@ -100,7 +100,7 @@ def _round_problems(rc: DictConfig, where: str) -> list[str]:
     allowed = ALLOWED_PREFIXES + tuple(rc.allowed_targets)
     container = OmegaConf.to_container(rc, resolve=True)
     for key, node in _targets(container):
-        injected = ("model",) if key == "generate.backend" else ()
+        injected = ("model",) if key in ("generate.backend", "evals.backend") else ()
         problem = check_target(key, node, allowed, injected)
         if problem:
             problems.append(where + problem)
@@ -110,8 +110,33 @@ def _round_problems(rc: DictConfig, where: str) -> list[str]:
     if rc.reward.primary is not None and rc.reward.primary not in rc.reward.rewards:
         problems.append(f"{where}reward.primary: {rc.reward.primary!r} is not one of reward.rewards "
                         f"{sorted(rc.reward.rewards)}")
+    for name, node in rc.evals.suites.items():
+        if node.get("_target_") == "evals.suites.WinRate" and "teacher" in node.get("against", ["teacher"]):
+            if rc.teacher is None or not rc.evals.teacher:
+                problems.append(f"{where}evals.suites.{name}: compares against the teacher, but there is no teacher "
+                                f"(or evals.teacher=false); set `against: [previous]`")
     if rc.generate.source == "teacher" and rc.teacher is None:
         problems.append(f"{where}generate.source: 'teacher' needs a `teacher` model (teacher=... or teacher.path=...)")
+    return problems
+
+
+def _heldout_problems(rounds: list[DictConfig]) -> list[str]:
+    """Held-out prompt sets (evals.heldout and suites' own `prompts`) must exist and share nothing with the
+    prompts of any round."""
+    from data_gen.prompts import PromptError, load_prompts
+    from evals.stage import check_heldout
+    from posttrain.models import resolve_path
+
+    training = sorted({str(resolve_path(rc.data.prompts)) for rc in rounds})
+    sets = {("evals.heldout", rc.evals.heldout, rc.evals.split) for rc in rounds if rc.evals.heldout}
+    sets |= {(f"evals.suites.{n}.prompts", s.prompts, s.get("split", "train"))
+             for rc in rounds for n, s in rc.evals.suites.items() if s.get("prompts")}
+    problems = []
+    for key, source, split in sorted(sets):
+        try:
+            check_heldout(load_prompts(source, split=split).prompts, training, "train")
+        except (PromptError, PosttrainError) as e:
+            problems.append(f"{key}: {e}")
     return problems
 
 
@@ -154,6 +179,7 @@ def validate(cfg: DictConfig) -> list[DictConfig]:
             load_prompts(*data)
         except PromptError as e:
             problems.append(f"data.prompts: {e}")
+    problems += _heldout_problems(rounds)
     if problems:
         raise PosttrainError("invalid recipe:\n  - " + "\n  - ".join(problems))
     return rounds

@@ -1,0 +1,215 @@
+"""The eval stage: the round's policy answers held-out prompts, and every configured suite measures the answers.
+
+It runs at the end of every round, and once as round 0 for the starting policy, always on the same held-out
+prompts, so the rounds compare like with like. Held-out prompts never enter training: `check_heldout` makes an
+overlap with any training prompt source an error. What it writes in `round_N/07_eval/`:
+
+    responses/          the policy's answers (a `datasets` folder; the generate stage's columns, one row per
+                        held-out prompt, plus one `reward.<name>` column per configured reward)
+    teacher_responses/  the teacher's answers, made once (in round 0) when the stage is given a `teacher`
+    metrics.json        {suite name: {metric name: number or null}}
+    <suite>/            whatever a suite keeps for inspection (the verifiable-accuracy answers)
+
+A suite is any callable `(EvalContext) -> {metric: value}` named by `_target_`; see evals/suites.py.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import datasets
+from hydra.utils import instantiate
+
+from data_gen.generate import GENERATION_FEATURES
+from data_gen.hf_backend import Sampling
+from data_gen.prompts import load_prompts
+from posttrain.errors import PosttrainError
+from posttrain.rundir import StageResult
+from reward.protocol import build_reward
+from reward.score import reward_prompt, score_rows
+
+
+def prompt_text(messages: list[dict]) -> str:
+    """The words of a prompt's non-system turns, case-folded, punctuation dropped and spaces collapsed: two
+    prompts that differ only in case, punctuation or spacing ask the same thing.
+
+    >>> prompt_text([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why is  the sky BLUE?"}])
+    'why is the sky blue'
+    """
+    text = "\n".join(m["content"] for m in messages if m["role"] != "system")
+    return " ".join(re.sub(r"[\W_]+", " ", text.casefold()).split())
+
+
+def check_heldout(heldout_prompts: list[dict], training_sources: list[str], split: str = "train") -> None:
+    """Raise PosttrainError when a held-out prompt (rows as `data_gen.prompts.load_prompts` gives them) shares its
+    id or its normalised text (`prompt_text`) with a prompt of any training source (paths or specs); the message
+    names the overlapping prompts. Training on eval prompts would make every later metric meaningless."""
+    by_id = {p["prompt_id"]: p for p in heldout_prompts}
+    by_text = {prompt_text(p["messages"]): p for p in heldout_prompts}
+    clashes: dict[str, str] = {}  # held-out prompt id -> why
+    for source in dict.fromkeys(str(s) for s in training_sources):
+        for p in load_prompts(source, on_empty="quarantine", split=split).prompts:
+            text = prompt_text(p["messages"])
+            if p["prompt_id"] in by_id:
+                clashes.setdefault(p["prompt_id"], f"id {p['prompt_id']!r} is also a training prompt id in {source}")
+            elif text in by_text:
+                held = by_text[text]["prompt_id"]
+                clashes.setdefault(held, f"{held!r} has the text of training prompt {p['prompt_id']!r} in {source}: "
+                                         f"{text[:60]!r}")
+    if clashes:
+        listed = "\n  - ".join(list(clashes.values())[:10])
+        more = f"\n  ... and {len(clashes) - 10} more" if len(clashes) > 10 else ""
+        raise PosttrainError(
+            f"{len(clashes)} of {len(heldout_prompts)} held-out prompts overlap the training prompts (same id or "
+            f"same text); held-out prompts must never be trained on. Remove them from one of the sets:\n  - "
+            f"{listed}{more}"
+        )
+
+
+@dataclass
+class EvalContext:
+    """What a suite sees. Response rows have the generate stage's columns (prompt_id, messages, meta, text,
+    completion_tokens, finish_reason, ...), one row per held-out prompt; `previous` (the previous round's
+    policy) and `teacher` are None where the stage has none."""
+
+    round: int
+    policy: str  # model spec or folder of the policy under evaluation
+    responses: list[dict]
+    previous: list[dict] | None
+    teacher: list[dict] | None
+    rewards: dict[str, Any]  # name -> built Reward
+    generate: Callable[[list[list[dict]]], list[dict]]  # chat prompts -> one answer dict each, from the policy
+    out: Path  # the stage folder
+    training_prompts: list[str] = field(default_factory=list)
+    batch_size: int = 64
+    suite: str = ""  # the name of the suite being run; its own files go under out / suite
+    quarantined: dict[tuple[str, str], list[dict]] = field(default_factory=dict)
+    _scores: dict[tuple[str, str], list] = field(default_factory=dict)
+
+    def scores(self, reward: str, side: str = "policy") -> list[float | None]:
+        """Scores of reward `reward` for the rows of `side` ("policy", "previous" or "teacher"), computed once.
+        Every side is scored by this round's reward, so a comparison never mixes two scorers."""
+        if reward not in self.rewards:
+            raise PosttrainError(f"eval suite {self.suite!r} asks for reward {reward!r}; the eval rewards are "
+                                 f"{sorted(self.rewards)}")
+        key = (reward, side)
+        if key not in self._scores:
+            rows = {"policy": self.responses, "previous": self.previous, "teacher": self.teacher}[side]
+            scores, quarantine = score_rows(f"{reward} ({side})", self.rewards[reward],
+                                            [reward_prompt(r) for r in rows], [r["text"] for r in rows],
+                                            self.batch_size)
+            self._scores[key], self.quarantined[key] = scores, quarantine
+        return self._scores[key]
+
+
+def load_responses(path: str) -> list[dict]:
+    """Rows of a responses dataset, given its folder or an eval stage folder holding `responses/`."""
+    p = Path(path)
+    if (p / "responses").is_dir():
+        p = p / "responses"
+    return datasets.load_from_disk(str(p)).to_list()
+
+
+def _answer(generate: Callable, prompts: list[dict], model: str, round_idx: int) -> list[dict]:
+    """Response rows (the generate stage's columns) for `prompts`, one answer each from `generate`."""
+    answers = generate([p["messages"] for p in prompts])
+    return [
+        {"prompt_id": p["prompt_id"], "messages": p["messages"], "meta": json.dumps(p["meta"], sort_keys=True,
+         default=str), "sample_idx": 0, **a, "model": model, "round": round_idx}
+        for p, a in zip(prompts, answers, strict=True)
+    ]
+
+
+def _one_each(backend, sampling: Sampling) -> Callable[[list[list[dict]]], list[dict]]:
+    return lambda messages: [samples[0] for samples in backend.generate(messages, 1, sampling)]
+
+
+def _save(rows: list[dict], path: Path, scores: dict[str, list] | None = None) -> None:
+    ds = datasets.Dataset.from_list([{k: r[k] for k in GENERATION_FEATURES} for r in rows],
+                                    features=GENERATION_FEATURES)
+    for name, values in (scores or {}).items():
+        ds = ds.add_column(f"reward.{name}", values, feature=datasets.Value("float64"))
+    ds.save_to_disk(str(path))
+
+
+def _clean(suite: str, result: Any) -> dict[str, float | int | None]:
+    if not isinstance(result, dict):
+        raise PosttrainError(f"eval suite {suite!r} returned {type(result).__name__}, not a dict of metrics")
+    out: dict[str, float | int | None] = {}
+    for k, v in result.items():
+        if v is not None and not isinstance(v, (int, float)):
+            try:
+                v = float(v)  # numpy scalars
+            except (TypeError, ValueError):
+                raise PosttrainError(f"eval suite {suite!r}: metric {k!r} is {v!r}, not a number") from None
+        out[str(k)] = None if isinstance(v, float) and not math.isfinite(v) else v
+    return out
+
+
+def eval_stage(cfg: dict, inputs: dict[str, str], out: Path) -> StageResult:
+    """Stage function. `cfg`: the recipe's `evals` section plus `round`, `seed`, `rewards` (name -> Reward
+    `_target_` config) and `training_prompts` (sources the held-out set must not overlap). `inputs`: `policy` (model
+    spec), `heldout` (prompt source), optionally `previous` (the previous round's responses), `teacher` (a
+    model spec: its answers are made and saved as `teacher_responses/`) or `teacher_responses` (saved ones).
+    Writes `responses/`, `metrics.json` and, given `teacher`, `teacher_responses/`; returns the metrics."""
+    split = cfg.get("split", "train")
+    heldout = load_prompts(inputs["heldout"], split=split).prompts
+    training = [str(s) for s in cfg.get("training_prompts") or []]
+    if training:
+        check_heldout(heldout, training, split)
+    # Built before any model loads, so a bad suite config (or a missing extra) costs nothing.
+    suites = {name: instantiate(node, _recursive_=False, _convert_="all")  # nested configs are the suite's own
+              for name, node in (cfg.get("suites") or {}).items()}
+    # Greedy by default: a round-to-round difference then comes from the policy, not from sampling noise.
+    sampling = Sampling(temperature=cfg.get("temperature", 0.0), top_p=cfg.get("top_p", 1.0),
+                        max_new_tokens=cfg.get("max_new_tokens", 256), seed=cfg.get("seed", 0))
+    backend_cfg = cfg.get("backend") or {"_target_": "data_gen.hf_backend.HFBackend"}
+    outputs = {"responses": "responses", "metrics": "metrics.json"}
+
+    teacher = None
+    if inputs.get("teacher"):
+        backend = instantiate(backend_cfg, model=inputs["teacher"], _convert_="all")
+        teacher = _answer(_one_each(backend, sampling), heldout, inputs["teacher"], cfg["round"])
+        del backend  # free the teacher before the policy loads
+        _save(teacher, out / "teacher_responses")
+        outputs["teacher_responses"] = "teacher_responses"
+    elif inputs.get("teacher_responses"):
+        teacher = load_responses(inputs["teacher_responses"])
+
+    policy_backend = None
+
+    def generate(messages: list[list[dict]]) -> list[dict]:
+        nonlocal policy_backend
+        if policy_backend is None:
+            policy_backend = instantiate(backend_cfg, model=inputs["policy"], _convert_="all")
+        return _one_each(policy_backend, sampling)(messages)
+
+    responses = _answer(generate, heldout, inputs["policy"], cfg["round"])
+    ctx = EvalContext(
+        round=cfg["round"],
+        policy=inputs["policy"],
+        responses=responses,
+        previous=load_responses(inputs["previous"]) if inputs.get("previous") else None,
+        teacher=teacher,
+        rewards={name: build_reward(node) for name, node in (cfg.get("rewards") or {}).items()},
+        generate=generate,
+        out=out,
+        training_prompts=training,
+        batch_size=cfg.get("batch_size", 64),
+    )
+    _save(responses, out / "responses", {name: ctx.scores(name) for name in ctx.rewards})
+
+    metrics: dict[str, dict] = {}
+    for name, suite in suites.items():
+        ctx.suite = name
+        metrics[name] = _clean(name, suite(ctx))
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    rows = {"responses": len(responses)}
+    if "teacher_responses" in outputs:
+        rows["teacher_responses"] = len(teacher)
+    return StageResult(outputs=outputs, rows=rows, metrics=metrics)
