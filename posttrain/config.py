@@ -139,6 +139,37 @@ class EvalConfig:
 
 
 @dataclass
+class RMConfig:
+    """Reward-model training (posttrain/train/rm.py). `seed` and `launch` come from the root."""
+
+    # Train an RM at the start of each round on all preference pairs selected so far (plus `data`), and add it
+    # to that round's rewards as `rm` (Llama 3: the RM uses all preference data; DPO only the latest).
+    enabled: bool = False
+    # Backbone spec (a causal LM or an encoder; gets a fresh 1-output head). None: the policy's base model.
+    model: Optional[str] = None
+    # Extra preference datasets (pairs or ranked rows) used in every round, e.g. human-labelled data.
+    data: List[str] = field(default_factory=list)
+    # The paper gives no RM learning rate; 1e-5 is its SFT and DPO rate. Tiny test models want ~1e-3.
+    learning_rate: float = 1e-5
+    epochs: float = 1.0
+    batch_size: int = 8  # pairs per device step (each pair is two sequences)
+    grad_accum: int = 1
+    max_length: int = 1024
+    lr_scheduler: str = "linear"
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    logging_steps: int = 10
+    save_steps: int = 200
+    # Share of prompts (with all their pairs) held out to measure pairwise accuracy before and after training.
+    eval_fraction: float = 0.1
+    # A pair is dropped when its responses differ by less than this: difflib similarity ratio of the
+    # lower-cased, whitespace-collapsed texts > 1 - min_difference (default: ratio > 0.95).
+    min_difference: float = 0.05
+    keep_checkpoints: bool = False
+    report_to: List[str] = field(default_factory=lambda: ["none"])
+
+
+@dataclass
 class LaunchConfig:
     # How a training stage process is started. "direct": `python -m posttrain.train.<stage> CONFIG`.
     launcher: str = "direct"
@@ -164,6 +195,7 @@ class PosttrainConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     filter: FilterConfig = field(default_factory=FilterConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
+    rm: RMConfig = field(default_factory=RMConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     evals: EvalConfig = field(default_factory=EvalConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)

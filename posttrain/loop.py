@@ -20,6 +20,7 @@ from evals.stage import eval_stage
 from posttrain.config import round_config
 from posttrain.models import resolve_path
 from posttrain.rundir import RunDir
+from posttrain.train.rm import rm_stage
 from posttrain.train.sft import sft_stage
 from posttrain.validate import validate
 from reward.filters import filter_stage
@@ -45,6 +46,19 @@ def _section(rc: DictConfig, key: str) -> dict:
 def run_round(rd: RunDir, rc: DictConfig, r: int, policy: str, prompt_start: int) -> str:
     """Run round `r` with its config `rc`, starting from `policy` (a model spec or folder) and reading prompts
     from position `prompt_start` of the seeded prompt stream; returns the policy for the next round."""
+    reward_cfg = _section(rc, "reward")
+    reward_inputs: dict[str, str] = {}
+    if rc.rm.enabled:  # on all preference pairs so far (Llama 3: the RM sees all of it, DPO the latest)
+        data = {f"data_round_{i}": rd.output(rd.entry(i, "select"), "pairs")
+                for i in range(1, r) if rd.entry(i, "select") is not None}
+        data |= {f"data_extra_{j}": str(resolve_path(p)) for j, p in enumerate(rc.rm.data)}
+        if data:
+            rm_cfg = {**_section(rc, "rm"), "seed": rc.seed, "launch": _section(rc, "launch")}
+            rm_inputs = {"model": rc.rm.model or rc.model.path, **data}
+            rm = rd.run_stage(r, "rm", rm_cfg, rm_inputs, partial(rm_stage, rm_cfg, rm_inputs), resumable=True)
+            reward_cfg["rewards"]["rm"] = {"_target_": "reward.rm_scorer.RewardModelScorer"}
+            reward_inputs["model.rm"] = rd.output(rm, "model")
+
     gen_model = rc.teacher.path if rc.generate.source == "teacher" else policy
     gen_cfg = {
         **_section(rc, "generate"),
@@ -58,9 +72,9 @@ def run_round(rd: RunDir, rc: DictConfig, r: int, policy: str, prompt_start: int
     gen = rd.run_stage(r, "generate", gen_cfg, gen_inputs, partial(generate, gen_cfg, gen_inputs), resumable=True)
     sft_data = rd.output(gen, "generations")
 
-    if rc.reward.rewards:
-        score_cfg = _section(rc, "reward")
-        score_inputs = {"generations": sft_data}
+    if reward_cfg["rewards"]:
+        score_cfg = reward_cfg
+        score_inputs = {"generations": sft_data, **reward_inputs}
         scored = rd.run_stage(r, "score", score_cfg, score_inputs, partial(score, score_cfg, score_inputs))
         candidates = rd.output(scored, "scored")
         if rc.filter.filters:

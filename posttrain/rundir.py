@@ -202,7 +202,8 @@ class RunDir:
         for name, rel in result.outputs.items():
             if not (work / rel).exists():
                 raise PosttrainError(f"stage {stage_id} did not produce its output '{name}' ({rel})")
-        output_hash = tree_hash(work)
+        # What downstream stages consume: the declared outputs, not logs or timings.
+        output_hash = stable_hash({name: tree_hash(work / rel) for name, rel in sorted(result.outputs.items())})
         os.replace(work, final)
         entry = {
             "round": round_idx,

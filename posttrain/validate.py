@@ -48,6 +48,9 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "sft.warmup_ratio": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
     "sft.eval_fraction": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
     "sft.lora.r": _positive,
+    "rm.learning_rate": _positive,
+    "rm.batch_size": _positive,
+    "rm.min_difference": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
     "launch.nproc": _positive,
 }
 
@@ -107,7 +110,8 @@ def _round_problems(rc: DictConfig, where: str) -> list[str]:
     for name, node in rc.reward.rewards.items():
         if not isinstance(node, DictConfig) or "_target_" not in node:
             problems.append(f"{where}reward.rewards.{name}: needs a `_target_` naming a Reward class or function")
-    if rc.reward.primary is not None and rc.reward.primary not in rc.reward.rewards:
+    trained = {"rm"} if rc.rm.enabled else set()
+    if rc.reward.primary is not None and rc.reward.primary not in set(rc.reward.rewards) | trained:
         problems.append(f"{where}reward.primary: {rc.reward.primary!r} is not one of reward.rewards "
                         f"{sorted(rc.reward.rewards)}")
     for name, node in rc.evals.suites.items():
@@ -144,7 +148,7 @@ def validate(cfg: DictConfig) -> list[DictConfig]:
     """Validate the recipe for rounds 1..cfg.round. Returns the per-round configs; raises PosttrainError
     listing every problem found."""
     from data_gen.prompts import PromptError, load_prompts
-    from posttrain.models import check_model_spec
+    from posttrain.models import check_model_spec, resolve_path
 
     problems: list[str] = []
     rounds: list[DictConfig] = []
@@ -168,6 +172,7 @@ def validate(cfg: DictConfig) -> list[DictConfig]:
         problems += [p for p in _round_problems(rc, where) if p not in problems]
 
     specs = {("model.path", cfg.model.path)}
+    specs |= {("rm.model", rc.rm.model) for rc in rounds if rc.rm.enabled and rc.rm.model}
     specs |= {("teacher.path", rc.teacher.path) for rc in rounds if rc.teacher and rc.generate.source == "teacher"}
     for key, spec in sorted(specs):
         try:
@@ -179,6 +184,12 @@ def validate(cfg: DictConfig) -> list[DictConfig]:
             load_prompts(*data)
         except PromptError as e:
             problems.append(f"data.prompts: {e}")
+    for key, path in sorted({(f"rm.data[{i}]", p) for rc in rounds if rc.rm.enabled for i, p in enumerate(rc.rm.data)}):
+        try:
+            if not resolve_path(path).exists():
+                problems.append(f"{key}: preference data {path} does not exist")
+        except ValueError as e:
+            problems.append(f"{key}: {e}")
     problems += _heldout_problems(rounds)
     if problems:
         raise PosttrainError("invalid recipe:\n  - " + "\n  - ".join(problems))

@@ -79,7 +79,7 @@ def summarize(scores: list, lengths: list[int], quarantine: list[dict]) -> dict:
 
 def score(cfg: dict, inputs: dict[str, str], out: Path) -> StageResult:
     """Stage function. `cfg`: the recipe's `reward` section (`rewards`: name -> `_target_` config, `primary`,
-    `batch_size`); `inputs`: `generations`. Writes `scored/`: the generations plus one `reward.<name>` column per
+    `batch_size`); `inputs`: `generations`, and `model.<name>` for a reward whose model this run trained. Writes `scored/`: the generations plus one `reward.<name>` column per
     reward and `score` (the primary reward, which selection ranks by)."""
     ds = datasets.load_from_disk(inputs["generations"])
     rows = ds.to_list()
@@ -90,12 +90,17 @@ def score(cfg: dict, inputs: dict[str, str], out: Path) -> StageResult:
     summary: dict[str, dict] = {}
     quarantine: list[dict] = []
     for name, node in cfg["rewards"].items():
+        if f"model.{name}" in inputs:
+            # A reward model trained earlier in this run arrives as an input, so this stage's config does not
+            # depend on where the run directory lives.
+            node = {**node, "model": inputs[f"model.{name}"]}
         fn = build_reward(node)
         scores, q = score_rows(name, fn, prompts, responses, cfg["batch_size"])
         columns[f"reward.{name}"] = scores
         summary[name] = summarize(scores, lengths, q)
         quarantine += q
-    primary = cfg["primary"] or next(iter(cfg["rewards"]))
+    # A primary that is not there this round (the RM, before any preference data exists) falls back to the first.
+    primary = cfg["primary"] if cfg["primary"] in cfg["rewards"] else next(iter(cfg["rewards"]))
     for col, values in columns.items():
         ds = ds.add_column(col, values, feature=datasets.Value("float64"))
     ds = ds.add_column("score", columns[f"reward.{primary}"], feature=datasets.Value("float64"))

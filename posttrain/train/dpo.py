@@ -46,7 +46,6 @@ from posttrain.train.sft import _held_out
 
 PAIR_COLUMNS = ("prompt_id", "messages", "chosen", "rejected")
 TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
-REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 
 
 @dataclass

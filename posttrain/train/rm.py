@@ -31,38 +31,13 @@ import random
 import shutil
 import statistics
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import List
 
+from posttrain.config import RMConfig  # noqa: F401 - the stage's settings, re-exported for callers
 from posttrain.rundir import StageResult
 
 NORM_SAMPLE = 4096  # training responses scored for the normalisation statistics
-
-
-@dataclass
-class RMConfig:
-    """The recipe's `rm` section (register it in posttrain.config); `seed` and `launch` come from the root."""
-
-    enabled: bool = False
-    # The paper gives no RM learning rate; 1e-5 is its SFT and DPO rate. Tiny test models want ~1e-3.
-    learning_rate: float = 1e-5
-    epochs: float = 1.0
-    batch_size: int = 8  # pairs per device step (each pair is two sequences)
-    grad_accum: int = 1
-    max_length: int = 1024
-    lr_scheduler: str = "linear"
-    warmup_ratio: float = 0.0
-    weight_decay: float = 0.0
-    logging_steps: int = 10
-    save_steps: int = 200
-    # Share of prompts (with all their pairs) held out to measure pairwise accuracy before and after training.
-    eval_fraction: float = 0.1
-    # A pair is dropped when its responses differ by less than this: difflib similarity ratio of the
-    # lower-cased, whitespace-collapsed texts > 1 - min_difference (default: ratio > 0.95).
-    min_difference: float = 0.05
-    keep_checkpoints: bool = False
-    report_to: List[str] = field(default_factory=lambda: ["none"])
 
 
 def data_paths(inputs: dict[str, str]) -> list[str]:
@@ -83,7 +58,7 @@ def rm_stage(cfg: dict, inputs: dict[str, str], out: Path) -> StageResult:
     from posttrain.train.launch import run_training
 
     settings = {
-        **{k: v for k, v in cfg.items() if k not in ("launch", "enabled")},
+        **{k: v for k, v in cfg.items() if k not in ("launch", "enabled", "model", "data")},
         "model": resolve_model(inputs["model"]),
         "data": data_paths(inputs),
         "output_dir": str(out),

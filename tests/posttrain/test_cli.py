@@ -24,8 +24,10 @@ FAST = [
 ]
 
 
+# The stages of one round of the tiny recipe, in order; round 0 is the eval of the starting policy.
 BEFORE_SFT = ["generate", "score", "filter", "select"]
-ROUND = BEFORE_SFT + ["sft"]
+ROUND = BEFORE_SFT + ["sft", "eval"]
+RUN_1 = [(0, "eval")] + [(1, s) for s in ROUND]
 
 
 def posttrain(*args, check=True, timeout=300):
@@ -37,6 +39,10 @@ def posttrain(*args, check=True, timeout=300):
 
 def manifest(run_dir):
     return json.loads((Path(run_dir) / "manifest.json").read_text())
+
+
+def stage(run_dir, round_idx, name):
+    return next(e for e in manifest(run_dir)["stages"] if (e["round"], e["stage"]) == (round_idx, name))
 
 
 def stage_keys(run_dir):
@@ -62,9 +68,9 @@ def finished(tmp_path_factory):
 
 def test_tiny_round_distills_teacher_into_student(finished):
     run_dir, proc = finished
-    entries = {e["stage"]: e for e in manifest(run_dir)["stages"]}
+    assert [(e["round"], e["stage"]) for e in manifest(run_dir)["stages"]] == RUN_1
+    entries = {e["stage"]: e for e in manifest(run_dir)["stages"] if e["round"] == 1}
     assert entries["select"]["metrics"]["sft_rows"] == 24  # best-of-2 per prompt
-    assert list(entries) == ROUND
     gen, sft = entries["generate"], entries["sft"]
     assert gen["dir"] == "round_1/01_generate" and sft["dir"] == "round_1/05_sft"
     for e in entries.values():
@@ -92,7 +98,7 @@ def test_rerunning_a_finished_run_does_no_work(finished):
     proc = posttrain(*FAST, f"run_dir={run_dir}")
     assert (run_dir / "manifest.json").read_text() == before
     assert {p: p.stat().st_mtime_ns for p in (run_dir / "round_1").rglob("*")} == mtimes
-    assert proc.stdout.count("done earlier") == len(ROUND) and " ran" not in proc.stdout
+    assert proc.stdout.count("done earlier") == len(RUN_1) and " ran" not in proc.stdout
 
 
 def test_changed_config_on_finished_stage_errors_then_redo_keeps_old(finished, tmp_path):
@@ -106,7 +112,7 @@ def test_changed_config_on_finished_stage_errors_then_redo_keeps_old(finished, t
     posttrain(*FAST, f"run_dir={run_dir}", "generate.temperature=0.7", "redo=[round_1/generate]")
     m = manifest(run_dir)
     # The stages downstream consumed the remade generations, so they were redone too; all old folders are kept.
-    assert [e["stage"] for e in m["superseded"]] == ROUND
+    assert [e["stage"] for e in m["superseded"]] == ROUND  # the round-0 eval did not read the generations
     assert all((run_dir / e["dir"]).is_dir() for e in m["superseded"])
     assert texts(run_dir) != texts(finished[0])
 
@@ -117,9 +123,9 @@ def test_round_2_after_round_1_runs_only_round_2(finished, tmp_path):
     round_1 = manifest(run_dir)["stages"]
     proc = posttrain(*FAST, f"run_dir={run_dir}", "round=2")
     stages = manifest(run_dir)["stages"]
-    assert stages[: len(ROUND)] == round_1
-    assert [(e["round"], e["stage"]) for e in stages[len(ROUND):]] == [(2, s) for s in ROUND]
-    assert proc.stdout.count("done earlier") == len(ROUND)
+    assert stages[: len(RUN_1)] == round_1
+    assert [(e["round"], e["stage"]) for e in stages[len(RUN_1):]] == [(2, s) for s in ROUND]
+    assert proc.stdout.count("done earlier") == len(RUN_1)
     # Round 2 draws different prompts from the pool.
     assert not {t[0] for t in texts(run_dir, 2)} & {t[0] for t in texts(run_dir, 1)}
 
@@ -149,7 +155,7 @@ def test_sigkill_during_generation_then_rerun_matches_uninterrupted(finished, tm
     posttrain(*FAST, f"run_dir={run_dir}")
     assert stage_keys(run_dir) == stage_keys(finished[0])
     assert texts(run_dir) == texts(finished[0])
-    assert manifest(run_dir)["stages"][0]["output_hash"] == manifest(finished[0])["stages"][0]["output_hash"]
+    assert stage(run_dir, 1, "generate")["output_hash"] == stage(finished[0], 1, "generate")["output_hash"]
 
 
 def test_sigkill_during_sft_then_rerun_resumes_from_checkpoint(finished, tmp_path):
@@ -157,14 +163,14 @@ def test_sigkill_during_sft_then_rerun_resumes_from_checkpoint(finished, tmp_pat
     trainer = run_dir / "round_1" / ".05_sft.partial" / "trainer"
     _kill_when([*FAST, f"run_dir={run_dir}"], run_dir,
                lambda: any((c / "trainer_state.json").exists() for c in trainer.glob("checkpoint-*")))
-    assert [e["stage"] for e in manifest(run_dir)["stages"]] == BEFORE_SFT
+    assert [e["stage"] for e in manifest(run_dir)["stages"]] == ["eval"] + BEFORE_SFT
 
     posttrain(*FAST, f"run_dir={run_dir}")
     assert stage_keys(run_dir) == stage_keys(finished[0])
     assert texts(run_dir) == texts(finished[0])
-    resumed = manifest(run_dir)["stages"][-1]["metrics"]
+    resumed = manifest(run_dir)["stages"][-2]["metrics"]
     assert resumed["resumed_from"] and resumed["resumed_from"].startswith("checkpoint-")
-    baseline = manifest(finished[0])["stages"][-1]["metrics"]
+    baseline = manifest(finished[0])["stages"][-2]["metrics"]
     assert resumed["steps"] == baseline["steps"]
     assert resumed["eval_loss_after"] == pytest.approx(baseline["eval_loss_after"], abs=1e-3)
 
@@ -180,7 +186,7 @@ def test_multirun_gives_each_job_its_own_run_dir(tmp_path):
               "generate.k=1,2")
     for k in (1, 2):  # Hydra's override_dirname, less round/run_dir/redo/experiment
         job_dir = tmp_path / f"data.num_prompts=4,generate.k={k},sft.enabled=False"
-        assert manifest(job_dir)["stages"][0]["rows"] == 4 * k
+        assert stage(job_dir, 1, "generate")["rows"] == 4 * k
 
 
 def test_user_recipe_from_own_config_dir(tmp_path):
@@ -228,4 +234,4 @@ def test_failing_training_process_fails_the_stage_with_its_log(tmp_path):
     assert proc.returncode == 2
     assert "posttrain.train.sft exited with code" in proc.stderr
     assert "no_such_module" in proc.stderr  # the child's own error, from the end of its log
-    assert [e["stage"] for e in manifest(tmp_path / "run")["stages"]] == BEFORE_SFT
+    assert [e["stage"] for e in manifest(tmp_path / "run")["stages"]] == ["eval"] + BEFORE_SFT

@@ -86,7 +86,7 @@ def test_stage_runs_once_and_records_entry(tmp_path):
     assert entry["outputs"] == {"out": "round_1/01_generate/out.txt"}  # relative to the run dir
     assert entry["rows"] == 3 and entry["metrics"] == {"m": 1.5}
     assert isinstance(entry["seconds"], float) and entry["seconds"] >= 0
-    assert entry["output_hash"] == tree_hash(final)
+    assert entry["output_hash"] == stable_hash({"out": tree_hash(final / "out.txt")})  # declared outputs only
     assert entry["versions"]["python"] and "torch" in entry["versions"]
     assert manifest(root) == {"stages": [entry], "superseded": []}
 
