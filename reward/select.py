@@ -66,6 +66,15 @@ def pair_for_prompt(samples: list[dict], pairing: str, min_margin: float, max_si
     return (chosen, rejected), None
 
 
+def _save(rows: list[dict], features: datasets.Features, path: Path) -> None:
+    # An empty selection is a valid (and counted) outcome; from_list cannot type an empty list, and an empty
+    # dataset saved in 0 shards would not reload.
+    if not rows:
+        datasets.Dataset.from_dict({k: [] for k in features}, features=features).save_to_disk(str(path), num_shards=1)
+    else:
+        datasets.Dataset.from_list(rows, features=features).save_to_disk(str(path))
+
+
 def select(cfg: dict, inputs: dict[str, str], out: Path) -> StageResult:
     """Stage function. `cfg`: the recipe's `select` section plus `seed`; `inputs`: `scored` (from the score
     stage). Writes `sft/` (best-of-K rows in the generations format, with `score`) and `pairs/` (prompt_id,
@@ -110,7 +119,7 @@ def select(cfg: dict, inputs: dict[str, str], out: Path) -> StageResult:
                 "round": chosen["round"],
             }
         )
-    datasets.Dataset.from_list(sft_rows, features=scored.features).save_to_disk(str(out / "sft"))
+    _save(sft_rows, scored.features, out / "sft")
     pair_features = datasets.Features(
         {
             "prompt_id": datasets.Value("string"),
@@ -126,7 +135,7 @@ def select(cfg: dict, inputs: dict[str, str], out: Path) -> StageResult:
             "round": datasets.Value("int32"),
         }
     )
-    datasets.Dataset.from_list(pair_rows, features=pair_features).save_to_disk(str(out / "pairs"))
+    _save(pair_rows, pair_features, out / "pairs")
     return StageResult(
         outputs={"sft": "sft", "pairs": "pairs"},
         rows={"sft": len(sft_rows), "pairs": len(pair_rows)},

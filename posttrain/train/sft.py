@@ -23,9 +23,15 @@ from posttrain.rundir import StageResult
 def sft_stage(cfg: dict, inputs: dict[str, str], out: Path) -> StageResult:
     """Stage function. `cfg`: the recipe's `sft` section plus `seed` and `launch`; `inputs`: `model` (spec of
     the checkpoint to start from) and `data` (generations dataset folder). Output: `model/` (HF folder)."""
+    import datasets
+
+    from posttrain.errors import PosttrainError
     from posttrain.models import resolve_model
     from posttrain.train.launch import run_training
 
+    if len(datasets.load_from_disk(inputs["data"])) == 0:
+        raise PosttrainError(f"no SFT rows in {inputs['data']}: every response was filtered out, unscored or below "
+                             f"select.min_score (the manifest's filter and select entries count why)")
     settings = {
         **{k: v for k, v in cfg.items() if k not in ("launch", "enabled", "init")},
         "model": resolve_model(inputs["model"]),

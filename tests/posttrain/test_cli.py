@@ -148,7 +148,7 @@ def test_sigkill_during_generation_then_rerun_matches_uninterrupted(finished, tm
     run_dir = tmp_path / "run"
     shards = run_dir / "round_1" / ".01_generate.partial" / "shards"
     _kill_when([*FAST, f"run_dir={run_dir}"], run_dir, lambda: len(list(shards.glob("*.jsonl"))) >= 2)
-    assert not (run_dir / "manifest.json").exists() or not manifest(run_dir)["stages"]
+    assert "generate" not in [e["stage"] for e in manifest(run_dir)["stages"]]
     done_before_rerun = {p.name for p in shards.glob("*.jsonl")}
     assert 2 <= len(done_before_rerun) < 12  # killed halfway: 12 shards of 2 prompts
 

@@ -99,3 +99,13 @@ def test_select_stage_writes_sft_and_pairs_and_counts_every_drop(tmp_path):
     assert (pairs[0]["prompt_id"], pairs[0]["chosen"], pairs[0]["rejected"]) == ("p1", "a fine answer", "wrong")
     assert pairs[0]["margin"] == pytest.approx(0.8)
     assert result.rows == {"sft": 3, "pairs": 1}
+
+
+def test_select_with_no_pairs_writes_empty_datasets(tmp_path):
+    rows = [sample(0, "only one sample", 0.5, "p1")]
+    out = tmp_path / "out"
+    out.mkdir()
+    result = select(CFG, {"scored": _scored(tmp_path, rows)}, out)
+    assert result.rows == {"sft": 1, "pairs": 0}
+    assert len(datasets.load_from_disk(str(out / "pairs"))) == 0
+    assert "chosen" in datasets.load_from_disk(str(out / "pairs")).column_names
