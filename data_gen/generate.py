@@ -7,12 +7,15 @@ texts an uninterrupted run would have produced.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
+import shutil
+from collections import Counter
 from pathlib import Path
 
 import datasets
-from hydra.utils import instantiate
+from hydra.utils import get_object, instantiate
 from tqdm.auto import tqdm
 
 from data_gen.hf_backend import Sampling
@@ -58,7 +61,11 @@ def generate(cfg: dict, inputs: dict[str, str], out: Path) -> StageResult:
     bar.update(len(prompts) - sum(len(prompts[i : i + size]) for i in todo))
     for start in todo:
         if backend is None:  # load the model only when there is work left
-            backend = instantiate(cfg["backend"], model=inputs["model"], _convert_="all")
+            extra = {}
+            if "journal_dir" in inspect.signature(get_object(cfg["backend"]["_target_"])).parameters:
+                # Paid endpoints journal every finished prompt inside the partial folder: a crash redoes none.
+                extra["journal_dir"] = str(out / "journal")
+            backend = instantiate(cfg["backend"], model=inputs["model"], _convert_="all", **extra)
         batch = prompts[start : start + size]
         sampling = Sampling(
             temperature=cfg["temperature"],
@@ -87,18 +94,17 @@ def generate(cfg: dict, inputs: dict[str, str], out: Path) -> StageResult:
 
     rows = [json.loads(line) for s in sorted(shard_dir.glob("*.jsonl")) for line in open(s)]
     datasets.Dataset.from_list(rows, features=GENERATION_FEATURES).save_to_disk(str(out / "generations"))
-    for s in shard_dir.glob("*.jsonl"):
-        s.unlink()
-    shard_dir.rmdir()
-    finished = sum(r["finish_reason"] == "stop" for r in rows)
+    shutil.rmtree(shard_dir)
+    shutil.rmtree(out / "journal", ignore_errors=True)
+    finish = Counter(r["finish_reason"] for r in rows)
     return StageResult(
         outputs={"generations": "generations"},
         rows=len(rows),
         metrics={
             "prompts": len(prompts),
             "quarantined": {"empty_prompt": len(pool.quarantined)},
-            "finish_reason_stop": finished,
-            "finish_reason_length": len(rows) - finished,
+            "finish_reason": dict(sorted(finish.items())),
             "mean_completion_tokens": sum(r["completion_tokens"] for r in rows) / max(len(rows), 1),
+            **({"backend": backend.stats()} if hasattr(backend, "stats") else {}),
         },
     )

@@ -95,6 +95,8 @@ class SFTConfig:
     enabled: bool = True
     # "base": every round fine-tunes `model.path` (the Llama 3 recipe); "policy": continue from the last policy.
     init: str = "base"
+    # Train on the SFT data of every round so far (Llama 3), or only on this round's.
+    accumulate: bool = True
     learning_rate: float = 1e-5  # Llama 3, section 4.1.3
     epochs: float = 1.0
     batch_size: int = 8
@@ -170,6 +172,33 @@ class RMConfig:
 
 
 @dataclass
+class DPOConfig:
+    """DPO the Llama 3 way (posttrain/train/dpo.py): on this round's SFT model and this round's pairs."""
+
+    enabled: bool = True
+    learning_rate: float = 1e-5  # Llama 3, section 4.1.4
+    beta: float = 0.1  # Llama 3
+    nll_weight: float = 0.2  # NLL on the chosen response, Llama 3 (RPO-style regulariser)
+    # Header and termination tokens out of the DPO log-ratios of chosen and rejected (Llama 3); kept in the NLL term.
+    mask_format_tokens: bool = True
+    epochs: float = 1.0
+    max_steps: int = -1  # > 0 stops after this many optimizer steps (smoke runs)
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_length: int = 1024
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    logging_steps: int = 10
+    save_steps: int = 200
+    # Share of prompts (with all their pairs) held out to measure preference accuracy before and after training.
+    eval_fraction: float = 0.1
+    keep_checkpoints: bool = False
+    report_to: List[str] = field(default_factory=lambda: ["none"])
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
 class LaunchConfig:
     # How a training stage process is started. "direct": `python -m posttrain.train.<stage> CONFIG`.
     launcher: str = "direct"
@@ -197,6 +226,7 @@ class PosttrainConfig:
     select: SelectConfig = field(default_factory=SelectConfig)
     rm: RMConfig = field(default_factory=RMConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     evals: EvalConfig = field(default_factory=EvalConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     # Per-round overrides: rounds[i] is merged over the recipe for round i+1, e.g. `- {generate: {k: 8}}`.

@@ -1,7 +1,9 @@
 """The round loop, read top to bottom like the paper's figure (Llama 3, section 4.1):
 
-    prompts -> generate (teacher or policy, K each) -> score (every reward) -> [filter: cleaning, dedup, quality]
-            -> select (best-of-K, pairs) -> SFT -> policy for the next round
+    [RM on all pairs so far] -> prompts -> generate (teacher or policy, K each) -> score (every reward)
+        -> [filter: cleaning, dedup, quality] -> select (best-of-K for SFT, best vs worst for DPO)
+        -> SFT (on every round's SFT data, from the base model) -> DPO (on this round's pairs) -> eval
+        -> policy for the next round
 
 Each stage is a plain function `(stage config, inputs, out_dir) -> StageResult` run through `RunDir.run_stage`,
 which skips what already finished and resumes what did not.
@@ -20,6 +22,7 @@ from evals.stage import eval_stage
 from posttrain.config import round_config
 from posttrain.models import resolve_path
 from posttrain.rundir import RunDir
+from posttrain.train.dpo import dpo_stage
 from posttrain.train.rm import rm_stage
 from posttrain.train.sft import sft_stage
 from posttrain.validate import validate
@@ -70,7 +73,7 @@ def run_round(rd: RunDir, rc: DictConfig, r: int, policy: str, prompt_start: int
     }
     gen_inputs = {"prompts": str(resolve_path(rc.data.prompts)), "model": gen_model}
     gen = rd.run_stage(r, "generate", gen_cfg, gen_inputs, partial(generate, gen_cfg, gen_inputs), resumable=True)
-    sft_data = rd.output(gen, "generations")
+    sft_data, pairs = rd.output(gen, "generations"), None
 
     if reward_cfg["rewards"]:
         score_cfg = reward_cfg
@@ -89,17 +92,31 @@ def run_round(rd: RunDir, rc: DictConfig, r: int, policy: str, prompt_start: int
         select_cfg = {**_section(rc, "select"), "seed": rc.seed}
         select_inputs = {"scored": candidates}
         selected = rd.run_stage(r, "select", select_cfg, select_inputs, partial(select, select_cfg, select_inputs))
-        sft_data = rd.output(selected, "sft")
+        sft_data, pairs = rd.output(selected, "sft"), rd.output(selected, "pairs")
 
     if rc.sft.enabled:
         sft_cfg = {**_section(rc, "sft"), "seed": rc.seed, "launch": _section(rc, "launch")}
-        sft_inputs = {
-            "model": rc.model.path if rc.sft.init == "base" else policy,
-            "data": sft_data,
-        }
+        sft_inputs = {"model": rc.model.path if rc.sft.init == "base" else policy, f"data_round_{r}": sft_data}
+        if rc.sft.accumulate:  # SFT data of earlier rounds (Llama 3 trains each round on everything so far)
+            sft_inputs |= {f"data_round_{i}": _sft_data(rd, i) for i in range(1, r) if _sft_data(rd, i)}
         sft = rd.run_stage(r, "sft", sft_cfg, sft_inputs, partial(sft_stage, sft_cfg, sft_inputs), resumable=True)
         policy = rd.output(sft, "model")
+
+    if rc.dpo.enabled and pairs is not None:  # on the latest pairs only: they are close to the current policy
+        dpo_cfg = {**_section(rc, "dpo"), "seed": rc.seed, "launch": _section(rc, "launch")}
+        dpo_inputs = {"model": policy, "data": pairs}
+        dpo = rd.run_stage(r, "dpo", dpo_cfg, dpo_inputs, partial(dpo_stage, dpo_cfg, dpo_inputs), resumable=True)
+        policy = rd.output(dpo, "model")
     return policy
+
+
+def _sft_data(rd: RunDir, r: int) -> str | None:
+    """The SFT set round `r` selected (best-of-K), or its generations when it had no select stage."""
+    for stage, name in (("select", "sft"), ("generate", "generations")):
+        entry = rd.entry(r, stage)
+        if entry is not None:
+            return rd.output(entry, name)
+    return None
 
 
 def run_eval(rd: RunDir, rc: DictConfig, r: int, policy: str) -> None:

@@ -9,6 +9,7 @@ at once, each naming its key.
 from __future__ import annotations
 
 import inspect
+import os
 from typing import Any, Callable
 
 from hydra.utils import get_object
@@ -48,6 +49,13 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "sft.warmup_ratio": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
     "sft.eval_fraction": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
     "sft.lora.r": _positive,
+    "dpo.learning_rate": _positive,
+    "dpo.beta": _positive,
+    "dpo.nll_weight": _non_negative,
+    "dpo.batch_size": _positive,
+    "dpo.max_length": _positive,
+    "dpo.save_steps": _positive,
+    "dpo.eval_fraction": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
     "rm.learning_rate": _positive,
     "rm.batch_size": _positive,
     "rm.min_difference": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
@@ -103,7 +111,7 @@ def _round_problems(rc: DictConfig, where: str) -> list[str]:
     allowed = ALLOWED_PREFIXES + tuple(rc.allowed_targets)
     container = OmegaConf.to_container(rc, resolve=True)
     for key, node in _targets(container):
-        injected = ("model",) if key in ("generate.backend", "evals.backend") else ()
+        injected = ("model", "journal_dir") if key in ("generate.backend", "evals.backend") else ()
         problem = check_target(key, node, allowed, injected)
         if problem:
             problems.append(where + problem)
@@ -119,6 +127,13 @@ def _round_problems(rc: DictConfig, where: str) -> list[str]:
             if rc.teacher is None or not rc.evals.teacher:
                 problems.append(f"{where}evals.suites.{name}: compares against the teacher, but there is no teacher "
                                 f"(or evals.teacher=false); set `against: [previous]`")
+    for key in ("generate.backend", "evals.backend"):
+        node = OmegaConf.select(rc, key)
+        if node is not None and node.get("_target_") == "data_gen.openai_backend.OpenAIBackend":
+            env = node.get("api_key_env", "OPENAI_API_KEY")
+            if env and not os.environ.get(env):
+                problems.append(f"{where}{key}.api_key_env: the environment variable {env} holding the API key is "
+                                f"not set (set api_key_env: null for a server that needs no key)")
     if rc.generate.source == "teacher" and rc.teacher is None:
         problems.append(f"{where}generate.source: 'teacher' needs a `teacher` model (teacher=... or teacher.path=...)")
     return problems
@@ -173,7 +188,9 @@ def validate(cfg: DictConfig) -> list[DictConfig]:
 
     specs = {("model.path", cfg.model.path)}
     specs |= {("rm.model", rc.rm.model) for rc in rounds if rc.rm.enabled and rc.rm.model}
-    specs |= {("teacher.path", rc.teacher.path) for rc in rounds if rc.teacher and rc.generate.source == "teacher"}
+    remote = "data_gen.openai_backend.OpenAIBackend"  # the model is a name the server knows, not a local spec
+    specs |= {("teacher.path", rc.teacher.path) for rc in rounds
+              if rc.teacher and rc.generate.source == "teacher" and rc.generate.backend.get("_target_") != remote}
     for key, spec in sorted(specs):
         try:
             check_model_spec(spec, key)

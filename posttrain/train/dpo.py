@@ -36,11 +36,11 @@ import json
 import os
 import shutil
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, List
+from typing import Any
 
-from posttrain.config import LoraConfig
+from posttrain.config import DPOConfig  # noqa: F401 - the stage's settings, re-exported for callers
 from posttrain.rundir import StageResult
 from posttrain.train.sft import _held_out
 
@@ -48,39 +48,20 @@ PAIR_COLUMNS = ("prompt_id", "messages", "chosen", "rejected")
 TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 
 
-@dataclass
-class DPOConfig:
-    enabled: bool = True
-    learning_rate: float = 1e-5  # Llama 3, section 4.1.4
-    beta: float = 0.1  # Llama 3
-    nll_weight: float = 0.2  # NLL on the chosen response, Llama 3 (RPO-style regulariser)
-    # Header and termination tokens out of the DPO log-ratios of chosen and rejected (Llama 3); kept in the NLL term.
-    mask_format_tokens: bool = True
-    epochs: float = 1.0
-    max_steps: int = -1  # > 0 stops after this many optimizer steps (smoke runs)
-    batch_size: int = 8
-    grad_accum: int = 1
-    max_length: int = 1024
-    lr_scheduler: str = "cosine"
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.0
-    logging_steps: int = 10
-    save_steps: int = 200
-    # Share of prompts (with all their pairs) held out to measure preference accuracy before and after training.
-    eval_fraction: float = 0.1
-    keep_checkpoints: bool = False
-    report_to: List[str] = field(default_factory=lambda: ["none"])
-    lora: LoraConfig = field(default_factory=LoraConfig)
-
-
 def dpo_stage(cfg: dict, inputs: dict[str, str], out: Path) -> StageResult:
     """Stage function. `cfg`: the recipe's `dpo` section (DPOConfig fields) plus `seed` and `launch`; `inputs`:
     `model` (spec of the SFT policy, which is also the reference) and `data` (pairs `datasets` folder with
     prompt_id, messages, chosen, rejected). Output: `model/` (HF folder); `ref_logps/` keeps the pairs with their
     reference log-probs. Rows: train and held-out pairs."""
+    import datasets
+
+    from posttrain.errors import PosttrainError
     from posttrain.models import resolve_model
     from posttrain.train.launch import run_training
 
+    if len(datasets.load_from_disk(inputs["data"])) == 0:
+        raise PosttrainError(f"no DPO pairs in {inputs['data']}: every prompt's responses were tied, identical or "
+                             f"too close (the manifest's select entry counts why); set dpo.enabled=false to skip DPO")
     settings = {
         **{k: v for k, v in cfg.items() if k not in ("launch", "enabled")},
         "model": resolve_model(inputs["model"]),

@@ -22,20 +22,22 @@ from posttrain.rundir import StageResult
 
 def sft_stage(cfg: dict, inputs: dict[str, str], out: Path) -> StageResult:
     """Stage function. `cfg`: the recipe's `sft` section plus `seed` and `launch`; `inputs`: `model` (spec of
-    the checkpoint to start from) and `data` (generations dataset folder). Output: `model/` (HF folder)."""
+    the checkpoint to start from) and one or more datasets in the generations format under keys starting with
+    `data` (`data`, `data_round_1`, ...). Output: `model/` (HF folder)."""
     import datasets
 
     from posttrain.errors import PosttrainError
     from posttrain.models import resolve_model
     from posttrain.train.launch import run_training
 
-    if len(datasets.load_from_disk(inputs["data"])) == 0:
-        raise PosttrainError(f"no SFT rows in {inputs['data']}: every response was filtered out, unscored or below "
+    data = [inputs[k] for k in sorted(inputs) if k.startswith("data")]
+    if sum(len(datasets.load_from_disk(p)) for p in data) == 0:
+        raise PosttrainError(f"no SFT rows in {data}: every response was filtered out, unscored or below "
                              f"select.min_score (the manifest's filter and select entries count why)")
     settings = {
-        **{k: v for k, v in cfg.items() if k not in ("launch", "enabled", "init")},
+        **{k: v for k, v in cfg.items() if k not in ("launch", "enabled", "init", "accumulate")},
         "model": resolve_model(inputs["model"]),
-        "data": [inputs["data"]],
+        "data": data,
         "output_dir": str(out),
     }
     run_training("posttrain.train.sft", settings, out, cfg["launch"])
@@ -55,7 +57,8 @@ def build_datasets(paths: list[str], eval_fraction: float):
     """Generation rows -> TRL conversational prompt-completion rows, split into train and held-out sets."""
     import datasets
 
-    ds = datasets.concatenate_datasets([datasets.load_from_disk(p) for p in paths])
+    # In memory: mapping a dataset loaded from disk writes cache files into the input stage's finished folder.
+    ds = datasets.concatenate_datasets([datasets.load_from_disk(p, keep_in_memory=True) for p in paths])
     missing = {"prompt_id", "messages", "text"} - set(ds.column_names)
     if missing:
         raise ValueError(f"SFT data {paths} lacks columns {sorted(missing)}")

@@ -26,7 +26,7 @@ FAST = [
 
 # The stages of one round of the tiny recipe, in order; round 0 is the eval of the starting policy.
 BEFORE_SFT = ["generate", "score", "filter", "select"]
-ROUND = BEFORE_SFT + ["sft", "eval"]
+ROUND = BEFORE_SFT + ["sft", "dpo", "eval"]
 RUN_1 = [(0, "eval")] + [(1, s) for s in ROUND]
 
 
@@ -168,9 +168,9 @@ def test_sigkill_during_sft_then_rerun_resumes_from_checkpoint(finished, tmp_pat
     posttrain(*FAST, f"run_dir={run_dir}")
     assert stage_keys(run_dir) == stage_keys(finished[0])
     assert texts(run_dir) == texts(finished[0])
-    resumed = manifest(run_dir)["stages"][-2]["metrics"]
+    resumed = stage(run_dir, 1, "sft")["metrics"]
     assert resumed["resumed_from"] and resumed["resumed_from"].startswith("checkpoint-")
-    baseline = manifest(finished[0])["stages"][-2]["metrics"]
+    baseline = stage(finished[0], 1, "sft")["metrics"]
     assert resumed["steps"] == baseline["steps"]
     assert resumed["eval_loss_after"] == pytest.approx(baseline["eval_loss_after"], abs=1e-3)
 

@@ -1,0 +1,288 @@
+"""The `openai` generation backend: any OpenAI-compatible `/v1/chat/completions` server (vLLM serve, SGLang,
+TGI, hosted APIs), for teachers too large to run in-process (a 405B teacher served elsewhere).
+
+One request per prompt asks for all `n` samples at once. Requests run on `max_concurrency` threads, spread over
+several base URLs (least busy first), and are retried with exponential backoff and jitter on 429, 5xx, timeouts
+and dropped connections, honouring Retry-After. Paid work is not thrown away: with `journal_dir`, each prompt's
+completions are appended (fsync'd) to a JSONL journal the moment they arrive, and a rerun answers journaled
+prompts from it instead of sending them again.
+
+The API key is read from the environment variable `api_key_env` on each `generate` call and goes only into the
+Authorization header: it is never an attribute, never in the journal, never in an error message.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import hashlib
+import http.client
+import json
+import os
+import random
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from data_gen.hf_backend import Sampling
+
+JOURNAL_NAME = "openai_journal.jsonl"
+_RETRY_STATUS = {408, 409, 425, 429} | set(range(500, 600))
+_MAX_SLEEP = 60.0
+_FINISH = {"stop": "stop", "eos": "stop", "eos_token": "stop", "end_turn": "stop", "length": "length",
+           "max_tokens": "length"}
+
+
+class RequestFailed(RuntimeError):
+    """A prompt's request failed for good (a non-retryable status, or retries used up)."""
+
+
+class OpenAIBackend:
+    """Chat completions from OpenAI-compatible servers. `model` is the name the server knows the model by
+    (`served_model` overrides it, e.g. when the recipe's model spec is a local path but the server was started
+    with `--served-model-name`). `base_urls` are one or more roots such as `http://host:8000/v1` (a bare
+    `http://host:8000` gets `/v1`). `api_key_env` names the environment variable holding the key (None for
+    servers that need none). `timeout` is seconds without a byte from the server; `max_retries` is retries per
+    request after the first attempt; `backoff` the first retry's base delay in seconds (doubling each time).
+    `journal_dir` holds the per-prompt journal; `extra_body` is merged into every request body (e.g.
+    `{"top_k": 20}` for vLLM)."""
+
+    def __init__(
+        self,
+        model: str,
+        base_urls: list[str] | str,
+        api_key_env: str | None = "OPENAI_API_KEY",
+        max_concurrency: int = 16,
+        timeout: float = 120,
+        max_retries: int = 6,
+        backoff: float = 1.0,
+        journal_dir: str | None = None,
+        extra_body: dict | None = None,
+        served_model: str | None = None,
+    ):
+        urls = [base_urls] if isinstance(base_urls, str) else list(base_urls)
+        if not urls:
+            raise ValueError("OpenAIBackend: base_urls is empty; give at least one server, e.g. http://host:8000/v1")
+        self.model = served_model or model
+        self.endpoints = [_endpoint(u) for u in urls]
+        self.api_key_env = api_key_env
+        self.max_concurrency = max(1, int(max_concurrency))
+        self.timeout = timeout
+        self.max_retries = max(0, int(max_retries))
+        self.backoff = backoff
+        self.journal_path = Path(journal_dir) / JOURNAL_NAME if journal_dir else None
+        self.extra_body = dict(extra_body or {})
+        self.requests_sent = 0  # HTTP attempts, retries included
+        self.prompts_sent = 0  # prompts that needed the server (not answered from the journal)
+        self.prompts_from_journal = 0
+        self.retries = 0
+        self._lock = threading.Lock()
+        self._busy = [0] * len(self.endpoints)
+        self._next = 0  # round-robin among equally busy endpoints
+        self._done: dict[str, list[dict]] | None = None  # the journal, read on first use
+
+    def __repr__(self) -> str:
+        return (f"OpenAIBackend(model={self.model!r}, base_urls={self.endpoints}, "
+                f"api_key_env={self.api_key_env!r}, max_concurrency={self.max_concurrency})")
+
+    def stats(self) -> dict:
+        """Counters since construction, for the stage's manifest entry."""
+        return {"requests_sent": self.requests_sent, "prompts_sent": self.prompts_sent,
+                "prompts_from_journal": self.prompts_from_journal, "retries": self.retries}
+
+    def generate(self, prompts: list[list[dict]], n: int, sampling: Sampling) -> list[list[dict]]:
+        """`n` completions for each chat prompt, as dicts with text, prompt_tokens, completion_tokens and
+        finish_reason ("stop", "length", or the server's own word such as "content_filter"). Prompt i is sent
+        with seed derived from (sampling.seed, i), so a rerun asks for the same samples. If some prompts fail
+        for good, the others still finish (and are journaled) before RequestFailed is raised."""
+        bodies = [self._body(messages, n, sampling, i) for i, messages in enumerate(prompts)]
+        keys = [hashlib.sha256(json.dumps(b, sort_keys=True).encode()).hexdigest() for b in bodies]
+        if self._done is None:
+            self._done = self._read_journal()
+        done = self._done
+        results: list[list[dict] | None] = [done.get(k) for k in keys]
+        todo = [i for i, r in enumerate(results) if r is None]
+        with self._lock:
+            self.prompts_from_journal += len(prompts) - len(todo)
+        if not todo:
+            return results
+        headers = {"Content-Type": "application/json"}
+        if self.api_key_env is not None:
+            key = os.environ.get(self.api_key_env)
+            if not key:
+                raise RuntimeError(f"OpenAIBackend: the environment variable {self.api_key_env!r} (api_key_env) is "
+                                   f"not set; export it with the API key, or set api_key_env: null for a server "
+                                   f"that needs no key")
+            headers["Authorization"] = f"Bearer {key}"
+        stop = threading.Event()  # after a permanent failure: start nothing new, let running prompts finish
+        errors: list[str] = []
+
+        def run(i: int) -> None:
+            if stop.is_set():
+                return
+            try:
+                samples = self._complete(bodies[i], headers, sampling.max_new_tokens)
+            except Exception as err:  # noqa: BLE001 - reported below, after the other prompts finish
+                stop.set()
+                errors.append(f"prompt {i}: {err}" if isinstance(err, RequestFailed) else
+                              f"prompt {i}: {type(err).__name__}: {err}")
+                return
+            self._journal(keys[i], samples)
+            results[i] = samples
+
+        with self._lock:
+            self.prompts_sent += len(todo)
+        with ThreadPoolExecutor(min(self.max_concurrency, len(todo)), thread_name_prefix="openai") as pool:
+            list(pool.map(run, todo))
+        if errors:
+            left = sum(r is None for r in results)
+            raise RequestFailed(f"{left} of {len(prompts)} prompts unanswered; {errors[0]}"
+                                + (f" (and {len(errors) - 1} more failures)" if len(errors) > 1 else ""))
+        return results
+
+    def _body(self, messages: list[dict], n: int, sampling: Sampling, i: int) -> dict:
+        seed = int(hashlib.sha256(f"{sampling.seed}:{i}".encode()).hexdigest()[:8], 16) % (2**31)
+        return {"model": self.model, "messages": messages, "n": n, "temperature": sampling.temperature,
+                "top_p": sampling.top_p, "max_tokens": sampling.max_new_tokens, "seed": seed, **self.extra_body}
+
+    def _complete(self, body: dict, headers: dict, max_tokens: int) -> list[dict]:
+        """All `body["n"]` samples of one prompt; asks again for the rest if a server returns fewer choices."""
+        samples: list[dict] = []
+        while len(samples) < body["n"]:
+            part = dict(body, n=body["n"] - len(samples), seed=(body["seed"] + len(samples)) % 2**31)
+            got = _samples(self._post(part, headers), max_tokens)
+            if not got:
+                raise RequestFailed("the server answered with no choices")
+            samples += got[: part["n"]]
+        return samples
+
+    def _post(self, body: dict, headers: dict) -> dict:
+        """One chat completion, retried on 429/5xx/timeouts/connection errors; another endpoint each retry."""
+        data = json.dumps(body).encode()
+        avoid = None
+        for attempt in range(self.max_retries + 1):
+            url = self._acquire(avoid)
+            wait = None
+            try:
+                with self._lock:
+                    self.requests_sent += 1
+                req = urllib.request.Request(url, data=data, headers=headers, method="POST")
+                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                    return json.loads(resp.read())
+            except urllib.error.HTTPError as err:
+                try:
+                    detail = err.read()[:300].decode("utf-8", "replace")
+                except (OSError, http.client.HTTPException):
+                    detail = ""
+                problem = f"HTTP {err.code} from {url}: {detail}"
+                if err.code not in _RETRY_STATUS:
+                    hint = f" (check {self.api_key_env})" if err.code in (401, 403) and self.api_key_env else ""
+                    raise RequestFailed(problem + hint) from None
+                wait = _retry_after(err.headers.get("Retry-After"))
+            except (OSError, http.client.HTTPException, ValueError) as err:  # refused, reset, timeout, bad JSON
+                reason = getattr(err, "reason", err)
+                problem = f"{type(reason).__name__} from {url}: {reason}"
+            finally:
+                self._release(url)
+            avoid = url
+            if attempt == self.max_retries:
+                break
+            with self._lock:
+                self.retries += 1
+            if wait is None:
+                wait = self.backoff * 2**attempt * random.uniform(0.5, 1.5)
+            time.sleep(min(wait, _MAX_SLEEP))
+        raise RequestFailed(f"gave up after {self.max_retries + 1} attempts; last: {problem}")
+
+    def _acquire(self, avoid: str | None) -> str:
+        with self._lock:
+            order = [(self._next + j) % len(self.endpoints) for j in range(len(self.endpoints))]
+            if avoid is not None and len(order) > 1:
+                order = [j for j in order if self.endpoints[j] != avoid]
+            j = min(order, key=lambda j: self._busy[j])  # min keeps the first of ties: round-robin
+            self._busy[j] += 1
+            self._next = (j + 1) % len(self.endpoints)
+            return self.endpoints[j]
+
+    def _release(self, url: str) -> None:
+        with self._lock:
+            self._busy[self.endpoints.index(url)] -= 1
+
+    def _read_journal(self) -> dict[str, list[dict]]:
+        if self.journal_path is None or not self.journal_path.exists():
+            return {}
+        done = {}
+        for line in self.journal_path.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+                done[entry["key"]] = entry["samples"]
+            except (ValueError, KeyError, TypeError):  # a line cut short by a crash: that prompt is redone
+                continue
+        return done
+
+    def _journal(self, key: str, samples: list[dict]) -> None:
+        if self.journal_path is None:
+            return
+        line = json.dumps({"key": key, "samples": samples}) + "\n"
+        with self._lock:
+            self.journal_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.journal_path, "a+b") as f:
+                if f.seek(0, os.SEEK_END):
+                    f.seek(-1, os.SEEK_END)
+                    if f.read(1) != b"\n":
+                        f.write(b"\n")  # end a line torn by a crash, so it does not swallow this entry
+                f.write(line.encode())
+                f.flush()
+                os.fsync(f.fileno())
+            self._done[key] = samples
+
+
+def _endpoint(base_url: str) -> str:
+    base = base_url.rstrip("/")
+    parts = urllib.parse.urlsplit(base)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"OpenAIBackend: base URL {base_url!r} is not an http(s) URL such as http://host:8000/v1")
+    if "@" in parts.netloc:  # credentials in a URL end up in logs and configs
+        raise ValueError("OpenAIBackend: base URLs must not carry credentials; name the key's environment "
+                         "variable in api_key_env instead")
+    return base + ("/v1" if parts.path in ("", "/") else "") + "/chat/completions"
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:  # the other form: an HTTP date
+        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
+def _samples(response: dict, max_tokens: int) -> list[dict]:
+    """A chat.completion response -> our sample dicts. The API reports completion tokens for all choices
+    together: choices cut at the limit used exactly `max_tokens`; the rest of the total is split among the
+    others in proportion to their text length (exact when there is one such choice)."""
+    choices = sorted(response.get("choices") or [], key=lambda c: c.get("index", 0))
+    usage = response.get("usage") or {}
+    out = [{"text": (c.get("message") or {}).get("content") or "",
+            "prompt_tokens": int(usage.get("prompt_tokens") or 0),
+            "completion_tokens": 0,
+            "finish_reason": _FINISH.get(c.get("finish_reason"), str(c.get("finish_reason")))} for c in choices]
+    cut = [s for s in out if s["finish_reason"] == "length"]
+    rest = [s for s in out if s["finish_reason"] != "length"]
+    for s in cut:
+        s["completion_tokens"] = max_tokens
+    total = max(0, int(usage.get("completion_tokens") or 0) - max_tokens * len(cut))
+    chars = sum(len(s["text"]) for s in rest)
+    left = total
+    for j, s in enumerate(rest):
+        share = total * len(s["text"]) / chars if chars else total / len(rest)
+        s["completion_tokens"] = left if j == len(rest) - 1 else min(left, round(share))
+        left -= s["completion_tokens"]
+    return out

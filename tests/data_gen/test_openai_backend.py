@@ -1,0 +1,267 @@
+"""The `openai` backend against 127.0.0.1 servers the tests start: the reference server over the tiny model
+(a subprocess) and scripted in-process servers for retries and load balancing. Every request count and wait is
+bounded."""
+
+import json
+import os
+import select
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from data_gen.hf_backend import HFBackend, Sampling
+from data_gen.openai_backend import JOURNAL_NAME, OpenAIBackend, RequestFailed
+
+TINY = "tiny://layers=2,hidden=64,seed=0"
+KEY_ENV = "POSTTRAIN_TEST_OPENAI_KEY"
+ROOT = Path(__file__).resolve().parents[2]
+PROMPTS = [[{"role": "user", "content": f"Question number {i}: say something."}] for i in range(12)]
+
+
+# --- the reference server, as a subprocess ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def api_key():
+    key = f"sk-posttrain-{uuid.uuid4().hex}"
+    os.environ[KEY_ENV] = key  # the server subprocesses inherit it; the backend reads it per call
+    yield key
+    os.environ.pop(KEY_ENV, None)
+
+
+def start_server(log: Path, port: int = 0, delay: float = 0.0) -> tuple[subprocess.Popen, int]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "data_gen.openai_server", "--model", TINY, "--port", str(port),
+         "--api-key-env", KEY_ENV, "--delay", str(delay)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=open(log, "a"), text=True,
+    )
+    ready, _, _ = select.select([proc.stdout], [], [], 120)
+    line = proc.stdout.readline() if ready else ""
+    if not line.startswith("listening on"):
+        proc.kill()
+        raise RuntimeError(f"server did not start: {line!r}\n{log.read_text()[-2000:]}")
+    return proc, int(line.rsplit(":", 1)[1])
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.kill()
+    proc.wait(timeout=10)
+
+
+def served(port: int) -> int:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/stats", timeout=5) as r:
+        return json.loads(r.read())["chat_requests"]
+
+
+@pytest.fixture(scope="module")
+def server(api_key, tmp_path_factory):
+    proc, port = start_server(tmp_path_factory.mktemp("server") / "server.log")
+    yield port
+    stop(proc)
+
+
+def test_n_completions_match_the_model_with_the_seed_sent(server):
+    backend = OpenAIBackend(TINY, f"http://127.0.0.1:{server}/v1", api_key_env=KEY_ENV, max_concurrency=3)
+    sampling = Sampling(temperature=1.0, top_p=0.9, max_new_tokens=8, seed=5)
+    out = backend.generate(PROMPTS[:3], n=3, sampling=sampling)
+    assert [len(s) for s in out] == [3, 3, 3]
+    assert backend.stats() == {"requests_sent": 3, "prompts_sent": 3, "prompts_from_journal": 0, "retries": 0}
+    # What the model itself gives for the seed the backend derived for each prompt: same texts, same counts.
+    hf = HFBackend(TINY)
+    for i, samples in enumerate(out):
+        seed = backend._body(PROMPTS[i], 3, sampling, i)["seed"]
+        want = hf.generate([PROMPTS[i]], 3, Sampling(1.0, 0.9, 8, seed))[0]
+        assert [s["text"] for s in samples] == [w["text"] for w in want]
+        assert [s["finish_reason"] for s in samples] == [w["finish_reason"] for w in want]
+        assert {s["prompt_tokens"] for s in samples} == {want[0]["prompt_tokens"]}
+        # The API reports one total for all choices; the backend splits it, exactly for choices cut at the limit.
+        assert sum(s["completion_tokens"] for s in samples) == sum(w["completion_tokens"] for w in want)
+        assert all(s["completion_tokens"] == 8 for s in samples if s["finish_reason"] == "length")
+    # One sample per prompt: counts are exact.
+    one = backend.generate(PROMPTS[3:4], n=1, sampling=Sampling(max_new_tokens=6, seed=2))
+    seed = backend._body(PROMPTS[3], 1, Sampling(max_new_tokens=6, seed=2), 0)["seed"]
+    assert one[0] == hf.generate(PROMPTS[3:4], 1, Sampling(max_new_tokens=6, seed=seed))[0]
+
+
+def test_key_problems_fail_at_once_naming_the_variable(server, monkeypatch):
+    backend = OpenAIBackend(TINY, f"http://127.0.0.1:{server}", api_key_env="POSTTRAIN_TEST_NO_SUCH_KEY")
+    with pytest.raises(RuntimeError, match="POSTTRAIN_TEST_NO_SUCH_KEY"):
+        backend.generate(PROMPTS[:1], 1, Sampling(max_new_tokens=2))
+    assert backend.requests_sent == 0
+    monkeypatch.setenv("POSTTRAIN_TEST_WRONG_KEY", "sk-wrong")
+    backend = OpenAIBackend(TINY, f"http://127.0.0.1:{server}", api_key_env="POSTTRAIN_TEST_WRONG_KEY")
+    with pytest.raises(RequestFailed, match="HTTP 401.*POSTTRAIN_TEST_WRONG_KEY"):
+        backend.generate(PROMPTS[:1], 1, Sampling(max_new_tokens=2))
+    assert backend.requests_sent == 1 and backend.retries == 0  # a bad key is not retried
+    with pytest.raises(ValueError, match="credentials"):
+        OpenAIBackend(TINY, f"http://user:sk-inline@127.0.0.1:{server}/v1")
+
+
+def test_killed_server_rerun_sends_only_unfinished_prompts_and_no_key_is_written(api_key, tmp_path):
+    """The issue's scenario: the server dies mid-run; after a restart the rerun sends only the prompts the
+    journal lacks, and ends with what an uninterrupted run gives. The key appears in no file and no repr."""
+    journal = tmp_path / "partial" / "openai"
+    log = tmp_path / "server.log"
+    sampling = Sampling(max_new_tokens=6, seed=11)
+    proc, port = start_server(log, delay=0.25)
+    url = f"http://127.0.0.1:{port}/v1"
+
+    finished = threading.Event()
+
+    def kill_after_three():
+        deadline = time.time() + 60
+        while time.time() < deadline and not finished.is_set():
+            if (journal / JOURNAL_NAME).exists() and len((journal / JOURNAL_NAME).read_text().splitlines()) >= 3:
+                proc.kill()
+                return
+            time.sleep(0.01)
+
+    killer = threading.Thread(target=kill_after_three)
+    killer.start()
+    first = OpenAIBackend(TINY, url, api_key_env=KEY_ENV, max_concurrency=2, max_retries=2, backoff=0.05,
+                          timeout=10, journal_dir=str(journal))
+    try:
+        with pytest.raises(RequestFailed, match="unanswered"):
+            first.generate(PROMPTS, n=2, sampling=sampling)
+    finally:
+        finished.set()
+        killer.join()
+        proc.kill()
+    proc.wait(timeout=10)
+    journaled = len((journal / JOURNAL_NAME).read_text().splitlines())
+    assert 3 <= journaled < len(PROMPTS)
+
+    proc, port = start_server(log, port=port)  # same address, as a restarted server would have
+    try:
+        again = OpenAIBackend(TINY, url, api_key_env=KEY_ENV, max_concurrency=2, journal_dir=str(journal))
+        resumed = again.generate(PROMPTS, n=2, sampling=sampling)
+        assert served(port) == len(PROMPTS) - journaled  # counted by the server: only the unfinished prompts
+        assert again.stats() == {"requests_sent": len(PROMPTS) - journaled, "prompts_sent": len(PROMPTS) - journaled,
+                                 "prompts_from_journal": journaled, "retries": 0}
+        # The server honours seeds, so the resumed run equals an uninterrupted one (no journal).
+        fresh = OpenAIBackend(TINY, url, api_key_env=KEY_ENV, max_concurrency=4).generate(PROMPTS, 2, sampling)
+        assert resumed == fresh and all(len(s) == 2 for s in resumed)
+    finally:
+        stop(proc)
+
+    assert api_key not in repr(first) and api_key not in json.dumps(vars(first), default=str)
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.name == JOURNAL_NAME for p in files)
+    leaks = [p for p in files if api_key.encode() in p.read_bytes()]
+    assert not leaks, f"API key written to {leaks}"
+
+
+# --- scripted in-process servers -------------------------------------------------------------------------------
+
+
+class Scripted:
+    """A 127.0.0.1 server that plays `script` (an HTTP status, ("sleep", seconds), or "ok") one request at a
+    time, then answers "ok": n choices of "hi"."""
+
+    def __init__(self, script=()):
+        self.script, self.count, self.lock = list(script), 0, threading.Lock()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with outer.lock:
+                    outer.count += 1
+                    step = outer.script.pop(0) if outer.script else "ok"
+                if isinstance(step, tuple):
+                    time.sleep(step[1])
+                    step = "ok"
+                if step == "ok":
+                    payload = {"choices": [{"index": j, "message": {"role": "assistant", "content": "hi"},
+                                            "finish_reason": "stop"} for j in range(body["n"])],
+                               "usage": {"prompt_tokens": 4, "completion_tokens": 2 * body["n"]}}
+                    data, status = json.dumps(payload).encode(), 200
+                else:
+                    data, status = b'{"error": {"message": "busy"}}', step
+                try:
+                    self.send_response(status)
+                    if status == 429:
+                        self.send_header("Retry-After", "0")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except OSError:  # the client gave up waiting (timeout test)
+                    pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def scripted():
+    made = []
+
+    def make(script=()):
+        made.append(Scripted(script))
+        return made[-1]
+
+    yield make
+    for s in made:
+        s.close()
+
+
+def test_retries_429_5xx_and_timeouts_then_succeeds(scripted):
+    srv = scripted([429, 500, ("sleep", 1.0), 503])
+    backend = OpenAIBackend("m", srv.url, api_key_env=None, timeout=0.3, max_retries=4, backoff=0.01)
+    out = backend.generate(PROMPTS[:1], n=2, sampling=Sampling())
+    assert out == [[{"text": "hi", "prompt_tokens": 4, "completion_tokens": 2, "finish_reason": "stop"}] * 2]
+    assert backend.retries == 4 and backend.requests_sent == 5 and srv.count == 5
+
+
+def test_gives_up_after_bounded_attempts_with_a_clear_error(scripted):
+    srv = scripted([503] * 10)
+    backend = OpenAIBackend("m", srv.url, api_key_env=None, max_retries=2, backoff=0.01)
+    with pytest.raises(RequestFailed, match=r"gave up after 3 attempts; last: HTTP 503"):
+        backend.generate(PROMPTS[:1], n=1, sampling=Sampling())
+    assert srv.count == 3
+
+
+def test_both_base_urls_are_used(scripted):
+    a, b = scripted(), scripted()
+    backend = OpenAIBackend("m", [a.url, b.url], api_key_env=None, max_concurrency=2)
+    out = backend.generate(PROMPTS[:8], n=1, sampling=Sampling())
+    assert len(out) == 8 and a.count > 0 and b.count > 0 and a.count + b.count == 8
+
+
+def test_a_retry_goes_to_the_other_server(scripted):
+    down, up = scripted([500]), scripted()
+    backend = OpenAIBackend("m", [down.url, up.url], api_key_env=None, max_concurrency=1, backoff=0.01)
+    backend.generate(PROMPTS[:1], n=1, sampling=Sampling())
+    assert (down.count, up.count, backend.retries) == (1, 1, 1)
+
+
+def test_journal_survives_a_torn_last_line(scripted, tmp_path):
+    srv = scripted()
+    make = lambda: OpenAIBackend("m", srv.url, api_key_env=None, journal_dir=str(tmp_path))  # noqa: E731
+    make().generate(PROMPTS[:2], 1, Sampling())
+    with open(tmp_path / JOURNAL_NAME, "a") as f:
+        f.write('{"key": "abc", "sam')  # a crash mid-write
+    second = make()
+    second.generate(PROMPTS[:3], 1, Sampling())
+    assert (second.prompts_from_journal, second.prompts_sent) == (2, 1)
+    third = make()
+    third.generate(PROMPTS[:3], 1, Sampling())
+    assert (third.prompts_from_journal, third.prompts_sent, srv.count) == (3, 0, 3)
+    # A different sampling setting is a different request: not answered from the journal.
+    third.generate(PROMPTS[:1], 1, Sampling(seed=1))
+    assert third.prompts_sent == 1

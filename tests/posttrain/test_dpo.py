@@ -1,0 +1,262 @@
+"""DPO stage: formatting tokens out of the DPO loss, the NLL term, stored reference log-probs, and the real stage
+process end to end (train, resume, reuse of the stored reference log-probs)."""
+
+import dataclasses
+import shutil
+
+import datasets
+import pytest
+import torch
+
+from posttrain.train.dpo import DPOConfig, build_datasets, dpo_stage, load_policy, train, trl_args
+
+TOPICS = ["the sea", "the stars", "autumn leaves", "France", "a week", "the sky", "prime numbers", "London",
+          "fruit", "python", "the moon", "books"]
+
+
+@pytest.fixture(scope="module")
+def pairs_dir(tmp_path_factory):
+    """12 prompts, one pair each: a polite answer (chosen) against a curt refusal (rejected), plus the extra
+    columns the select stage writes."""
+    rows = [
+        {
+            "prompt_id": f"p{i}",
+            "messages": [
+                {"role": "system", "content": "You are a helpful assistant."},
+                {"role": "user", "content": f"Tell me about {topic}."},
+            ],
+            "chosen": f"Here is a short answer about {topic}. Good answers are helpful.",
+            "rejected": f"I don't know the answer about {topic}!!!",
+            "chosen_score": 1.0,
+            "rejected_score": 0.0,
+            "margin": 1.0,
+        }
+        for i, topic in enumerate(TOPICS)
+    ]
+    path = tmp_path_factory.mktemp("pairs") / "pairs"
+    datasets.Dataset.from_list(rows).save_to_disk(str(path))
+    return path
+
+
+def _settings(model, data, out, **overrides) -> dict:
+    fast = dict(batch_size=4, max_length=256, logging_steps=1, lr_scheduler="constant", warmup_ratio=0.0)
+    cfg = dataclasses.asdict(DPOConfig(**{**fast, **overrides}))
+    return {**cfg, "seed": 0, "model": str(model), "data": [str(data)], "output_dir": str(out)}
+
+
+def _trainer(settings, *, mask=True, resident_ref=False, ref_store=None):
+    from posttrain.train.dpo import Llama3DPOTrainer
+
+    train_ds, _ = build_datasets(settings["data"], 0.0)
+    model, tokenizer, _ = load_policy(settings)
+    args = trl_args(settings, settings["output_dir"], precompute_ref_log_probs=not resident_ref, disable_tqdm=True)
+    return Llama3DPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        processing_class=tokenizer,
+        mask_format_tokens=mask,
+        ref_store=ref_store,
+    )
+
+
+def _batch(trainer, n=4):
+    return trainer.data_collator([trainer.train_dataset[i] for i in range(n)])
+
+
+def _end_tokens(trainer, batch):
+    """Independently of posttrain.chat: the turn terminators inside the completions (the only formatting tokens a
+    single-message Llama 3 completion holds; its header belongs to the prompt)."""
+    tok = trainer.processing_class
+    ends = torch.tensor(tok.convert_tokens_to_ids(["<|eot_id|>", "<|eom_id|>"]))
+    return torch.isin(batch["input_ids"], ends) & batch["completion_mask"].bool()
+
+
+def _loss_and_grads(trainer, batch):
+    model = trainer.model
+    model.zero_grad()
+    loss = trainer.compute_loss(model, batch)
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+
+def _perturb_at(model, positions):
+    """Add large noise to the final hidden states at `positions` (bool, batch x seq): the logits there change and
+    nowhere else (the final norm's output feeds only the LM head)."""
+    noise = torch.randn(*positions.shape, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    noise = 50.0 * noise * positions[..., None]
+    return model.model.norm.register_forward_hook(lambda module, inputs, output: output + noise)
+
+
+@pytest.mark.parametrize("mask", [True, False])
+def test_formatting_tokens_do_not_move_the_dpo_loss(tiny_model_dir, pairs_dir, tmp_path, mask):
+    trainer = _trainer(_settings(tiny_model_dir, pairs_dir, tmp_path, nll_weight=0.0), mask=mask)
+    batch = _batch(trainer)
+    ends = _end_tokens(trainer, batch)
+    assert ends.sum() == len(ends)  # one <|eot_id|> per completion
+    if mask:
+        assert torch.equal(batch["format_mask"], ends)
+    # The logits at position t score token t + 1: perturb those that score the end tokens.
+    scoring_ends = torch.zeros_like(ends)
+    scoring_ends[:, :-1] = ends[:, 1:]
+
+    loss, grads = _loss_and_grads(trainer, batch)
+    handle = _perturb_at(trainer.model, scoring_ends)
+    perturbed_loss, perturbed_grads = _loss_and_grads(trainer, batch)
+    if mask:
+        torch.testing.assert_close(perturbed_loss, loss, rtol=1e-5, atol=1e-6)
+        for g, pg in zip(grads, perturbed_grads, strict=True):
+            torch.testing.assert_close(pg, g, rtol=1e-4, atol=1e-6)
+        # The NLL term keeps the end tokens (it is what keeps the model stopping): with it, the loss moves.
+        trainer.loss_weights = [1.0, 0.2]
+        handle.remove()
+        clean = trainer.compute_loss(trainer.model, batch).detach()
+        handle = _perturb_at(trainer.model, scoring_ends)
+        assert abs(trainer.compute_loss(trainer.model, batch).item() - clean.item()) > 1e-2
+    else:
+        assert abs(perturbed_loss.item() - loss.item()) > 1e-2
+        assert max((pg - g).abs().max().item() for g, pg in zip(grads, perturbed_grads, strict=True)) > 1e-3
+    handle.remove()
+
+
+def _chosen_nll(model, batch) -> torch.Tensor:
+    """Mean negative log-likelihood of the chosen completion tokens (end tokens included), from plain logits."""
+    half = batch["input_ids"].size(0) // 2
+    ids, attn, completion = (batch[k][:half] for k in ("input_ids", "attention_mask", "completion_mask"))
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=attn).logits.double()
+    logps = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    return -logps[completion[:, 1:].bool()].mean()
+
+
+def test_nll_weight_adds_exactly_the_chosen_nll(tiny_model_dir, pairs_dir, tmp_path):
+    trainer = _trainer(_settings(tiny_model_dir, pairs_dir, tmp_path))
+    batch = _batch(trainer)
+    losses = {}
+    for weight in (0.0, 0.2):
+        trainer.loss_weights = [1.0, weight]
+        with torch.no_grad():
+            losses[weight] = trainer.compute_loss(trainer.model, batch).double()
+    nll = _chosen_nll(trainer.model, batch)
+    assert nll > 1.0
+    torch.testing.assert_close(losses[0.2] - losses[0.0], 0.2 * nll, rtol=1e-5, atol=1e-6)
+
+
+def _masked_sums(model, batch) -> torch.Tensor:
+    """Summed log-probs of the completion tokens except the end tokens, in float64 from plain logits."""
+    ids = batch["input_ids"]
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=batch["attention_mask"]).logits.double()
+    logps = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    keep = batch["completion_mask"].bool() & ~batch["format_mask"]
+    return (logps * keep[:, 1:]).sum(-1)
+
+
+def test_stored_reference_logps_equal_a_resident_reference(tiny_model_dir, pairs_dir, tmp_path, monkeypatch):
+    from trl import DPOTrainer
+
+    settings = _settings(tiny_model_dir, pairs_dir, tmp_path)
+    store = tmp_path / "ref_logps"
+    stored = _trainer(settings, ref_store=store)
+    assert stored.ref_model is None and stored.ref_logps_source == {"train": "computed"}
+    on_disk = datasets.load_from_disk(str(store / "train"))
+    assert {"ref_chosen_logps", "ref_rejected_logps", "prompt_id", "chosen_ids"} <= set(on_disk.column_names)
+
+    batch = _batch(stored, n=len(stored.train_dataset))
+    direct = _masked_sums(stored.model, batch)
+    torch.testing.assert_close(
+        torch.cat([batch["ref_chosen_logps"], batch["ref_rejected_logps"]]).double(), direct, rtol=1e-6, atol=1e-5
+    )
+
+    resident = _trainer(settings, resident_ref=True)
+    assert resident.ref_model is not None
+    chosen, rejected = resident.compute_ref_log_probs(resident.ref_model, batch)
+    torch.testing.assert_close(chosen, batch["ref_chosen_logps"], rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(rejected, batch["ref_rejected_logps"], rtol=1e-6, atol=1e-5)
+    # Same loss with the policy moved away from the reference: stored columns vs the resident model's forward.
+    for trainer in (stored, resident):
+        torch.manual_seed(1)
+        with torch.no_grad():
+            for p in trainer.model.parameters():
+                p.add_(0.02 * torch.randn_like(p))
+    with torch.no_grad():
+        losses = [t.compute_loss(t.model, batch) for t in (stored, resident)]
+    mode = "train" if stored.model.training else "eval"
+    assert abs(stored._metrics[mode]["rewards/margins"][-1]) > 1e-3  # the policy did move away
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-6, atol=1e-5)
+
+    # A second trainer on the same store reads it back without computing.
+    monkeypatch.setattr(DPOTrainer, "_precompute_ref_logps", lambda *a, **k: pytest.fail("recomputed"))
+    again = _trainer(settings, ref_store=store)
+    assert again.ref_logps_source == {"train": "stored"}
+    assert again.train_dataset["ref_chosen_logps"] == on_disk["ref_chosen_logps"]
+
+
+def test_changed_masking_recomputes_the_stored_reference(tiny_model_dir, pairs_dir, tmp_path):
+    settings = _settings(tiny_model_dir, pairs_dir, tmp_path)
+    masked = _trainer(settings, ref_store=tmp_path / "ref")
+    plain = _trainer(settings, mask=False, ref_store=tmp_path / "ref")
+    assert plain.ref_logps_source == {"train": "computed"}
+    # Without masking the end token's log-prob is back in every sum.
+    assert all(p < m for p, m in zip(plain.train_dataset["ref_chosen_logps"], masked.train_dataset["ref_chosen_logps"]))
+
+
+def _weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+@pytest.mark.slow
+def test_dpo_stage_trains_resumes_and_reuses_reference(tiny_model_dir, pairs_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "dpo"
+    out.mkdir()
+    paths = ("model", "data", "output_dir")
+    stage_cfg = {
+        **{k: v for k, v in _settings(tiny_model_dir, pairs_dir, out).items() if k not in paths},
+        "learning_rate": 1e-3,
+        "epochs": 3,
+        "save_steps": 2,
+        "eval_fraction": 0.2,
+        "keep_checkpoints": True,
+        "launch": {"launcher": "direct", "nproc": 1},
+    }
+    inputs = {"model": str(tiny_model_dir), "data": str(pairs_dir)}
+
+    # First attempt (in this process, to save a start-up): stops after 2 steps; what a crash leaves is the
+    # checkpoint and the stored reference log-probs.
+    settings = {**_settings(tiny_model_dir, pairs_dir, out), **stage_cfg, "output_dir": str(out)}
+    first = train({**settings, "max_steps": 2})
+    assert first["steps"] == 2 and first["ref_logps"] == {"train": "computed", "eval": "computed"}
+    shutil.rmtree(out / "model")
+    (out / "metrics.json").unlink()
+
+    result = dpo_stage(stage_cfg, inputs, out)
+    m = result.metrics
+    assert m["resumed_from"] == "checkpoint-2" and m["steps"] == 6
+    assert m["ref_logps"] == {"train": "stored", "eval": "stored"}
+    assert result.rows == {"train_pairs": m["train_rows"], "eval_pairs": m["eval_rows"]}
+    assert m["train_rows"] + m["eval_rows"] == len(TOPICS) and m["eval_rows"] > 0
+    # Preference on the training pairs (TRL's implicit reward, per logged step) and on held-out pairs went up.
+    curve = m["loss_curve"]
+    assert [c["step"] for c in curve] == list(range(1, 7))
+    assert curve[-1]["reward_margin"] > curve[0]["reward_margin"] + 0.5 and curve[-1]["reward_accuracy"] == 1.0
+    assert curve[-1]["loss"] < curve[0]["loss"]
+    assert m["eval_after"]["logp_accuracy"] > m["eval_before"]["logp_accuracy"]
+    assert m["eval_after"]["reward_margin"] > 0 and m["eval_after"]["loss"] < m["eval_before"]["loss"]
+
+    model = AutoModelForCausalLM.from_pretrained(out / "model")
+    AutoTokenizer.from_pretrained(out / "model")
+    assert model.config.num_hidden_layers == 2
+
+    # The resumed run ends where an uninterrupted one does.
+    straight = tmp_path / "straight"
+    straight.mkdir()
+    train({**settings, "output_dir": str(straight)})
+    resumed, uninterrupted = _weights(out / "model"), _weights(straight / "model")
+    assert resumed.keys() == uninterrupted.keys()
+    for name, tensor in uninterrupted.items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=1e-6)
+    assert not torch.equal(uninterrupted["lm_head.weight"], _weights(tiny_model_dir)["lm_head.weight"])
