@@ -97,6 +97,8 @@ class SFTConfig:
     init: str = "base"
     # Train on the SFT data of every round so far (Llama 3), or only on this round's.
     accumulate: bool = True
+    # Several seeds: one model each, averaged into the stage's model (Llama 3 averages at every stage).
+    seeds: List[int] = field(default_factory=list)
     learning_rate: float = 1e-5  # Llama 3, section 4.1.3
     epochs: float = 1.0
     batch_size: int = 8
@@ -151,6 +153,8 @@ class RMConfig:
     model: Optional[str] = None
     # Extra preference datasets (pairs or ranked rows) used in every round, e.g. human-labelled data.
     data: List[str] = field(default_factory=list)
+    # Several seeds: one model each, averaged into the stage's model (Llama 3 averages at every stage).
+    seeds: List[int] = field(default_factory=list)
     # The paper gives no RM learning rate; 1e-5 is its SFT and DPO rate. Tiny test models want ~1e-3.
     learning_rate: float = 1e-5
     epochs: float = 1.0
@@ -181,6 +185,8 @@ class DPOConfig:
     nll_weight: float = 0.2  # NLL on the chosen response, Llama 3 (RPO-style regulariser)
     # Header and termination tokens out of the DPO log-ratios of chosen and rejected (Llama 3); kept in the NLL term.
     mask_format_tokens: bool = True
+    # Several seeds: one model each, averaged into the stage's model (Llama 3 averages at every stage).
+    seeds: List[int] = field(default_factory=list)
     epochs: float = 1.0
     max_steps: int = -1  # > 0 stops after this many optimizer steps (smoke runs)
     batch_size: int = 8
@@ -211,6 +217,8 @@ class PosttrainConfig:
     run_dir: str = "runs/${name}"
     # Bring the run up to this round.
     round: int = 1
+    # Print the stages, commands and resolved stage configs this invocation would run; run and load nothing.
+    dry_run: bool = False
     seed: int = 0
     # Finished stages to run again ("generate", "round_2/sft", "all"); the old folders are kept under
     # round_N/superseded/.

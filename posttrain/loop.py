@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from data_gen.generate import generate
 from evals.report import build_report, terminal_table
+from posttrain.average import run_seeds
 from evals.stage import eval_stage
 from posttrain.config import round_config
 from posttrain.models import resolve_path
@@ -58,7 +59,7 @@ def run_round(rd: RunDir, rc: DictConfig, r: int, policy: str, prompt_start: int
         if data:
             rm_cfg = {**_section(rc, "rm"), "seed": rc.seed, "launch": _section(rc, "launch")}
             rm_inputs = {"model": rc.rm.model or rc.model.path, **data}
-            rm = rd.run_stage(r, "rm", rm_cfg, rm_inputs, partial(rm_stage, rm_cfg, rm_inputs), resumable=True)
+            rm = rd.run_stage(r, "rm", rm_cfg, rm_inputs, partial(run_seeds, rm_stage, rm_cfg, rm_inputs), resumable=True)
             reward_cfg["rewards"]["rm"] = {"_target_": "reward.rm_scorer.RewardModelScorer"}
             reward_inputs["model.rm"] = rd.output(rm, "model")
 
@@ -99,13 +100,13 @@ def run_round(rd: RunDir, rc: DictConfig, r: int, policy: str, prompt_start: int
         sft_inputs = {"model": rc.model.path if rc.sft.init == "base" else policy, f"data_round_{r}": sft_data}
         if rc.sft.accumulate:  # SFT data of earlier rounds (Llama 3 trains each round on everything so far)
             sft_inputs |= {f"data_round_{i}": _sft_data(rd, i) for i in range(1, r) if _sft_data(rd, i)}
-        sft = rd.run_stage(r, "sft", sft_cfg, sft_inputs, partial(sft_stage, sft_cfg, sft_inputs), resumable=True)
+        sft = rd.run_stage(r, "sft", sft_cfg, sft_inputs, partial(run_seeds, sft_stage, sft_cfg, sft_inputs), resumable=True)
         policy = rd.output(sft, "model")
 
     if rc.dpo.enabled and pairs is not None:  # on the latest pairs only: they are close to the current policy
         dpo_cfg = {**_section(rc, "dpo"), "seed": rc.seed, "launch": _section(rc, "launch")}
         dpo_inputs = {"model": policy, "data": pairs}
-        dpo = rd.run_stage(r, "dpo", dpo_cfg, dpo_inputs, partial(dpo_stage, dpo_cfg, dpo_inputs), resumable=True)
+        dpo = rd.run_stage(r, "dpo", dpo_cfg, dpo_inputs, partial(run_seeds, dpo_stage, dpo_cfg, dpo_inputs), resumable=True)
         policy = rd.output(dpo, "model")
     return policy
 
@@ -133,6 +134,8 @@ def run_eval(rd: RunDir, rc: DictConfig, r: int, policy: str) -> None:
         if first is not None and "teacher_responses" in first["outputs"]:
             inputs["teacher_responses"] = rd.output(first, "teacher_responses")
     rd.run_stage(r, "eval", cfg, inputs, partial(eval_stage, cfg, inputs))
+    if rd.dry_run:
+        return
     try:
         build_report(rd.root)
     except Exception as e:  # noqa: BLE001 - a plotting problem must not stop a run whose stages are saved
@@ -143,9 +146,12 @@ def run_eval(rd: RunDir, rc: DictConfig, r: int, policy: str) -> None:
 def run(cfg: DictConfig, run_dir: str | None = None) -> RunDir:
     """Bring the run in `run_dir` (default `cfg.run_dir`) up to round `cfg.round`."""
     rounds = validate(cfg)
-    rd = RunDir(run_dir or cfg.run_dir, redo=list(cfg.redo))
+    rd = RunDir(run_dir or cfg.run_dir, redo=list(cfg.redo), dry_run=cfg.dry_run)
     try:
-        rd.write_config(OmegaConf.to_yaml(OmegaConf.create(redact(OmegaConf.to_container(cfg, resolve=True)))))
+        if cfg.dry_run:
+            print(f"dry run: the plan for {rd.root}, up to round {cfg.round}; nothing is loaded, run or written")
+        else:
+            rd.write_config(OmegaConf.to_yaml(OmegaConf.create(redact(OmegaConf.to_container(cfg, resolve=True)))))
         policy, prompt_start = cfg.model.path, 0
         start = round_config(cfg, 0)
         if start.evals.heldout:
@@ -157,6 +163,8 @@ def run(cfg: DictConfig, run_dir: str | None = None) -> RunDir:
                 run_eval(rd, rc, r, policy)
     finally:
         rd.close()
+    if cfg.dry_run:
+        return rd
     print(summary(rd))
     if any(e["stage"] == "eval" for e in rd.manifest["stages"]):
         print(terminal_table(rd.root))

@@ -95,18 +95,36 @@ def _diff_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [prefix.rstrip(".") or "<value>"]
 
 
-class RunDir:
-    """A run directory opened by one driver at a time (an exclusive lock on `.lock`)."""
+class _PlannedOutputs(dict):
+    """Outputs of a stage a dry run only plans: any output name maps to a path inside its folder."""
 
-    def __init__(self, root: str | Path, redo: list[str] | tuple[str, ...] = ()):
+    def __init__(self, folder: str):
+        super().__init__()
+        self.folder = folder
+
+    def __missing__(self, name: str) -> str:
+        return f"{self.folder}/{name}"
+
+
+class RunDir:
+    """A run directory opened by one driver at a time (an exclusive lock on `.lock`).
+
+    With `dry_run=True` nothing is created or run: `run_stage` prints what it would do (skip, run, redo, or the
+    error a changed stage would raise), the command of a training stage and the stage's resolved config."""
+
+    def __init__(self, root: str | Path, redo: list[str] | tuple[str, ...] = (), dry_run: bool = False):
         self.root = Path(root).expanduser().resolve()
-        self.root.mkdir(parents=True, exist_ok=True)
-        self._lock = open(self.root / ".lock", "w")
-        try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._lock.close()
-            raise PosttrainError(f"run directory {self.root} is in use by another posttrain process") from None
+        self.dry_run = dry_run
+        self.planned: list[dict] = []
+        self._lock = None
+        if not dry_run:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._lock = open(self.root / ".lock", "w")
+            try:
+                fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self._lock.close()
+                raise PosttrainError(f"run directory {self.root} is in use by another posttrain process") from None
         self.redo = set(redo)
         self.manifest_path = self.root / "manifest.json"
         self.manifest = (
@@ -118,11 +136,12 @@ class RunDir:
         self.ran: list[str] = []  # stage ids that did work in this invocation
 
     def close(self) -> None:
-        self._lock.close()
+        if self._lock is not None:
+            self._lock.close()
 
     # ---- manifest ---------------------------------------------------------------------------------------------
     def entry(self, round_idx: int, stage: str) -> dict | None:
-        for e in self.manifest["stages"]:
+        for e in self.manifest["stages"] + self.planned:
             if e["round"] == round_idx and e["stage"] == stage:
                 return e
         return None
@@ -162,6 +181,8 @@ class RunDir:
         config and inputs. Returns the stage's manifest entry; its `outputs` are paths relative to the run dir."""
         final = self.stage_dir(round_idx, stage)
         stage_id = f"round_{round_idx}/{stage}"
+        if self.dry_run:
+            return self._plan(round_idx, stage, config, inputs)
         input_hashes = {k: self.input_fingerprint(v) for k, v in sorted(inputs.items())}
         config_hash = stable_hash(config)
         old = self.entry(round_idx, stage)
@@ -224,6 +245,38 @@ class RunDir:
         _write_json_atomic(self.manifest_path, self.manifest)
         self._fresh_outputs.add(output_hash)
         self.ran.append(stage_id)
+        return entry
+
+    def _plan(self, round_idx: int, stage: str, config: dict, inputs: dict[str, str]) -> dict:
+        """Dry run: print what run_stage would do and return a planned entry whose outputs are future paths."""
+        import yaml
+
+        stage_id = f"round_{round_idx}/{stage}"
+        old = self.entry(round_idx, stage)
+        planned_inputs = any(str(v).startswith(str(self.root)) and not Path(v).exists() for v in inputs.values())
+        if old is not None and old.get("planned") is None and not self._is_redo(round_idx, stage) and not planned_inputs:
+            same = old["config_hash"] == stable_hash(config) and old["input_hashes"] == {
+                k: self.input_fingerprint(v) for k, v in sorted(inputs.items())}
+            if same:
+                print(f"== {stage_id}: done earlier, skipped")
+                return old
+            status = "finished with another config or inputs: the run would stop here (add redo=[...] to redo it)"
+        else:
+            status = "would redo" if old is not None else "would run"
+        folder = self.stage_dir(round_idx, stage)
+        print(f"== {stage_id}: {status}\n   folder: {folder}")
+        for k, v in sorted(inputs.items()):
+            print(f"   input {k}: {self._relative(v)}")
+        if "launch" in config:
+            from posttrain.train.launch import command
+
+            print("   command: " + " ".join(command(f"posttrain.train.{stage}", folder / "train_config.json",
+                                                     config["launch"])))
+        print("   config:\n" + "\n".join("     " + line for line in yaml.safe_dump(
+            json.loads(json.dumps(config, default=str)), sort_keys=True).splitlines()))
+        entry = {"round": round_idx, "stage": stage, "planned": True,
+                 "outputs": _PlannedOutputs(str(folder.relative_to(self.root)))}
+        self.planned.append(entry)
         return entry
 
     def _relative(self, path: str) -> str:
