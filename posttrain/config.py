@@ -46,7 +46,7 @@ class GenerateConfig:
     top_p: float = 1.0
     max_new_tokens: int = 256
     backend: Dict[str, Any] = field(
-        default_factory=lambda: {"_target_": "data_gen.hf_backend.HFBackend", "batch_size": 8}
+        default_factory=lambda: {"_target_": "data_gen.hf_backend.HFBackend"}
     )
 
 
@@ -127,7 +127,7 @@ class EvalConfig:
     max_new_tokens: int = 256
     batch_size: int = 64  # reward scoring batch
     backend: Dict[str, Any] = field(
-        default_factory=lambda: {"_target_": "data_gen.hf_backend.HFBackend", "batch_size": 8}
+        default_factory=lambda: {"_target_": "data_gen.hf_backend.HFBackend"}
     )
     # name -> Reward `_target_` config; empty: the recipe's reward.rewards.
     rewards: Dict[str, Any] = field(default_factory=dict)
@@ -206,9 +206,21 @@ class DPOConfig:
 
 @dataclass
 class LaunchConfig:
-    # How a training stage process is started. "direct": `python -m posttrain.train.<stage> CONFIG`.
+    # How a training stage process is started (posttrain/train/launch.py). "direct": one process,
+    # `python -m posttrain.train.<stage> CONFIG`; "torchrun" or "accelerate" (`accelerate launch`): `nproc`
+    # processes on each of `nnodes` machines.
     launcher: str = "direct"
     nproc: int = 1
+    # DeepSpeed config: a file name in recipes/deepspeed/ ("zero3", "zero3_offload") or a path to a JSON file.
+    # None: no DeepSpeed (plain DDP when there are several processes).
+    deepspeed: Optional[str] = None
+    # Several machines: torchrun / accelerate run on every node with its own node_rank, or, given a DeepSpeed
+    # hostfile, `accelerate launch` on the first node starts all of them (DeepSpeed's pdsh launcher).
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: Optional[str] = None
+    master_port: Optional[int] = None  # None: any free port on one machine, 29500 across machines
+    hostfile: Optional[str] = None
 
 
 @dataclass

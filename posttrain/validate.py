@@ -131,7 +131,9 @@ def _round_problems(rc: DictConfig, where: str) -> list[str]:
         node = OmegaConf.select(rc, key)
         if node is not None and node.get("_target_") == "data_gen.openai_backend.OpenAIBackend":
             env = node.get("api_key_env", "OPENAI_API_KEY")
-            if env and not os.environ.get(env):
+            if env and not os.environ.get(env) and rc.dry_run:
+                print(f"note: {key}.api_key_env: {env} is not set here; a real run needs it")
+            elif env and not os.environ.get(env):
                 problems.append(f"{where}{key}.api_key_env: the environment variable {env} holding the API key is "
                                 f"not set (set api_key_env: null for a server that needs no key)")
     if rc.generate.source == "teacher" and rc.teacher is None:
@@ -208,9 +210,16 @@ def validate(cfg: DictConfig) -> list[DictConfig]:
     for key, path in sorted({(f"rm.data[{i}]", p) for rc in rounds if rc.rm.enabled for i, p in enumerate(rc.rm.data)}):
         try:
             if not resolve_path(path).exists():
-                problems.append(f"{key}: preference data {path} does not exist")
+                if cfg.dry_run:
+                    print(f"note: {key}: preference data {path} does not exist here; a real run needs it")
+                else:
+                    problems.append(f"{key}: preference data {path} does not exist")
         except ValueError as e:
             problems.append(f"{key}: {e}")
+    first = rounds[0]
+    if first.dpo.enabled and not first.reward.rewards and not (first.rm.enabled and first.rm.data):
+        problems.append("reward.rewards: round 1 has nothing to score its samples with, so no pairs for DPO: add a "
+                        "reward, or rm.data (preference data for the round-1 reward model), or dpo.enabled=false")
     problems += _heldout_problems(rounds)
     if problems:
         raise PosttrainError("invalid recipe:\n  - " + "\n  - ".join(problems))
