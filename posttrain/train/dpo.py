@@ -25,7 +25,8 @@ caches them in a temporary `datasets` cache file (or next to the input data) key
 them whenever that file is gone. `Llama3DPOTrainer` keeps TRL's computation and stores its result in the stage
 folder, keyed by the tokens, the model's hash and the masking, and reads it back on the next run.
 
-The driver side, `dpo_stage`, builds the frozen settings and launches this module.
+The driver side, `dpo_stage`, builds the frozen settings and launches this module (one process, or one per
+rank under torchrun / accelerate launch with DeepSpeed ZeRO-3: see posttrain/train/common.py).
 """
 
 from __future__ import annotations
@@ -35,14 +36,13 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from posttrain.config import DPOConfig  # noqa: F401 - the stage's settings, re-exported for callers
 from posttrain.rundir import StageResult
-from posttrain.train.sft import _held_out
+from posttrain.train import common
 
 PAIR_COLUMNS = ("prompt_id", "messages", "chosen", "rejected")
 TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
@@ -83,10 +83,7 @@ def dpo_stage(cfg: dict, inputs: dict[str, str], out: Path) -> StageResult:
 def build_datasets(paths: list[str], eval_fraction: float):
     """Pairs rows -> TRL conversational preference rows (prompt, chosen, rejected as message lists, plus prompt_id),
     split by prompt into train and held-out sets (held-out is None when empty). Other columns are dropped."""
-    import datasets
-
-    # In memory: a map on a dataset loaded from disk would write its cache file into the input stage's folder.
-    ds = datasets.concatenate_datasets([datasets.load_from_disk(p, keep_in_memory=True) for p in paths])
+    ds = common.load_datasets(paths)
     missing = set(PAIR_COLUMNS) - set(ds.column_names)
     if missing:
         raise ValueError(f"DPO pairs {paths} lack columns {sorted(missing)}")
@@ -100,9 +97,7 @@ def build_datasets(paths: list[str], eval_fraction: float):
         desc="DPO pairs",
         keep_in_memory=True,
     )
-    held = [_held_out(pid, eval_fraction) for pid in ds["prompt_id"]]
-    if eval_fraction > 0 and not any(held) and len(set(ds["prompt_id"])) > 1:
-        held = [pid == ds["prompt_id"][0] for pid in ds["prompt_id"]]  # at least one prompt held out
+    held = common.held_out(ds["prompt_id"], eval_fraction)
     train = ds.select([i for i, h in enumerate(held) if not h], keep_in_memory=True)
     evals = ds.select([i for i, h in enumerate(held) if h], keep_in_memory=True)
     return train, (evals if len(evals) else None)
@@ -200,6 +195,7 @@ def _llama3_dpo_trainer_class():
             self._ref_store = Path(ref_store) if ref_store is not None else None
             self._mask_format_tokens = mask_format_tokens
             self.ref_logps_source: dict[str, str] = {}  # split -> "computed" | "stored"
+            self._gathered_hash: str | None = None
             if mask_format_tokens:
                 if kwargs.get("data_collator") is not None:
                     raise ValueError("mask_format_tokens=True builds its own data collator; pass no data_collator")
@@ -234,7 +230,7 @@ def _llama3_dpo_trainer_class():
             folder = self._ref_store / name
             key = {
                 "tokens": _token_fingerprint(dataset),
-                "model_hash": self._precompute_model_hash,  # TRL's hash of the initial policy's weights
+                "model_hash": self._model_hash(),
                 "mask_format_tokens": self._mask_format_tokens,
                 "max_length": self.args.max_length,
                 "truncation_mode": self.args.truncation_mode,
@@ -245,6 +241,15 @@ def _llama3_dpo_trainer_class():
                 print(f"reference log-probs for {name}: reusing {folder}", flush=True)
                 return datasets.load_from_disk(str(folder))
             self.ref_logps_source[name] = "computed"
+            staged = folder.with_name(f".{name}.tokens")
+            if self.accelerator.num_processes > 1:
+                # TRL writes the log-probs next to the dataset's cache files, or, for a dataset in memory, into a
+                # temporary folder of each process's own, where the other ranks cannot read them back.
+                if self.accelerator.is_main_process:
+                    shutil.rmtree(staged, ignore_errors=True)
+                    dataset.save_to_disk(str(staged))
+                self.accelerator.wait_for_everyone()
+                dataset = datasets.load_from_disk(str(staged))
             computed = super()._precompute_ref_logps(dataset, name, batch_size)
             if self.accelerator.is_main_process:
                 tmp = folder.with_name(f".{name}.tmp")
@@ -254,7 +259,27 @@ def _llama3_dpo_trainer_class():
                 shutil.rmtree(folder, ignore_errors=True)
                 os.replace(tmp, folder)
             self.accelerator.wait_for_everyone()
+            if self.accelerator.is_main_process:
+                shutil.rmtree(staged, ignore_errors=True)
             return datasets.load_from_disk(str(folder))  # memory-mapped
+
+        def _model_hash(self) -> str:
+            """TRL's hash of the initial policy's weights. Under ZeRO-3 TRL hashes a rank's state_dict, which holds
+            empty shards (the key would not change with the weights), so the weights are gathered and hashed one
+            tensor at a time instead, on every rank."""
+            plugin = self.accelerator.state.deepspeed_plugin
+            if plugin is None or plugin.zero_stage != 3:
+                return self._precompute_model_hash
+            if self._gathered_hash is None:
+                import deepspeed
+
+                h = hashlib.sha256()
+                for name, param in sorted(self.model.named_parameters(), key=lambda item: item[0]):
+                    with deepspeed.zero.GatheredParameters([param]):
+                        h.update(name.encode())
+                        h.update(param.detach().float().cpu().numpy().tobytes())
+                self._gathered_hash = h.hexdigest()
+            return self._gathered_hash
 
     return Llama3DPOTrainer
 
@@ -351,10 +376,11 @@ def load_policy(settings: dict):
 def train(settings: dict) -> dict:
     from transformers.trainer_utils import get_last_checkpoint
 
+    distributed = common.setup(settings)  # before the trainer's config; the model loads after it
     out = Path(settings["output_dir"])
     trainer_dir = out / "trainer"
     train_ds, eval_ds = build_datasets(settings["data"], settings["eval_fraction"])
-    args = trl_args(settings, trainer_dir)
+    args = trl_args(settings, trainer_dir, **distributed)
     model, tokenizer, peft_config = load_policy(settings)
     trainer = _llama3_dpo_trainer_class()(
         model=model,
@@ -378,7 +404,7 @@ def train(settings: dict) -> dict:
         # term) and how often the policy already prefers the chosen response say anything.
         ref = trainer.eval_dataset
         metrics["eval_before"] = {
-            "loss": trainer.evaluate()["eval_loss"],
+            "loss": common.evaluate_before_training(trainer)["eval_loss"],
             "logp_accuracy": _accuracy(ref["ref_chosen_logps"], ref["ref_rejected_logps"]),
         }
     last = get_last_checkpoint(str(trainer_dir)) if trainer_dir.exists() else None
@@ -411,13 +437,11 @@ def train(settings: dict) -> dict:
             "logp_accuracy": _accuracy(chosen.tolist(), rejected.tolist()),
         }
 
-    final = trainer.model.merge_and_unload() if peft_config is not None else trainer.model
-    model_dir = out / "model"
-    final.save_pretrained(str(model_dir), safe_serialization=True)
-    tokenizer.save_pretrained(str(model_dir))
-    if not settings["keep_checkpoints"]:
-        shutil.rmtree(trainer_dir, ignore_errors=True)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    common.save_model(trainer, out / "model", tokenizer, merge_lora=peft_config is not None)
+    if common.is_main():
+        if not settings["keep_checkpoints"]:
+            shutil.rmtree(trainer_dir, ignore_errors=True)
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
 
 
@@ -427,10 +451,7 @@ def _accuracy(chosen: list[float], rejected: list[float]) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        sys.exit("usage: python -m posttrain.train.dpo TRAIN_CONFIG.json")
-    train(json.loads(Path(argv[0]).read_text()))
+    common.main(train, "posttrain.train.dpo", argv)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,23 @@
-"""Start a training stage as its own process and wait for it.
+"""Start a training stage as its own process group and wait for it.
 
 The driver (Hydra) never trains in its own process: it freezes the stage's settings into a JSON file and starts
-`python -m posttrain.train.<stage> FILE`. The child's output goes to the stage's log file and to the terminal;
-if the child fails, the stage fails with the end of the log in the error. If the driver dies, the kernel ends
-the child too (PR_SET_PDEATHSIG), so a killed run leaves no orphan trainer writing into the run directory.
+`python -m posttrain.train.<stage> FILE` directly (one process), through `torchrun` or through `accelerate launch`
+(`launch.launcher`), with `launch.nproc` processes on each of `launch.nnodes` machines and, when the recipe names
+one, a DeepSpeed config from `recipes/deepspeed/` (`zero3`, `zero3_offload`) or a path. The config is frozen into
+the settings too, so the training processes read exactly what the launcher saw; its "auto" values are filled by
+the HF trainer from the stage's settings (batch sizes, clipping, bf16 on GPU, fp32 on CPU).
+
+On a machine without GPUs the same recipe runs on CPU: DeepSpeed's CPU accelerator (DS_ACCELERATOR=cpu) and the
+gloo backend (posttrain/train/common.py sets that up in the training processes).
+
+Several machines: torchrun and accelerate run on every node with its `node_rank` and the first node's
+`master_addr`; or `accelerate launch` on the first node starts every node listed in a DeepSpeed `hostfile`
+(pdsh). Either way the run directory must be on a filesystem all nodes share: global rank 0 writes the outputs.
+
+The children's output goes to the stage's log file and to the terminal; if they fail, the stage fails with the
+end of the log in the error. If the driver dies, the kernel ends the launcher too (PR_SET_PDEATHSIG), and each
+worker asks the same of its launcher (common.main), so a killed run leaves no orphan trainer writing into the run
+directory.
 """
 
 from __future__ import annotations
@@ -19,48 +33,123 @@ from pathlib import Path
 
 from posttrain.errors import PosttrainError
 
-LAUNCHERS = ("direct",)
+LAUNCHERS = ("direct", "torchrun", "accelerate")
+DEFAULTS = {"launcher": "direct", "nproc": 1, "nnodes": 1, "node_rank": 0, "master_addr": None, "master_port": None,
+            "hostfile": None, "deepspeed": None}  # posttrain.config.LaunchConfig; tests pass only a few keys
 
 
 class StageFailed(PosttrainError):
     pass
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
+    """Have the kernel SIGKILL this process when its parent dies (Linux; elsewhere a no-op)."""
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except OSError:  # not Linux: the child may outlive a killed driver
         pass
 
 
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def deepspeed_config(name: str) -> Path:
+    """The DeepSpeed JSON a recipe names: `zero3` -> recipes/deepspeed/zero3.json in the installed `recipes`
+    package, or a path to a JSON file."""
+    import importlib.resources
+
+    shipped = importlib.resources.files("recipes") / "deepspeed"
+    candidate = shipped / f"{name}.json"
+    if candidate.is_file():
+        return Path(str(candidate))
+    path = Path(name).expanduser()
+    if path.is_file():
+        return path.resolve()
+    names = sorted(p.name.removesuffix(".json") for p in shipped.iterdir() if p.name.endswith(".json"))
+    raise PosttrainError(f"launch.deepspeed={name!r} is neither one of recipes/deepspeed/ {names} nor a JSON file")
+
+
 def command(module: str, config_path: Path, launch: dict) -> list[str]:
-    if launch["launcher"] not in LAUNCHERS:
-        raise PosttrainError(f"launch.launcher must be one of {LAUNCHERS}, not {launch['launcher']!r}")
-    return [sys.executable, "-m", module, str(config_path)]
+    """The command line that runs `python -m <module> <config_path>` as `launch` (LaunchConfig fields) says."""
+    launch = {**DEFAULTS, **launch}
+    launcher, nproc, nnodes = launch["launcher"], launch["nproc"], launch["nnodes"]
+    if launcher not in LAUNCHERS:
+        raise PosttrainError(f"launch.launcher must be one of {LAUNCHERS}, not {launcher!r}")
+    if nproc < 1 or nnodes < 1 or not 0 <= launch["node_rank"] < nnodes:
+        raise PosttrainError(f"launch: need nproc >= 1, nnodes >= 1 and 0 <= node_rank < nnodes, got nproc={nproc}, "
+                             f"nnodes={nnodes}, node_rank={launch['node_rank']}")
+    script = [str(config_path)]
+    if launcher == "direct":
+        if nproc > 1 or nnodes > 1 or launch["deepspeed"] or launch["hostfile"]:
+            raise PosttrainError("launch.launcher=direct starts one process without DeepSpeed; use torchrun or "
+                                 "accelerate for nproc > 1, nnodes > 1, deepspeed or hostfile")
+        return [sys.executable, "-m", module, *script]
+    multinode = nnodes > 1
+    if launch["hostfile"] and (launcher != "accelerate" or not launch["deepspeed"] or not multinode):
+        raise PosttrainError("launch.hostfile is DeepSpeed's: it needs launcher=accelerate, a deepspeed config and "
+                             "nnodes > 1 (torchrun runs on every node with its launch.node_rank instead)")
+    if multinode and not launch["master_addr"]:
+        raise PosttrainError("launch.nnodes > 1 needs launch.master_addr (the address of the node with rank 0)")
+    port = launch["master_port"] if launch["master_port"] is not None else (29500 if multinode else None)
+
+    if launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
+        if port is None:  # one machine: a free port, so runs side by side do not collide
+            cmd += ["--standalone"]
+        else:
+            cmd += ["--nnodes", str(nnodes), "--node_rank", str(launch["node_rank"]),
+                    "--master_addr", launch["master_addr"] or "127.0.0.1", "--master_port", str(port)]
+        return cmd + ["-m", module, *script]
+
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(nproc * nnodes),
+           "--num_machines", str(nnodes)]
+    if launch["deepspeed"]:
+        cmd += ["--use_deepspeed", "--deepspeed_config_file", str(deepspeed_config(launch["deepspeed"]))]
+    elif nproc * nnodes > 1:
+        cmd += ["--multi_gpu"]  # accelerate's name for plain DDP; on CPU the trainer uses gloo
+    if launch["hostfile"]:
+        cmd += ["--deepspeed_hostfile", launch["hostfile"], "--deepspeed_multinode_launcher", "pdsh",
+                "--main_process_ip", launch["master_addr"], "--main_process_port", str(port)]
+    elif multinode:
+        cmd += ["--machine_rank", str(launch["node_rank"]), "--main_process_ip", launch["master_addr"],
+                "--main_process_port", str(port)]
+        if launch["deepspeed"]:
+            cmd += ["--deepspeed_multinode_launcher", "standard"]
+    else:
+        cmd += ["--main_process_port", str(port if port is not None else 0)]  # 0: a free port
+    return cmd + ["-m", module, *script]
 
 
 def run_training(module: str, settings: dict, work_dir: Path, launch: dict, log_name: str = "train.log") -> None:
     """Freeze `settings` to `work_dir/train_config.json`, run `module` on it, stream its output into
     `work_dir/<log_name>` (appended, so a resumed stage keeps the first attempt's log) and to stderr."""
+    launch = {**DEFAULTS, **launch}
     config_path = work_dir / "train_config.json"
-    config_path.write_text(json.dumps(settings, indent=2, sort_keys=True))
     cmd = command(module, config_path, launch)
+    ds = launch["deepspeed"]
+    settings = {**settings, "deepspeed": json.loads(deepspeed_config(ds).read_text()) if ds else None}
+    config_path.write_text(json.dumps(settings, indent=2, sort_keys=True))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if launch["launcher"] != "direct" and not _has_gpu():
+        env.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's CPU accelerator; the trainers then use gloo
     tail: deque[bytes] = deque(maxlen=64)  # last chunks of output, for the error message
     with open(work_dir / log_name, "ab") as log:
         log.write(f"$ {' '.join(cmd)}\n".encode())
-        proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent
-        )
-        assert proc.stdout is not None
-        # Chunks, not lines: progress bars redraw with \r and would otherwise show only when they finish.
-        for chunk in iter(lambda: os.read(proc.stdout.fileno(), 1 << 16), b""):
-            log.write(chunk)
-            log.flush()
-            sys.stderr.buffer.write(chunk)
-            sys.stderr.flush()
-            tail.append(chunk)
-        code = proc.wait()
+        with subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent
+        ) as proc:
+            assert proc.stdout is not None
+            # Chunks, not lines: progress bars redraw with \r and would otherwise show only when they finish.
+            for chunk in iter(lambda: os.read(proc.stdout.fileno(), 1 << 16), b""):
+                log.write(chunk)
+                log.flush()
+                sys.stderr.buffer.write(chunk)
+                sys.stderr.flush()
+                tail.append(chunk)
+            code = proc.wait()
     if code != 0:
         last = b"".join(tail).decode(errors="replace").replace("\r", "\n").splitlines()[-30:]
         raise StageFailed(

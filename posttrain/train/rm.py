@@ -18,7 +18,8 @@ plain Bradley-Terry one. The process resumes from its last Trainer checkpoint, m
 accuracy before and after training, and leaves `model/` (a plain HF folder that `RewardModelScorer` loads) with
 `posttrain_reward.json` (mean and std of its scores on training responses, for `normalize=True`).
 
-The driver side, `rm_stage`, builds the frozen settings and launches this module.
+The driver side, `rm_stage`, builds the frozen settings and launches this module (one process, or one per
+rank under torchrun / accelerate launch with DeepSpeed ZeRO-3: see posttrain/train/common.py).
 """
 
 from __future__ import annotations
@@ -30,12 +31,12 @@ import os
 import random
 import shutil
 import statistics
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from posttrain.config import RMConfig  # noqa: F401 - the stage's settings, re-exported for callers
 from posttrain.rundir import StageResult
+from posttrain.train import common
 
 NORM_SAMPLE = 4096  # training responses scored for the normalisation statistics
 
@@ -125,14 +126,9 @@ def preference_pairs(paths: list[str], min_difference: float) -> tuple[list[dict
 
 
 def split_pairs(pairs: list[dict], eval_fraction: float) -> tuple[list[dict], list[dict]]:
-    """Held out by prompt (the SFT stage's rule), at least one prompt when eval_fraction > 0 and there are two."""
-    from posttrain.train.sft import _held_out
-
-    held = [_held_out(p["prompt_key"], eval_fraction) for p in pairs]
-    keys = {p["prompt_key"] for p in pairs}
-    if eval_fraction > 0 and not any(held) and len(keys) > 1:
-        first = pairs[0]["prompt_key"]
-        held = [p["prompt_key"] == first for p in pairs]
+    """Held out by prompt (the SFT and DPO stages' rule), at least one prompt when eval_fraction > 0 and there are
+    two."""
+    held = common.held_out([p["prompt_key"] for p in pairs], eval_fraction)
     return [p for p, h in zip(pairs, held) if not h], [p for p, h in zip(pairs, held) if h]
 
 
@@ -196,8 +192,9 @@ def pairwise_accuracy(model, ds, pad_token_id: int, batch_size: int) -> float:
     return sum(c > r for c, r in zip(chosen, rejected)) / len(chosen)
 
 
-def build_trainer(settings: dict, train_ds, tokenizer):
-    """RewardTrainer on the backbone in settings["model"] with a fresh one-output head."""
+def build_trainer(settings: dict, train_ds, tokenizer, distributed: dict | None = None):
+    """RewardTrainer on the backbone in settings["model"] with a fresh one-output head; `distributed`: the extra
+    TrainingArguments fields from `common.setup`."""
     import torch
     from trl import RewardConfig, RewardTrainer
 
@@ -227,6 +224,7 @@ def build_trainer(settings: dict, train_ds, tokenizer):
         remove_unused_columns=False,  # keep the segment-id columns for PairCollator
         model_init_kwargs={"dtype": torch.float32},
         disable_tqdm=False,
+        **(distributed or {}),
     )
     return RewardTrainer(
         model=settings["model"],
@@ -243,6 +241,7 @@ def train(settings: dict) -> dict:
 
     from reward.rm_scorer import NORM_FILE, length_limit, prepare_tokenizer, score_inputs
 
+    distributed = common.setup(settings)  # before the trainer's config; the trainer loads the model after it
     out = Path(settings["output_dir"])
     trainer_dir = out / "trainer"
     tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(settings["model"]))
@@ -265,10 +264,12 @@ def train(settings: dict) -> dict:
         ) if limit else 0,
     }
 
-    trainer = build_trainer(settings, train_ds, tokenizer)
+    trainer = build_trainer(settings, train_ds, tokenizer, distributed)
     bs = settings["batch_size"] * 2
     if eval_ds is not None:
-        metrics["eval_accuracy_before"] = pairwise_accuracy(trainer.model, eval_ds, tokenizer.pad_token_id, bs)
+        metrics["eval_accuracy_before"] = pairwise_accuracy(
+            _untrained_scorer(trainer), eval_ds, tokenizer.pad_token_id, bs
+        )
     last = get_last_checkpoint(str(trainer_dir)) if trainer_dir.exists() else None
     metrics["resumed_from"] = Path(last).name if last else None
     result = trainer.train(resume_from_checkpoint=last)
@@ -299,20 +300,29 @@ def train(settings: dict) -> dict:
     metrics.update(score_mean=stats["score_mean"], score_std=stats["score_std"])
 
     model_dir = out / "model"
-    trainer.model.save_pretrained(str(model_dir), safe_serialization=True)
-    tokenizer.save_pretrained(str(model_dir))
-    (model_dir / NORM_FILE).write_text(json.dumps(stats, indent=2))
-    if not settings["keep_checkpoints"]:
-        shutil.rmtree(trainer_dir, ignore_errors=True)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    common.save_model(trainer, model_dir, tokenizer, merge_lora=False)
+    if common.is_main():
+        (model_dir / NORM_FILE).write_text(json.dumps(stats, indent=2))
+        if not settings["keep_checkpoints"]:
+            shutil.rmtree(trainer_dir, ignore_errors=True)
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
 
 
+def _untrained_scorer(trainer):
+    """The model to score with before training. Under ZeRO-3 its weights are still shards until train() wraps it
+    in the engine that gathers them for each forward, so it goes into an inference engine first (as TRL does for
+    DPO's reference log-probs); every rank scores the same inputs."""
+    plugin = trainer.accelerator.state.deepspeed_plugin
+    if plugin is None or plugin.zero_stage != 3:
+        return trainer.model
+    from trl.models import prepare_deepspeed
+
+    return prepare_deepspeed(trainer.model, trainer.accelerator)
+
+
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        sys.exit("usage: python -m posttrain.train.rm TRAIN_CONFIG.json")
-    train(json.loads(Path(argv[0]).read_text()))
+    common.main(train, "posttrain.train.rm", argv)
 
 
 if __name__ == "__main__":

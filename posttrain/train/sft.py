@@ -6,18 +6,18 @@ the chat template is), optionally through a LoRA adapter merged on save. It resu
 checkpoint in its folder, measures the loss on held-out prompts before and after training, and leaves a plain
 Hugging Face folder in `model/`.
 
-The driver side, `sft_stage`, builds the frozen settings and launches this module.
+The driver side, `sft_stage`, builds the frozen settings and launches this module (one process, or one per
+rank under torchrun / accelerate launch with DeepSpeed ZeRO-3: see posttrain/train/common.py).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
-import sys
 from pathlib import Path
 
 from posttrain.rundir import StageResult
+from posttrain.train import common
 
 
 def sft_stage(cfg: dict, inputs: dict[str, str], out: Path) -> StageResult:
@@ -48,17 +48,9 @@ def sft_stage(cfg: dict, inputs: dict[str, str], out: Path) -> StageResult:
 # ---- the training process -----------------------------------------------------------------------------------
 
 
-def _held_out(prompt_id: str, fraction: float) -> bool:
-    # By prompt, not by row: all K samples of a prompt fall on the same side of the split.
-    return int(hashlib.sha256(prompt_id.encode()).hexdigest()[:8], 16) / 16**8 < fraction
-
-
 def build_datasets(paths: list[str], eval_fraction: float):
     """Generation rows -> TRL conversational prompt-completion rows, split into train and held-out sets."""
-    import datasets
-
-    # In memory: mapping a dataset loaded from disk writes cache files into the input stage's finished folder.
-    ds = datasets.concatenate_datasets([datasets.load_from_disk(p, keep_in_memory=True) for p in paths])
+    ds = common.load_datasets(paths)
     missing = {"prompt_id", "messages", "text"} - set(ds.column_names)
     if missing:
         raise ValueError(f"SFT data {paths} lacks columns {sorted(missing)}")
@@ -69,9 +61,7 @@ def build_datasets(paths: list[str], eval_fraction: float):
         desc="SFT rows",
         load_from_cache_file=False,
     ).add_column("prompt_id", ds["prompt_id"])
-    held = [_held_out(pid, eval_fraction) for pid in ds["prompt_id"]]
-    if eval_fraction > 0 and not any(held) and len(set(ds["prompt_id"])) > 1:
-        held = [pid == ds["prompt_id"][0] for pid in ds["prompt_id"]]  # at least one prompt held out
+    held = common.held_out(ds["prompt_id"], eval_fraction)
     train = ds.select([i for i, h in enumerate(held) if not h]).remove_columns("prompt_id")
     evals = ds.select([i for i, h in enumerate(held) if h]).remove_columns("prompt_id")
     return train, (evals if len(evals) else None)
@@ -84,6 +74,7 @@ def train(settings: dict) -> dict:
     from transformers.trainer_utils import get_last_checkpoint
     from trl import SFTConfig, SFTTrainer
 
+    distributed = common.setup(settings)  # before the trainer's config; the model loads after it
     out = Path(settings["output_dir"])
     trainer_dir = out / "trainer"
     gpu = torch.cuda.is_available()
@@ -111,6 +102,7 @@ def train(settings: dict) -> dict:
         gradient_checkpointing=gpu,
         dataset_num_proc=None,
         disable_tqdm=False,
+        **distributed,
     )
     tokenizer = AutoTokenizer.from_pretrained(settings["model"])
     if tokenizer.pad_token is None:
@@ -138,7 +130,7 @@ def train(settings: dict) -> dict:
     )
     metrics: dict = {"train_rows": len(train_ds), "eval_rows": len(eval_ds) if eval_ds is not None else 0}
     if eval_ds is not None:
-        metrics["eval_loss_before"] = trainer.evaluate()["eval_loss"]
+        metrics["eval_loss_before"] = common.evaluate_before_training(trainer)["eval_loss"]
     last = get_last_checkpoint(str(trainer_dir)) if trainer_dir.exists() else None
     metrics["resumed_from"] = Path(last).name if last else None
     result = trainer.train(resume_from_checkpoint=last)
@@ -150,21 +142,16 @@ def train(settings: dict) -> dict:
     if eval_ds is not None:
         metrics["eval_loss_after"] = trainer.evaluate()["eval_loss"]
 
-    final = trainer.model.merge_and_unload() if peft_config is not None else trainer.model
-    model_dir = out / "model"
-    final.save_pretrained(str(model_dir), safe_serialization=True)
-    tokenizer.save_pretrained(str(model_dir))
-    if not settings["keep_checkpoints"]:
-        shutil.rmtree(trainer_dir, ignore_errors=True)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    common.save_model(trainer, out / "model", tokenizer, merge_lora=peft_config is not None)
+    if common.is_main():
+        if not settings["keep_checkpoints"]:
+            shutil.rmtree(trainer_dir, ignore_errors=True)
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        sys.exit("usage: python -m posttrain.train.sft TRAIN_CONFIG.json")
-    train(json.loads(Path(argv[0]).read_text()))
+    common.main(train, "posttrain.train.sft", argv)
 
 
 if __name__ == "__main__":

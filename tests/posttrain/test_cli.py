@@ -196,9 +196,9 @@ def test_cfg_job_prints_the_recipe_without_running(tmp_path):
 
 def test_multirun_gives_each_job_its_own_run_dir(tmp_path):
     posttrain("-m", "experiment=tiny", f"run_dir={tmp_path}", "data.num_prompts=4", "sft.enabled=false",
-              "generate.k=1,2")
+              "dpo.enabled=false", "generate.k=1,2")
     for k in (1, 2):  # Hydra's override_dirname, less round/run_dir/redo/experiment
-        job_dir = tmp_path / f"data.num_prompts=4,generate.k={k},sft.enabled=False"
+        job_dir = tmp_path / f"data.num_prompts=4,dpo.enabled=False,generate.k={k},sft.enabled=False"
         assert stage(job_dir, 1, "generate")["rows"] == 4 * k
 
 
@@ -211,7 +211,7 @@ def test_user_recipe_from_own_config_dir(tmp_path):
         f"# posttrain --config-dir {tmp_path / 'recipes'} experiment=mine\n"
         "defaults:\n  - tiny\n"
         f"name: mine\nrun_dir: {tmp_path / 'run'}\ndata:\n  prompts: {prompts}\n  num_prompts: 3\n"
-        "sft:\n  enabled: false\n"
+        "sft:\n  enabled: false\ndpo:\n  enabled: false\n"
     )
     posttrain("--config-dir", str(tmp_path / "recipes"), "experiment=mine")
     assert sorted({t[0] for t in texts(tmp_path / "run")}) == ["m0", "m1", "m2"]

@@ -1,0 +1,148 @@
+"""What the three training processes (sft, dpo, rm) share: the distributed set-up, the rank that writes files,
+the by-prompt held-out split, and reading input datasets.
+
+One process (`launch.launcher=direct`) needs none of the distributed part: `setup` returns no extra trainer
+arguments and `is_main` is true. Under `torchrun` / `accelerate launch` with a DeepSpeed config, every rank runs
+the same code; the HF/TRL trainers then need, before their config is built (DESIGN.md, "CPU facts"):
+ACCELERATE_USE_DEEPSPEED, a PartialState built first (gloo on CPU) that the trainer reuses
+(`use_configured_state`), and the model loaded after the config, so ZeRO-3 partitions it while it loads.
+Work that runs a forward pass (evaluate, reference log-probs, reward scoring) runs on every rank: under ZeRO-3
+each forward gathers the weights from all ranks. Only global rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def main(train, module: str, argv: list[str] | None = None) -> None:
+    """Entry point of a training process, `python -m <module> TRAIN_CONFIG.json`: `train(settings)` on every rank,
+    then `finish()`."""
+    if "LOCAL_RANK" in os.environ:  # a worker of torchrun / accelerate launch
+        from posttrain.train.launch import die_with_parent
+
+        # The launchers start their workers in sessions of their own and leave them running when killed: the
+        # driver's death kills the launcher (launch.py), and the launcher's death this worker.
+        die_with_parent()
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        sys.exit(f"usage: python -m {module} TRAIN_CONFIG.json")
+    # `record`: under torchrun / accelerate, the launcher's failure summary (the end of the stage's log) then
+    # shows the worker's exception instead of "error_file: <N/A>".
+    record(train)(json.loads(Path(argv[0]).read_text()))
+    finish()
+
+
+def setup(settings: dict) -> dict:
+    """Call first in a training process, before any TrainingArguments is built. `settings["deepspeed"]` (the
+    DeepSpeed config dict the launcher froze into the settings, or None). Returns extra TrainingArguments fields:
+    {} without DeepSpeed, else the DeepSpeed config and `use_configured_state`."""
+    ds_config = settings.get("deepspeed")
+    if not ds_config:
+        return {}
+    if "LOCAL_RANK" not in os.environ:
+        raise RuntimeError(
+            "the settings name a DeepSpeed config, but this process was not started by torchrun or accelerate "
+            "launch (set launch.launcher=torchrun or accelerate)"
+        )
+    import torch
+    from accelerate import PartialState
+
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    PartialState(**({} if torch.cuda.is_available() else {"backend": "gloo"}))
+    # A copy: the trainer fills the config's "auto" values in place.
+    return {"deepspeed": copy.deepcopy(ds_config), "accelerator_config": {"use_configured_state": True}}
+
+
+def is_main() -> bool:
+    """True in the process that writes files: global rank 0, or the only process."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def finish() -> None:
+    """End of a training process: wait for every rank, then close the process group (a no-op for one process)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def evaluate_before_training(trainer) -> dict:
+    """`trainer.evaluate()` before `trainer.train()`, on every rank. Under DeepSpeed, evaluate() wraps the model in
+    an inference engine that train() would then take for its own and never set up for training (transformers
+    5.23): the engine is dropped again, and train() builds the training one."""
+    metrics = trainer.evaluate()
+    if trainer.is_deepspeed_enabled:
+        trainer.model_wrapped, trainer.deepspeed = trainer.model, None
+    return metrics
+
+
+def save_model(trainer, model_dir: Path, tokenizer, merge_lora: bool) -> None:
+    """Write the trained model as a plain HF folder (full weights, a LoRA adapter merged) plus the tokenizer.
+    Called on every rank: under ZeRO-3 the weights are gathered from all of them (the DeepSpeed config's
+    `stage3_gather_16bit_weights_on_model_save`) and rank 0 writes."""
+    if not trainer.is_deepspeed_enabled:
+        if is_main():
+            final = trainer.model.merge_and_unload() if merge_lora else trainer.model
+            final.save_pretrained(str(model_dir), safe_serialization=True)
+            tokenizer.save_pretrained(str(model_dir))
+        barrier()
+        return
+    if merge_lora:  # gather the adapter, then merge it into a fresh full copy of the base model on rank 0
+        adapter_dir = model_dir.with_name(model_dir.name + "_adapter")
+        trainer.save_model(str(adapter_dir))
+        if is_main():
+            _merge_adapter(adapter_dir, model_dir, tokenizer)
+    else:
+        trainer.save_model(str(model_dir))
+        if is_main():
+            (model_dir / "training_args.bin").unlink(missing_ok=True)
+            tokenizer.save_pretrained(str(model_dir))
+    barrier()
+
+
+def _merge_adapter(adapter_dir: Path, model_dir: Path, tokenizer) -> None:
+    import shutil
+
+    import torch
+    from peft import AutoPeftModelForCausalLM
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    # Training is over: load the base model whole in this process, not partitioned across ranks by ZeRO-3.
+    unset_hf_deepspeed_config()
+    merged = AutoPeftModelForCausalLM.from_pretrained(str(adapter_dir), dtype=torch.float32).merge_and_unload()
+    merged.save_pretrained(str(model_dir), safe_serialization=True)
+    tokenizer.save_pretrained(str(model_dir))
+    shutil.rmtree(adapter_dir, ignore_errors=True)
+
+
+def held_out(keys: list[str], fraction: float) -> list[bool]:
+    """Which rows to hold out, by prompt (`keys`: one prompt key per row), not by row: all rows of a prompt fall
+    on the same side. At least one prompt is held out when `fraction` > 0 and there are two or more."""
+    held = [int(hashlib.sha256(k.encode()).hexdigest()[:8], 16) / 16**8 < fraction for k in keys]
+    if fraction > 0 and not any(held) and len(set(keys)) > 1:
+        held = [k == keys[0] for k in keys]
+    return held
+
+
+def load_datasets(paths: list[str]):
+    """The `datasets` folders in `paths`, concatenated, in memory: a map on a dataset loaded from disk would write
+    its cache files into the input stage's finished folder."""
+    import datasets
+
+    return datasets.concatenate_datasets([datasets.load_from_disk(p, keep_in_memory=True) for p in paths])

@@ -1,0 +1,152 @@
+"""The stage launcher: the exact command line of each launcher (checked against the launchers' own argument
+parsers), the DeepSpeed configs it resolves, the recipe mistakes it refuses, and a failing torchrun child failing
+the stage with the worker's exception in the error."""
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+from posttrain.config import LaunchConfig
+from posttrain.errors import PosttrainError
+from posttrain.train.launch import StageFailed, command, deepspeed_config, run_training
+
+MODULE, CFG = "posttrain.train.sft", Path("/run/round_1/04_sft/train_config.json")
+ZERO3 = str(deepspeed_config("zero3"))
+
+
+def _launch(**fields) -> dict:
+    from dataclasses import asdict
+
+    return {**asdict(LaunchConfig()), **fields}
+
+
+def test_direct_runs_the_module_in_one_process():
+    assert command(MODULE, CFG, _launch()) == [sys.executable, "-m", MODULE, str(CFG)]
+    assert command(MODULE, CFG, {"launcher": "direct", "nproc": 1}) == [sys.executable, "-m", MODULE, str(CFG)]
+
+
+def test_torchrun_one_node_takes_a_free_port():
+    cmd = command(MODULE, CFG, _launch(launcher="torchrun", nproc=2, deepspeed="zero3"))
+    assert cmd == [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                   "-m", MODULE, str(CFG)]
+    # The DeepSpeed config travels in the frozen settings, not on torchrun's command line.
+    args = _torchrun_args(cmd)
+    assert args.standalone and args.nproc_per_node == "2" and args.module
+    assert (args.training_script, args.training_script_args) == (MODULE, [str(CFG)])
+
+
+def test_torchrun_multi_node():
+    launch = _launch(launcher="torchrun", nproc=8, nnodes=2, node_rank=1, master_addr="10.0.0.1", deepspeed="zero3")
+    cmd = command(MODULE, CFG, launch)
+    assert cmd == [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "8", "--nnodes", "2",
+                   "--node_rank", "1", "--master_addr", "10.0.0.1", "--master_port", "29500", "-m", MODULE, str(CFG)]
+    args = _torchrun_args(cmd)
+    assert (args.nnodes, args.node_rank, args.master_addr, args.master_port) == ("2", 1, "10.0.0.1", 29500)
+    assert command(MODULE, CFG, {**launch, "master_port": 6000})[-4] == "6000"
+
+
+def test_accelerate_one_node_with_deepspeed():
+    cmd = command(MODULE, CFG, _launch(launcher="accelerate", nproc=2, deepspeed="zero3"))
+    assert cmd == [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+                   "--use_deepspeed", "--deepspeed_config_file", ZERO3, "--main_process_port", "0",
+                   "-m", MODULE, str(CFG)]
+    args = _accelerate_args(cmd)
+    assert args.use_deepspeed and args.num_processes == 2 and args.deepspeed_config_file == ZERO3
+    assert args.module and (args.training_script, args.training_script_args) == (MODULE, [str(CFG)])
+
+
+def test_accelerate_multi_node_on_every_node():
+    cmd = command(MODULE, CFG, _launch(launcher="accelerate", nproc=8, nnodes=2, node_rank=1, master_addr="10.0.0.1",
+                                       master_port=6000, deepspeed="zero3_offload"))
+    assert cmd == [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "16", "--num_machines", "2",
+                   "--use_deepspeed", "--deepspeed_config_file", str(deepspeed_config("zero3_offload")),
+                   "--machine_rank", "1", "--main_process_ip", "10.0.0.1", "--main_process_port", "6000",
+                   "--deepspeed_multinode_launcher", "standard", "-m", MODULE, str(CFG)]
+    args = _accelerate_args(cmd)
+    assert (args.num_machines, args.machine_rank, args.deepspeed_multinode_launcher) == (2, 1, "standard")
+
+
+def test_accelerate_multi_node_from_a_hostfile():
+    cmd = command(MODULE, CFG, _launch(launcher="accelerate", nproc=8, nnodes=4, master_addr="10.0.0.1",
+                                       hostfile="/etc/ds_hostfile", deepspeed="zero3"))
+    assert cmd == [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "32", "--num_machines", "4",
+                   "--use_deepspeed", "--deepspeed_config_file", ZERO3, "--deepspeed_hostfile", "/etc/ds_hostfile",
+                   "--deepspeed_multinode_launcher", "pdsh", "--main_process_ip", "10.0.0.1",
+                   "--main_process_port", "29500", "-m", MODULE, str(CFG)]
+    assert _accelerate_args(cmd).deepspeed_hostfile == "/etc/ds_hostfile"
+
+
+def test_accelerate_without_deepspeed_is_plain_ddp():
+    cmd = command(MODULE, CFG, _launch(launcher="accelerate", nproc=2))
+    assert "--multi_gpu" in cmd and "--use_deepspeed" not in cmd
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"launcher": "mpirun"}, "launch.launcher must be one of"),
+        ({"nproc": 2}, "launcher=direct starts one process"),
+        ({"deepspeed": "zero3"}, "launcher=direct starts one process"),
+        ({"launcher": "torchrun", "nproc": 0}, "nproc >= 1"),
+        ({"launcher": "torchrun", "nnodes": 2, "node_rank": 2, "master_addr": "h"}, "node_rank < nnodes"),
+        ({"launcher": "torchrun", "nnodes": 2}, "needs launch.master_addr"),
+        ({"launcher": "torchrun", "nnodes": 2, "master_addr": "h", "hostfile": "f", "deepspeed": "zero3"},
+         "launch.hostfile is DeepSpeed's"),
+        ({"launcher": "accelerate", "nnodes": 2, "master_addr": "h", "hostfile": "f"},
+         "launch.hostfile is DeepSpeed's"),
+        ({"launcher": "accelerate", "deepspeed": "zero2"},
+         "neither one of recipes/deepspeed/ ['zero3', 'zero3_offload']"),
+    ],
+)
+def test_bad_launch_settings_are_refused(fields, message):
+    with pytest.raises(PosttrainError, match=re.escape(message)):
+        command(MODULE, CFG, _launch(**fields))
+
+
+def test_deepspeed_configs_ship_with_the_recipes(tmp_path):
+    for name, offload in (("zero3", False), ("zero3_offload", True)):
+        path = deepspeed_config(name)
+        assert path.parent.name == "deepspeed" and path.parent.parent.name == "recipes"
+        ds = json.loads(path.read_text())
+        zero = ds["zero_optimization"]
+        assert zero["stage"] == 3 and zero["stage3_gather_16bit_weights_on_model_save"] is True
+        assert ("offload_param" in zero and "offload_optimizer" in zero) == offload
+        # Precision and batch sizes come from the stage's settings: bf16 on GPU, fp32 on CPU.
+        assert ds["bf16"]["enabled"] == "auto" and ds["train_micro_batch_size_per_gpu"] == "auto"
+    own = tmp_path / "mine.json"
+    own.write_text("{}")
+    assert deepspeed_config(str(own)) == own
+
+
+@pytest.mark.slow  # ~20 s: two workers import torch and TRL before the failure
+def test_a_failing_torchrun_worker_fails_the_stage_with_its_exception(tmp_path):
+    missing = tmp_path / "no-such-dataset"
+    settings = {"output_dir": str(tmp_path), "data": [str(missing)], "eval_fraction": 0.1}
+    launch = {"launcher": "torchrun", "nproc": 2, "deepspeed": "zero3"}
+    with pytest.raises(StageFailed) as err:
+        run_training("posttrain.train.sft", settings, tmp_path, launch)
+    message = str(err.value)
+    assert "posttrain.train.sft exited with code 1" in message and str(tmp_path / "train.log") in message
+    # The worker's own exception is in the tail, not only torchrun's summary.
+    assert f"FileNotFoundError: Directory {missing} not found" in message
+    log = (tmp_path / "train.log").read_text()
+    assert log.startswith(f"$ {sys.executable} -m torch.distributed.run --nproc_per_node 2 --standalone")
+    frozen = json.loads((tmp_path / "train_config.json").read_text())
+    assert frozen["deepspeed"]["zero_optimization"]["stage"] == 3  # the config the workers read
+
+
+def _torchrun_args(cmd):
+    from torch.distributed.run import get_args_parser
+
+    assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    return get_args_parser().parse_args(cmd[3:])
+
+
+def _accelerate_args(cmd):
+    from accelerate.commands.launch import launch_command_parser
+
+    assert cmd[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
+    return launch_command_parser().parse_args(cmd[3:])

@@ -1,0 +1,208 @@
+"""Real DeepSpeed ZeRO-3: the SFT, DPO and RM stages launched with 2 processes on CPU (gloo), through the stage
+functions a run calls, on the tiny model. Each leaves a plain HF folder with the full weights gathered from the
+shards, and 2-process ZeRO-3 trains the same model as 1 process.
+
+Why SFT's 1-process and 2-process loss curves can be compared step by step: both runs take the same global batch
+(8 rows: 8 on one process, 4 on each of two), and accelerate's seedable sampler gives every rank the same
+permutation, rank r taking the per-device batches r, r + 2, ..., so optimizer step k sees the rows of the
+1-process run's batch k. The loss is normalised by the token count of the whole global batch across ranks, and
+the weights start from the same checkpoint (ZeRO-3 partitions it as it loads). The math is the same; what is left
+is float32 summation order in gloo's reduce-scatter and all-gather: measured at ~1e-7 relative on every step of
+this run. The tolerance, 1e-4 relative, is 1000x that and well below what a distribution bug does (a rank's half
+of the batch lost or counted twice, gradients summed instead of averaged, a step count off) which moves the loss
+by more than 1e-2 from the second step.
+"""
+
+import dataclasses
+import json
+import random
+from pathlib import Path
+
+import datasets
+import pytest
+from safetensors.torch import load_file
+
+from posttrain.config import DPOConfig, RMConfig, SFTConfig
+from posttrain.models import resolve_model
+from posttrain.train.dpo import dpo_stage
+from posttrain.train.rm import rm_stage
+from posttrain.train.sft import sft_stage
+
+pytestmark = pytest.mark.slow  # ~20-30 s a stage: two processes import torch, TRL and DeepSpeed
+
+TINY = "tiny://layers=2,hidden=64,seed=0"
+ZERO3 = {"launcher": "torchrun", "nproc": 2, "deepspeed": "zero3"}
+TOPICS = ["the sea", "the stars", "autumn leaves", "France", "a week", "the sky", "prime numbers", "London",
+          "fruit", "python", "the moon", "books", "cats", "dogs", "rain", "snow"]
+LORA = {"enabled": True, "r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
+
+
+@pytest.fixture(scope="module")
+def base() -> Path:
+    return Path(resolve_model(TINY))
+
+
+@pytest.fixture(scope="module")
+def sft_data(tmp_path_factory) -> str:
+    """16 prompts, 2 answers each."""
+    rows = [
+        {"prompt_id": f"p{i}", "messages": [{"role": "user", "content": f"Tell me about {topic}."}],
+         "text": f"Here is a short answer about {topic}{'.' if k else ', in a few words.'} It is nice."}
+        for i, topic in enumerate(TOPICS) for k in range(2)
+    ]
+    path = tmp_path_factory.mktemp("sft-data") / "generations"
+    datasets.Dataset.from_list(rows).save_to_disk(str(path))
+    return str(path)
+
+
+def _sft_cfg(launch: dict, batch_size: int, **overrides) -> dict:
+    cfg = dataclasses.asdict(SFTConfig(learning_rate=3e-3, epochs=2, batch_size=batch_size, max_length=128,
+                                       logging_steps=1, save_steps=1000, eval_fraction=0.2, lr_scheduler="constant"))
+    return {**cfg, **overrides, "seed": 0, "launch": launch}
+
+
+def _check_full_folder(folder: Path, base: Path, auto_class=None) -> dict:
+    """`folder` loads as a complete HF model whose every tensor has its full shape (a ZeRO-3 shard saved as is
+    would be empty); returns its weights."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, info = (auto_class or AutoModelForCausalLM).from_pretrained(folder, output_loading_info=True)
+    assert not info["missing_keys"] and not info["mismatched_keys"], info
+    AutoTokenizer.from_pretrained(folder)
+    weights, start = load_file(str(folder / "model.safetensors")), load_file(str(base / "model.safetensors"))
+    assert all(t.numel() > 0 for t in weights.values())
+    shared = weights.keys() & start.keys()
+    assert len(shared) >= len(start) - 1  # a sequence classifier has `score` instead of `lm_head`
+    assert all(weights[k].shape == start[k].shape for k in shared)
+    assert not (folder / "training_args.bin").exists()
+    return weights
+
+
+def test_sft_under_zero3_matches_one_process(tmp_path, base, sft_data):
+    inputs = {"model": TINY, "data": sft_data}
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    single = sft_stage(_sft_cfg({"launcher": "direct", "nproc": 1}, batch_size=8), inputs, one).metrics
+    zero3 = sft_stage(_sft_cfg(ZERO3, batch_size=4), inputs, two).metrics
+    print("1 process:", [round(c["loss"], 6) for c in single["loss_curve"]])
+    print("ZeRO-3, 2 processes:", [round(c["loss"], 6) for c in zero3["loss_curve"]])
+
+    assert zero3["train_rows"] == single["train_rows"] == 24 and zero3["steps"] == single["steps"] == 6
+    assert [c["step"] for c in zero3["loss_curve"]] == [c["step"] for c in single["loss_curve"]] == list(range(1, 7))
+    for a, b in zip(single["loss_curve"], zero3["loss_curve"]):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), (a, b)
+    assert zero3["loss_curve"][-1]["loss"] < zero3["loss_curve"][0]["loss"] - 1.0
+    assert zero3["eval_loss_after"] < zero3["eval_loss_before"]
+
+    # Tensor by tensor, not element by element: Adam divides by sqrt(v), so an element whose true gradient is ~0
+    # moves by up to lr on rounding noise alone (measured: 2 embedding entries 4e-4 apart, while every tensor is
+    # within 1.1e-4 of its norm, and within 1e-3 of how far training moved it).
+    gathered, reference = _check_full_folder(two / "model", base), _check_full_folder(one / "model", base)
+    start = load_file(str(base / "model.safetensors"))
+    assert gathered.keys() == reference.keys()
+    for name, tensor in reference.items():
+        difference = (gathered[name] - tensor).norm()
+        assert difference <= 1e-3 * tensor.norm() and difference <= 1e-2 * (tensor - start[name]).norm(), name
+    # The launcher froze the DeepSpeed config into the workers' settings; rank 0 alone wrote the outputs.
+    frozen = json.loads((two / "train_config.json").read_text())
+    assert frozen["deepspeed"]["zero_optimization"]["stage"] == 3
+    assert "-m torch.distributed.run --nproc_per_node 2" in (two / "train.log").read_text()
+    assert sorted(p.name for p in two.iterdir()) == ["metrics.json", "model", "train.log", "train_config.json"]
+
+
+def test_sft_with_lora_through_accelerate_launch(tmp_path, base, sft_data):
+    """`accelerate launch --use_deepspeed`, and a LoRA adapter gathered from the shards and merged on rank 0."""
+    out = tmp_path / "sft"
+    out.mkdir()
+    launch = {**ZERO3, "launcher": "accelerate"}
+    m = sft_stage(_sft_cfg(launch, batch_size=4, lora=LORA), {"model": TINY, "data": sft_data}, out).metrics
+    assert "-m accelerate.commands.launch --num_processes 2" in (out / "train.log").read_text()
+    assert m["steps"] == 6 and m["loss_curve"][-1]["loss"] < m["loss_curve"][0]["loss"]
+
+    merged, start = _check_full_folder(out / "model", base), load_file(str(base / "model.safetensors"))
+    assert merged.keys() == start.keys()  # merged: no lora_A / lora_B left
+    for name, tensor in start.items():
+        moved = (merged[name] - tensor).abs().max().item()
+        if "q_proj" in name or "v_proj" in name:
+            assert moved > 1e-3, name
+        else:
+            assert moved == 0.0, name
+    assert not (out / "model_adapter").exists()
+
+
+def test_dpo_under_zero3(tmp_path, base):
+    from posttrain.train.dpo import Llama3DPOTrainer, build_datasets, load_policy, trl_args
+
+    rows = [
+        {"prompt_id": f"p{i}",
+         "messages": [{"role": "system", "content": "You are a helpful assistant."},
+                      {"role": "user", "content": f"Tell me about {topic}."}],
+         "chosen": f"Here is a short answer about {topic}. Good answers are helpful.",
+         "rejected": f"I don't know the answer about {topic}!!!"}
+        for i, topic in enumerate(TOPICS[:12])
+    ]
+    pairs = tmp_path / "pairs"
+    datasets.Dataset.from_list(rows).save_to_disk(str(pairs))
+    out = tmp_path / "dpo"
+    out.mkdir()
+    cfg = dataclasses.asdict(DPOConfig(learning_rate=1e-3, epochs=2, batch_size=2, max_length=256, logging_steps=1,
+                                       save_steps=1000, eval_fraction=0.2, lr_scheduler="constant", warmup_ratio=0.0))
+    m = dpo_stage({**cfg, "seed": 0, "launch": ZERO3}, {"model": TINY, "data": str(pairs)}, out).metrics
+
+    assert m["ref_logps"] == {"train": "computed", "eval": "computed"}
+    assert m["train_rows"] + m["eval_rows"] == 12 and m["steps"] == 4
+    curve = m["loss_curve"]
+    assert curve[-1]["loss"] < curve[0]["loss"] and curve[-1]["reward_margin"] > curve[0]["reward_margin"] + 0.5
+    assert m["eval_after"]["logp_accuracy"] > m["eval_before"]["logp_accuracy"]
+    trained = _check_full_folder(out / "model", base)
+    start = load_file(str(base / "model.safetensors"))
+    assert max((trained[k] - start[k]).abs().max().item() for k in start) > 1e-3
+
+    # The reference log-probs the two ranks computed (each on its half, gathered) are one process's, row by row.
+    stored = datasets.load_from_disk(str(out / "ref_logps" / "train"))
+    settings = json.loads((out / "train_config.json").read_text())
+    train_ds, _ = build_datasets(settings["data"], settings["eval_fraction"])
+    model, tokenizer, _ = load_policy(settings)
+    single = Llama3DPOTrainer(model=model, args=trl_args(settings, tmp_path / "single", disable_tqdm=True),
+                              train_dataset=train_ds, processing_class=tokenizer, ref_store=tmp_path / "single_ref")
+    assert stored["chosen_ids"] == single.train_dataset["chosen_ids"]
+    for col in ("ref_chosen_logps", "ref_rejected_logps"):
+        assert stored[col] == pytest.approx(single.train_dataset[col], rel=1e-5)
+
+
+def test_rm_under_zero3(tmp_path, base):
+    from reward.rm_scorer import NORM_FILE, RewardModelScorer
+    from posttrain.train.rm import preference_pairs, split_pairs
+
+    rng = random.Random(0)
+    rows = []
+    for i in range(40):
+        a, b = rng.randint(1, 99), rng.randint(1, 99)
+        rows.append({"prompt_id": f"p{i}", "messages": [{"role": "user", "content": f"What is {a} plus {b}?"}],
+                     "chosen": f"Thank you for asking! It is {a + b}. Have a nice day.",
+                     "rejected": f"Ugh. {a + b}. Go away."})
+    prefs = tmp_path / "prefs"
+    datasets.Dataset.from_list(rows).save_to_disk(str(prefs))
+    out = tmp_path / "rm"
+    out.mkdir()
+    cfg = dataclasses.asdict(RMConfig(learning_rate=3e-3, epochs=1, batch_size=4, max_length=128, logging_steps=1,
+                                      save_steps=1000, eval_fraction=0.2))
+    result = rm_stage({**cfg, "seed": 0, "launch": ZERO3}, {"model": TINY, "data": str(prefs)}, out)
+    m = result.metrics
+    assert result.rows == m["train_pairs"] and m["train_pairs"] + m["eval_pairs"] == 40
+    assert m["eval_accuracy_after"] >= 0.8 and m["loss_curve"][-1]["loss"] < m["loss_curve"][0]["loss"]
+
+    from transformers import AutoModelForSequenceClassification
+
+    _check_full_folder(out / "model", base, AutoModelForSequenceClassification)
+    # The normalisation statistics were computed by the two ranks on the trained shards; the saved folder, scored
+    # in one process, reproduces them: its normalised scores of the training responses have mean 0 and std 1.
+    stats = json.loads((out / "model" / NORM_FILE).read_text())
+    train_pairs, _ = split_pairs(preference_pairs([str(prefs)], cfg["min_difference"])[0], cfg["eval_fraction"])
+    responses = {(json.dumps(p["messages"]), text) for p in train_pairs for text in (p["chosen"], p["rejected"])}
+    assert stats["responses_scored"] == len(responses)
+    scorer = RewardModelScorer(str(out / "model"), normalize=True, max_length=128)
+    scores = scorer([{"messages": json.loads(msgs)} for msgs, _ in responses], [text for _, text in responses])
+    mean = sum(scores) / len(scores)
+    std = (sum((s - mean) ** 2 for s in scores) / len(scores)) ** 0.5
+    assert mean == pytest.approx(0.0, abs=1e-4) and std == pytest.approx(1.0, abs=1e-4)
