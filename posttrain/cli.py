@@ -11,16 +11,23 @@ In a multirun each job gets its own run directory, `<run_dir>/<overrides>`, so j
 from __future__ import annotations
 
 import sys
+import tempfile
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from posttrain.config import register
 from posttrain.errors import PosttrainError
 
 register()
+# Hydra's own log folder: inside the run directory, except for a dry run, which writes nothing there.
+OmegaConf.register_new_resolver(
+    "posttrain_logs",
+    lambda run_dir, dry_run, now: f"{tempfile.gettempdir()}/posttrain-dry-run/{now}" if dry_run else f"{run_dir}/logs/{now}",
+    replace=True,
+)
 
 
 @hydra.main(version_base="1.3", config_path="pkg://recipes", config_name="config")
