@@ -91,17 +91,12 @@ class LoraConfig:
 
 
 @dataclass
-class SFTConfig:
-    enabled: bool = True
-    # "base": every round fine-tunes `model.path` (the Llama 3 recipe); "policy": continue from the last policy.
-    init: str = "base"
-    # Train on the SFT data of every round so far (Llama 3), or only on this round's.
-    accumulate: bool = True
-    # Several seeds: one model each, averaged into the stage's model (Llama 3 averages at every stage).
-    seeds: List[int] = field(default_factory=list)
-    learning_rate: float = 1e-5  # Llama 3, section 4.1.3
+class TrainingConfig:
+    """What every training stage (SFT, DPO, RM) takes; each stage adds its own keys."""
+
+    learning_rate: float = 1e-5
     epochs: float = 1.0
-    batch_size: int = 8
+    batch_size: int = 8  # per process; the global batch is batch_size x grad_accum x processes
     grad_accum: int = 1
     max_length: int = 1024
     lr_scheduler: str = "cosine"
@@ -109,10 +104,22 @@ class SFTConfig:
     weight_decay: float = 0.0
     logging_steps: int = 10
     save_steps: int = 200
-    # Share of prompts (with all their samples) held out to measure the loss before and after training.
+    # Share of prompts held out to measure the stage's loss or accuracy before and after training.
     eval_fraction: float = 0.1
     keep_checkpoints: bool = False
     report_to: List[str] = field(default_factory=lambda: ["none"])
+    # Several seeds: one model each, averaged into the stage's model (Llama 3 averages at every stage).
+    seeds: List[int] = field(default_factory=list)
+
+
+@dataclass
+class SFTConfig(TrainingConfig):
+    enabled: bool = True
+    # "base": every round fine-tunes `model.path` (the Llama 3 recipe); "policy": continue from the last policy.
+    init: str = "base"
+    # Train on the SFT data of every round so far (Llama 3), or only on this round's.
+    accumulate: bool = True
+    learning_rate: float = 1e-5  # Llama 3, section 4.1.3
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
@@ -143,7 +150,7 @@ class EvalConfig:
 
 
 @dataclass
-class RMConfig:
+class RMConfig(TrainingConfig):
     """Reward-model training (posttrain/train/rm.py). `seed` and `launch` come from the root."""
 
     # Train an RM at the start of each round on all preference pairs selected so far (plus `data`), and add it
@@ -153,30 +160,16 @@ class RMConfig:
     model: Optional[str] = None
     # Extra preference datasets (pairs or ranked rows) used in every round, e.g. human-labelled data.
     data: List[str] = field(default_factory=list)
-    # Several seeds: one model each, averaged into the stage's model (Llama 3 averages at every stage).
-    seeds: List[int] = field(default_factory=list)
     # The paper gives no RM learning rate; 1e-5 is its SFT and DPO rate. Tiny test models want ~1e-3.
-    learning_rate: float = 1e-5
-    epochs: float = 1.0
-    batch_size: int = 8  # pairs per device step (each pair is two sequences)
-    grad_accum: int = 1
-    max_length: int = 1024
+    # batch_size counts pairs (each pair is two sequences).
     lr_scheduler: str = "linear"
-    warmup_ratio: float = 0.0
-    weight_decay: float = 0.0
-    logging_steps: int = 10
-    save_steps: int = 200
-    # Share of prompts (with all their pairs) held out to measure pairwise accuracy before and after training.
-    eval_fraction: float = 0.1
     # A pair is dropped when its responses differ by less than this: difflib similarity ratio of the
     # lower-cased, whitespace-collapsed texts > 1 - min_difference (default: ratio > 0.95).
     min_difference: float = 0.05
-    keep_checkpoints: bool = False
-    report_to: List[str] = field(default_factory=lambda: ["none"])
 
 
 @dataclass
-class DPOConfig:
+class DPOConfig(TrainingConfig):
     """DPO the Llama 3 way (posttrain/train/dpo.py): on this round's SFT model and this round's pairs."""
 
     enabled: bool = True
@@ -185,22 +178,8 @@ class DPOConfig:
     nll_weight: float = 0.2  # NLL on the chosen response, Llama 3 (RPO-style regulariser)
     # Header and termination tokens out of the DPO log-ratios of chosen and rejected (Llama 3); kept in the NLL term.
     mask_format_tokens: bool = True
-    # Several seeds: one model each, averaged into the stage's model (Llama 3 averages at every stage).
-    seeds: List[int] = field(default_factory=list)
-    epochs: float = 1.0
     max_steps: int = -1  # > 0 stops after this many optimizer steps (smoke runs)
-    batch_size: int = 8
-    grad_accum: int = 1
-    max_length: int = 1024
-    lr_scheduler: str = "cosine"
     warmup_ratio: float = 0.1
-    weight_decay: float = 0.0
-    logging_steps: int = 10
-    save_steps: int = 200
-    # Share of prompts (with all their pairs) held out to measure preference accuracy before and after training.
-    eval_fraction: float = 0.1
-    keep_checkpoints: bool = False
-    report_to: List[str] = field(default_factory=lambda: ["none"])
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
