@@ -146,3 +146,33 @@ def load_datasets(paths: list[str]):
     import datasets
 
     return datasets.concatenate_datasets([datasets.load_from_disk(p, keep_in_memory=True) for p in paths])
+
+
+def trainer_args(settings: dict, output_dir: str | Path) -> dict:
+    """TrainingArguments keywords every stage shares, from its frozen settings (TrainingConfig fields + `seed`):
+    schedule, batch, checkpointing for in-stage resume, and precision (fp32 on CPU; bf16 and activation
+    checkpointing on GPU)."""
+    import torch
+
+    gpu = torch.cuda.is_available()
+    return dict(
+        output_dir=str(output_dir),
+        learning_rate=settings["learning_rate"],
+        num_train_epochs=settings["epochs"],
+        per_device_train_batch_size=settings["batch_size"],
+        per_device_eval_batch_size=settings["batch_size"],
+        gradient_accumulation_steps=settings["grad_accum"],
+        lr_scheduler_type=settings["lr_scheduler"],
+        warmup_steps=settings["warmup_ratio"],  # transformers 5: a value below 1 is a ratio of the steps
+        weight_decay=settings["weight_decay"],
+        logging_steps=settings["logging_steps"],
+        save_strategy="steps",
+        save_steps=settings["save_steps"],
+        save_total_limit=2,  # the last checkpoint survives a crash while the next one is written
+        eval_strategy="no",
+        report_to=settings["report_to"],
+        seed=settings["seed"],
+        use_cpu=not gpu,
+        bf16=gpu and torch.cuda.is_bf16_supported(),
+        activation_checkpointing=gpu,
+    )

@@ -314,36 +314,16 @@ def trl_args(settings: dict, output_dir: str | Path, **overrides):
     """The frozen stage settings (DPOConfig fields plus `seed`) -> TRL's DPOConfig: the Llama 3 loss
     (sigmoid + `nll_weight` x NLL on chosen), stored reference log-probs, and CPU/GPU precision. `overrides` are
     TRL DPOConfig fields (tests and benchmarks use them)."""
-    import torch
     from trl import DPOConfig as TRLDPOConfig
 
-    gpu = torch.cuda.is_available()
     kwargs = dict(
-        output_dir=str(output_dir),
-        learning_rate=settings["learning_rate"],
+        **common.trainer_args(settings, output_dir),
         beta=settings["beta"],
         loss_type=["sigmoid", "sft"],
         loss_weights=[1.0, settings["nll_weight"]],
         precompute_ref_log_probs=True,
-        num_train_epochs=settings["epochs"],
         max_steps=settings["max_steps"],
-        per_device_train_batch_size=settings["batch_size"],
-        per_device_eval_batch_size=settings["batch_size"],
-        gradient_accumulation_steps=settings["grad_accum"],
         max_length=settings["max_length"],
-        lr_scheduler_type=settings["lr_scheduler"],
-        warmup_steps=settings["warmup_ratio"],  # transformers 5: a value below 1 is a ratio
-        weight_decay=settings["weight_decay"],
-        logging_steps=settings["logging_steps"],
-        save_strategy="steps",
-        save_steps=settings["save_steps"],
-        save_total_limit=2,
-        eval_strategy="no",
-        report_to=settings["report_to"],
-        seed=settings["seed"],
-        use_cpu=not gpu,
-        bf16=gpu and torch.cuda.is_bf16_supported(),
-        gradient_checkpointing=gpu,
         dataset_num_proc=None,
         disable_tqdm=False,
     )

@@ -198,28 +198,9 @@ def build_trainer(settings: dict, train_ds, tokenizer, distributed: dict | None 
     import torch
     from trl import RewardConfig, RewardTrainer
 
-    gpu = torch.cuda.is_available()
     args = RewardConfig(
-        output_dir=str(Path(settings["output_dir"]) / "trainer"),
-        learning_rate=settings["learning_rate"],
-        num_train_epochs=settings["epochs"],
-        per_device_train_batch_size=settings["batch_size"],
-        per_device_eval_batch_size=settings["batch_size"],
-        gradient_accumulation_steps=settings["grad_accum"],
+        **common.trainer_args(settings, Path(settings["output_dir"]) / "trainer"),
         max_length=None,  # rm_inputs already cut every input to max_length
-        lr_scheduler_type=settings["lr_scheduler"],
-        warmup_steps=settings["warmup_ratio"],
-        weight_decay=settings["weight_decay"],
-        logging_steps=settings["logging_steps"],
-        save_strategy="steps",
-        save_steps=settings["save_steps"],
-        save_total_limit=2,
-        eval_strategy="no",
-        report_to=settings["report_to"],
-        seed=settings["seed"],
-        use_cpu=not gpu,
-        bf16=gpu and torch.cuda.is_bf16_supported(),
-        activation_checkpointing=gpu,  # the new name of gradient_checkpointing (transformers 5)
         center_rewards_coefficient=None,
         remove_unused_columns=False,  # keep the segment-id columns for PairCollator
         model_init_kwargs={"dtype": torch.float32},

@@ -77,29 +77,10 @@ def train(settings: dict) -> dict:
     distributed = common.setup(settings)  # before the trainer's config; the model loads after it
     out = Path(settings["output_dir"])
     trainer_dir = out / "trainer"
-    gpu = torch.cuda.is_available()
     train_ds, eval_ds = build_datasets(settings["data"], settings["eval_fraction"])
     args = SFTConfig(
-        output_dir=str(trainer_dir),
-        learning_rate=settings["learning_rate"],
-        num_train_epochs=settings["epochs"],
-        per_device_train_batch_size=settings["batch_size"],
-        per_device_eval_batch_size=settings["batch_size"],
-        gradient_accumulation_steps=settings["grad_accum"],
+        **common.trainer_args(settings, trainer_dir),
         max_length=settings["max_length"],
-        lr_scheduler_type=settings["lr_scheduler"],
-        warmup_steps=settings["warmup_ratio"],
-        weight_decay=settings["weight_decay"],
-        logging_steps=settings["logging_steps"],
-        save_strategy="steps",
-        save_steps=settings["save_steps"],
-        save_total_limit=2,
-        eval_strategy="no",
-        report_to=settings["report_to"],
-        seed=settings["seed"],
-        use_cpu=not gpu,
-        bf16=gpu and torch.cuda.is_bf16_supported(),
-        gradient_checkpointing=gpu,
         dataset_num_proc=None,
         disable_tqdm=False,
         **distributed,
