@@ -324,6 +324,15 @@ def build_report(run_dir: str | Path) -> Path:
            _table(["round", *cols, "seconds"],
                   [[str(r), *[fmt(counts[r].get(c)) for c in cols],
                     fmt(sum(e["seconds"] for e in data.stages[r].values()))] for r in data.rounds]), ""]
+    filters = {r: e["metrics"].get("filters", {}) for r in data.rounds if (e := data.stages[r].get("filter"))}
+    if filters:  # how many rows each filter removed, and why (Llama 3 tracks its data by quality and topic)
+        names = list(dict.fromkeys(f for per in filters.values() for f in per))
+        reasons = sorted({(f, why) for per in filters.values() for f, m in per.items() for why in m.get("reasons", {})})
+        rows = [[str(r), *[fmt(per.get(f, {}).get("removed")) for f in names],
+                 *[fmt(per.get(f, {}).get("reasons", {}).get(why, 0)) for f, why in reasons]]
+                for r, per in filters.items()]
+        md += ["## Rows removed by the filters (kept for inspection in round_N/03_filter/removed)", "",
+               _table(["round", *[f"{f} removed" for f in names], *[f"{f}: {why}" for f, why in reasons]], rows), ""]
     if train:
         md += ["## Training generations' rewards (score stage)", "", "![train rewards](plots/train_rewards.png)", ""]
         stats = ["mean", "p10", "p50", "p90", "none"]

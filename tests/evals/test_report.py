@@ -50,6 +50,9 @@ def make_fake_run(root: Path, rounds: int = 3) -> dict[int, dict]:
                  "metrics": {"prompts": 4, "mean_completion_tokens": 10.0 + 5 * r}},
                 {"round": r, "stage": "score", "rows": 8, "seconds": 1.0, "metrics": {"primary": "rm", "rewards": {
                     "rm": {"count": 8, "none": 0, "mean": 0.2 * r, "p10": 0.1 * r, "p50": 0.2 * r, "p90": 0.3 * r}}}},
+                {"round": r, "stage": "filter", "rows": {"kept": 8 - r, "removed": r}, "seconds": 0.5, "metrics": {
+                    "filters": {"rules": {"removed": r, "reasons": {"emoji": r}},
+                                "dedup": {"removed": 0, "reasons": {}}}}},
                 {"round": r, "stage": "select", "rows": {"sft": 4, "pairs": 4 - r}, "seconds": 0.5, "metrics": {}},
                 {"round": r, "stage": "sft", "rows": 3, "seconds": 30.0, "metrics": {}},
             ]
@@ -145,3 +148,11 @@ def test_terminal_table_and_command(tmp_path, capsys):
     assert "reward.rm.mean" in out and str(tmp_path / "report.md") in out
     assert main([str(tmp_path / "missing")]) == 2
     assert "no manifest.json" in capsys.readouterr().err
+
+
+def test_filter_removals_per_round_are_in_the_report(tmp_path):
+    make_fake_run(tmp_path)
+    text = build_report(tmp_path).read_text()
+    section = text.split("## Rows removed by the filters")[1].split("##")[0]
+    assert "| round | rules removed | dedup removed | rules: emoji |" in section
+    assert "| 1 | 1 | 0 | 1 |" in section and "| 2 | 2 | 0 | 2 |" in section
