@@ -153,7 +153,7 @@ def _heldout_problems(rounds: list[DictConfig]) -> list[str]:
         try:
             training.add(str(resolve_path(rc.data.prompts)))
         except ValueError:
-            pass  # reported with data.prompts
+            continue  # reported with data.prompts
     training = sorted(p for p in training if os.path.exists(p))
     sets = {("evals.heldout", rc.evals.heldout, rc.evals.split) for rc in rounds if rc.evals.heldout}
     sets |= {(f"evals.suites.{n}.prompts", s.prompts, s.get("split", "train"))
