@@ -94,3 +94,33 @@ def test_default_recipe_shrunk_runs_two_rounds(tmp_path):
     # The command ends with the per-round table and the report's path.
     assert "reward.compliance.mean" in proc.stdout
     assert f"report: {run_dir / 'report.md'}" in proc.stdout
+
+
+def test_prune_spec_builds_a_student_with_the_kept_layers():
+    """`prune://` (the distillation student of recipes/model/smollm2_pruned.yaml) on a tiny Llama: the kept layer's
+    weights, renumbered, with the source's embeddings and tokenizer; built once into the cache."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from posttrain.models import check_model_spec, load_tokenizer, resolve_model
+
+    source_spec = "tiny://layers=3,hidden=64,seed=0"
+    spec = f"prune://layers=0,2;from={source_spec}"
+    check_model_spec(spec, "model.path")
+    folder = resolve_model(spec)
+    assert resolve_model(spec) == folder  # cached
+    source = load_file(f"{resolve_model(source_spec)}/model.safetensors")
+    pruned = load_file(f"{folder}/model.safetensors")
+    assert torch.equal(pruned["model.layers.1.mlp.up_proj.weight"], source["model.layers.2.mlp.up_proj.weight"])
+    assert torch.equal(pruned["model.embed_tokens.weight"], source["model.embed_tokens.weight"])
+    assert not any(k.startswith("model.layers.2.") for k in pruned)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    assert model.config.num_hidden_layers == 2
+    assert load_tokenizer(spec).get_vocab() == load_tokenizer(source_spec).get_vocab()
+
+    for bad in ("prune://layers=0,2", "prune://from=tiny://layers=2", "prune://layers=0;from=/no/such/folder"):
+        with pytest.raises(ValueError, match="model.path"):
+            check_model_spec(bad, "model.path")
+    with pytest.raises(ValueError, match="keeps no layer|out of range"):
+        resolve_model(f"prune://layers=5;from={source_spec}")
