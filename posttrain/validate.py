@@ -199,6 +199,8 @@ def validate(cfg: DictConfig) -> list[DictConfig]:
     remote = "data_gen.openai_backend.OpenAIBackend"  # the model is a name the server knows, not a local spec
     specs |= {("teacher.path", rc.teacher.path) for rc in rounds
               if rc.teacher and rc.generate.source == "teacher" and rc.generate.backend.get("_target_") != remote}
+    if rounds[0].teacher and rounds[0].evals.heldout and rounds[0].evals.teacher:  # round 0's eval answers with it
+        specs.add(("teacher.path", rounds[0].teacher.path))
     for key, spec in sorted(specs):
         try:
             check_model_spec(spec, key)

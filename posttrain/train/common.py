@@ -133,10 +133,14 @@ def _merge_adapter(adapter_dir: Path, model_dir: Path, tokenizer) -> None:
 
 def held_out(keys: list[str], fraction: float) -> list[bool]:
     """Which rows to hold out, by prompt (`keys`: one prompt key per row), not by row: all rows of a prompt fall
-    on the same side. At least one prompt is held out when `fraction` > 0 and there are two or more."""
+    on the same side. At least one prompt is held out when `fraction` > 0 and there are two or more, and at least
+    one prompt is always trained on (a single prompt is never held out)."""
     held = [int(hashlib.sha256(k.encode()).hexdigest()[:8], 16) / 16**8 < fraction for k in keys]
-    if fraction > 0 and not any(held) and len(set(keys)) > 1:
+    several = len(set(keys)) > 1
+    if fraction > 0 and not any(held) and several:
         held = [k == keys[0] for k in keys]
+    if held and all(held):
+        held = [several and k != keys[0] for k in keys]
     return held
 
 

@@ -260,3 +260,31 @@ def test_dpo_stage_trains_resumes_and_reuses_reference(tiny_model_dir, pairs_dir
     for name, tensor in uninterrupted.items():
         torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=1e-6)
     assert not torch.equal(uninterrupted["lm_head.weight"], _weights(tiny_model_dir)["lm_head.weight"])
+
+
+@pytest.mark.parametrize("keys", [["a"], ["a", "a"], ["a", "b"], [f"p{i}" for i in range(5)]])
+def test_held_out_split_always_leaves_a_prompt_to_train_on(keys):
+    from posttrain.train.common import held_out
+
+    for fraction in (0.0, 0.2, 0.5, 0.99, 1.0):
+        held = held_out(keys, fraction)
+        assert not all(held), (keys, fraction)
+        if fraction > 0 and len(set(keys)) > 1:
+            assert any(held), (keys, fraction)
+        by_prompt = {}
+        for k, h in zip(keys, held):
+            assert by_prompt.setdefault(k, h) == h  # all rows of a prompt on one side
+
+
+def test_a_single_pair_trains_without_a_held_out_split(tiny_model_dir, tmp_path):
+    # One pair and eval_fraction near 1: the split would hold out every pair and leave TRL nothing to train on.
+    one = tmp_path / "one_pair"
+    datasets.Dataset.from_list([{
+        "prompt_id": "p0", "messages": [{"role": "user", "content": "Tell me about the sea."}],
+        "chosen": "The sea is large and blue.", "rejected": "No.",
+    }]).save_to_disk(str(one))
+    out = tmp_path / "dpo"
+    out.mkdir()
+    m = train({**_settings(tiny_model_dir, one, out), "eval_fraction": 0.99, "max_steps": 1})
+    assert m["train_rows"] == 1 and m["eval_rows"] == 0 and m["steps"] == 1 and "eval_after" not in m
+    assert (out / "model" / "model.safetensors").exists()

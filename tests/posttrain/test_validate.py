@@ -151,14 +151,18 @@ def test_model_path_missing():
 
 
 def test_teacher_path_checked_only_when_used():
+    # experiment=tiny: the teacher generates; default_ifeval: round 0's eval answers with it (win rates vs round 0)
+    assert "teacher.path='/nonexistent'" in problems("experiment=tiny", "teacher.path=/nonexistent")
     assert "teacher.path='/nonexistent'" in problems("teacher.path=/nonexistent")
-    validate(recipe("teacher.path=/nonexistent", "generate.source=policy"))
+    validate(recipe("experiment=tiny", "teacher.path=/nonexistent", "generate.source=policy", "evals.teacher=false",
+                    "+evals.suites.win_rate.against=[previous]"))
+    validate(recipe("experiment=tiny", "teacher.path=/nonexistent", "generate.source=policy", "evals.heldout=null"))
 
 
 def test_teacher_source_without_teacher():
-    msg = problems("~teacher")
+    msg = problems("experiment=tiny", "~teacher")
     assert "generate.source: 'teacher' needs a `teacher` model" in msg
-    validate(recipe("~teacher", "generate.source=policy"))
+    validate(recipe("experiment=tiny", "~teacher", "generate.source=policy", "+evals.suites.win_rate.against=[previous]"))
 
 
 def test_misspelt_key_in_rounds():
@@ -173,14 +177,14 @@ def test_misspelt_key_in_rounds():
 
 
 def test_rounds_are_validated_per_round():
-    msg = problems("round=3", "rounds=[{},{generate:{k:0}}]")
+    msg = problems("experiment=tiny", "round=3", "rounds=[{},{generate:{k:0}}]")
     assert "round 2: generate.k: must be > 0" in msg and "round 1:" not in msg and "round 3:" not in msg
-    rounds = validate(recipe("round=2", "rounds=[{generate:{k:4}}]"))
-    assert [rc.generate.k for rc in rounds] == [4, 1]  # rounds past the list use the recipe as it is
+    rounds = validate(recipe("experiment=tiny", "round=2", "rounds=[{generate:{k:4}}]"))
+    assert [rc.generate.k for rc in rounds] == [4, 2]  # rounds past the list use the recipe as it is
 
 
 def test_all_problems_reported_together(tmp_path):
-    msg = problems("generate.k=0", "generate.top_p=1.5", "model.path=/nonexistent",
+    msg = problems("experiment=tiny", "dpo.enabled=false", "generate.k=0", "generate.top_p=1.5", "model.path=/nonexistent",
                    f"data.prompts={tmp_path / 'missing.jsonl'}", "generate.backend._target_=os.system")
     lines = [line for line in msg.splitlines() if line.startswith("  - ")]
     assert msg.startswith("invalid recipe:") and len(lines) == 5
