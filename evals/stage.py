@@ -75,7 +75,7 @@ def check_heldout(heldout_prompts: list[dict], training_sources: list[str], spli
 class EvalContext:
     """What a suite sees. Response rows have the generate stage's columns (prompt_id, messages, meta, text,
     completion_tokens, finish_reason, ...), one row per held-out prompt; `previous` (the previous round's
-    policy) and `teacher` are None where the stage has none."""
+    policy), `round0` (the starting policy's answers) and `teacher` are None where the stage has none."""
 
     round: int
     policy: str  # model spec or folder of the policy under evaluation
@@ -86,20 +86,23 @@ class EvalContext:
     generate: Callable[[list[list[dict]]], list[dict]]  # chat prompts -> one answer dict each, from the policy
     out: Path  # the stage folder
     training_prompts: list[str] = field(default_factory=list)
+    round0: list[dict] | None = None
     batch_size: int = 64
     suite: str = ""  # the name of the suite being run; its own files go under out / suite
     quarantined: dict[tuple[str, str], list[dict]] = field(default_factory=dict)
     _scores: dict[tuple[str, str], list] = field(default_factory=dict)
 
     def scores(self, reward: str, side: str = "policy") -> list[float | None]:
-        """Scores of reward `reward` for the rows of `side` ("policy", "previous" or "teacher"), computed once.
+        """Scores of reward `reward` for the rows of `side` ("policy", "previous", "round0" or "teacher"), computed
+        once.
         Every side is scored by this round's reward, so a comparison never mixes two scorers."""
         if reward not in self.rewards:
             raise PosttrainError(f"eval suite {self.suite!r} asks for reward {reward!r}; the eval rewards are "
                                  f"{sorted(self.rewards)}")
         key = (reward, side)
         if key not in self._scores:
-            rows = {"policy": self.responses, "previous": self.previous, "teacher": self.teacher}[side]
+            rows = {"policy": self.responses, "previous": self.previous, "round0": self.round0,
+                    "teacher": self.teacher}[side]
             scores, quarantine = score_rows(f"{reward} ({side})", self.rewards[reward],
                                             [reward_prompt(r) for r in rows], [r["text"] for r in rows],
                                             self.batch_size)
@@ -154,7 +157,8 @@ def _clean(suite: str, result: Any) -> dict[str, float | int | None]:
 def eval_stage(cfg: dict, inputs: dict[str, str], out: Path) -> StageResult:
     """Stage function. `cfg`: the recipe's `evals` section plus `round`, `seed`, `rewards` (name -> Reward
     `_target_` config) and `training_prompts` (sources the held-out set must not overlap). `inputs`: `policy` (model
-    spec), `heldout` (prompt source), optionally `previous` (the previous round's responses), `teacher` (a
+    spec), `heldout` (prompt source), optionally `previous` (the previous round's responses), `round0` (round 0's
+    responses: the starting policy), `teacher` (a
     model spec: its answers are made and saved as `teacher_responses/`) or `teacher_responses` (saved ones).
     Writes `responses/`, `metrics.json` and, given `teacher`, `teacher_responses/`; returns the metrics."""
     split = cfg.get("split", "train")
@@ -196,6 +200,7 @@ def eval_stage(cfg: dict, inputs: dict[str, str], out: Path) -> StageResult:
         responses=responses,
         previous=load_responses(inputs["previous"]) if inputs.get("previous") else None,
         teacher=teacher,
+        round0=load_responses(inputs["round0"]) if inputs.get("round0") else None,
         rewards={name: build_reward(node) for name, node in (cfg.get("rewards") or {}).items()},
         generate=generate,
         out=out,

@@ -92,12 +92,13 @@ def win_rate(mine: list, theirs: list, tie_margin: float = 0.0, confidence: floa
 
 
 class WinRate:
-    """This round's policy against the previous round's policy and/or the teacher on the held-out prompts, judged
-    per prompt by one configured reward (an LLM judge is a reward too: `reward.judge.LLMJudge`). Metrics are
-    `vs_<opponent>.<win_rate|ci_low|ci_high|wins|ties|losses|n|unscored>` (see `win_rate`); round 0 has no
-    previous policy, so no `vs_previous`."""
+    """This round's policy against the previous round's policy, the starting policy (`round0`, round 0's eval
+    answers) and/or the teacher on the held-out prompts, judged per prompt by one configured reward (an LLM judge
+    is a reward too: `reward.judge.LLMJudge`). Metrics are `vs_<opponent>.<win_rate|ci_low|ci_high|wins|ties|
+    losses|n|unscored>` (see `win_rate`); round 0 is the starting policy, so it has no `vs_previous` and no
+    `vs_round0`."""
 
-    OPPONENTS = ("previous", "teacher")
+    OPPONENTS = ("previous", "round0", "teacher")
 
     def __init__(self, reward: str | None = None, against: list[str] = ("previous", "teacher"),
                  tie_margin: float = 0.0, confidence: float = 0.95):
@@ -113,10 +114,10 @@ class WinRate:
         mine = dict(zip((r["prompt_id"] for r in ctx.responses), ctx.scores(reward)))
         out = {}
         for opponent in self.against:
-            rows = ctx.previous if opponent == "previous" else ctx.teacher
+            rows = {"previous": ctx.previous, "round0": ctx.round0, "teacher": ctx.teacher}[opponent]
             if rows is None:
-                if opponent == "previous":
-                    continue  # round 0: nothing before the starting policy
+                if opponent != "teacher":
+                    continue  # round 0 (nothing before the starting policy), or a run with no eval before this one
                 raise PosttrainError(f"eval suite {ctx.suite!r} compares against the teacher, but the eval stage "
                                      f"has no teacher answers: set a teacher, or drop 'teacher' from `against`")
             theirs = dict(zip((r["prompt_id"] for r in rows), ctx.scores(reward, opponent)))

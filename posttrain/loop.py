@@ -133,6 +133,10 @@ def run_eval(rd: RunDir, rc: DictConfig, r: int, policy: str) -> None:
             inputs["previous"] = rd.output(previous, "responses")
         if first is not None and "teacher_responses" in first["outputs"]:
             inputs["teacher_responses"] = rd.output(first, "teacher_responses")
+        wants_round0 = any("round0" in (node.get("against") or []) for node in (ev["suites"] or {}).values()
+                           if isinstance(node, dict))
+        if first is not None and wants_round0:  # only then: an input added to every eval would redo old runs' evals
+            inputs["round0"] = rd.output(first, "responses")
     rd.run_stage(r, "eval", cfg, inputs, partial(eval_stage, cfg, inputs))
     if rd.dry_run:
         return

@@ -126,7 +126,7 @@ def _round_problems(rc: DictConfig, where: str) -> list[str]:
         if node.get("_target_") == "evals.suites.WinRate" and "teacher" in node.get("against", ["teacher"]):
             if rc.teacher is None or not rc.evals.teacher:
                 problems.append(f"{where}evals.suites.{name}: compares against the teacher, but there is no teacher "
-                                f"(or evals.teacher=false); set `against: [previous]`")
+                                f"(or evals.teacher=false); set `against: [previous, round0]`")
     for key in ("generate.backend", "evals.backend"):
         node = OmegaConf.select(rc, key)
         if node is not None and node.get("_target_") == "data_gen.openai_backend.OpenAIBackend":

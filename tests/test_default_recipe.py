@@ -1,5 +1,5 @@
-"""The default recipe (recipes/experiment/default_ifeval.yaml: SmolLM2-135M-Instruct on verifiable instruction
-following) end to end through the `posttrain` command, shrunk to a few prompts so it takes a few minutes, not ten.
+"""The default recipe (what `posttrain` runs with no arguments: recipes/experiment/default_ifeval.yaml,
+SmolLM2-135M-Instruct on verifiable instruction following) end to end through the command, shrunk to a few prompts so it takes a few minutes, not ten.
 
 Also checks the shipped prompt sets the recipe reads: well-formed rows with verifiable constraints, the held-out
 set disjoint from the training pool, and the generator script reproducing both files exactly.
@@ -52,8 +52,8 @@ def test_default_recipe_shrunk_runs_two_rounds(tmp_path):
     heldout = tmp_path / "heldout.jsonl"  # 8 of the 48 held-out prompts
     heldout.write_text("".join(json.dumps(r) + "\n" for r in _rows(HELDOUT)[:8]))
     run_dir = tmp_path / "run"
-    args = [
-        "experiment=default_ifeval", f"run_dir={run_dir}", "round=2",
+    args = [  # no experiment=...: the root recipe's default
+        f"run_dir={run_dir}",
         "data.num_prompts=12", "generate.k=4", "generate.max_new_tokens=32",
         # Keep every prompt's best answer and every untied pair, and hold no pair out of DPO: a few prompts then
         # always give SFT rows and DPO pairs to train on.
@@ -85,14 +85,17 @@ def test_default_recipe_shrunk_runs_two_rounds(tmp_path):
         assert 0.0 <= metrics["reward"]["ifeval.mean"] <= 1.0
         assert metrics["drift"]["mean_tokens"] > 0
         if r > 0:
-            assert metrics["win_rate"]["vs_previous.n"] == 8
+            assert metrics["win_rate"]["vs_previous.n"] == 8 and metrics["win_rate"]["vs_round0.n"] == 8
+        if r == 1:  # round 1's previous policy is the starting one
+            assert metrics["win_rate"]["vs_previous.win_rate"] == metrics["win_rate"]["vs_round0.win_rate"]
 
     report = (run_dir / "report.md").read_text()
     assert "compliance" in report
     assert (run_dir / "plots" / "eval_reward.png").is_file()
     assert (run_dir / "plots" / "length_drift.png").is_file()
     # The command ends with the per-round table and the report's path.
-    assert "reward.compliance.mean" in proc.stdout
+    assert "reward.compliance.mean" in proc.stdout and "win_rate.vs_round0.win_rate" in proc.stdout
+    assert "drift.mean_tokens" in proc.stdout
     assert f"report: {run_dir / 'report.md'}" in proc.stdout
 
 

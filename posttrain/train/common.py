@@ -17,7 +17,11 @@ import hashlib
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
+
+# TRL 1.16 reads `model.is_gradient_checkpointing`, which transformers deprecates: noise in every stage's log.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 def main(train, module: str, argv: list[str] | None = None) -> None:
@@ -59,6 +63,17 @@ def setup(settings: dict) -> dict:
     PartialState(**({} if torch.cuda.is_available() else {"backend": "gloo"}))
     # A copy: the trainer fills the config's "auto" values in place.
     return {"deepspeed": copy.deepcopy(ds_config), "accelerator_config": {"use_configured_state": True}}
+
+
+def train_resuming(trainer, trainer_dir: Path) -> dict:
+    """`trainer.train()`, resumed from the last checkpoint in `trainer_dir` when there is one. Returns the metrics
+    every training stage records: resumed_from (the checkpoint's folder name or None), train_loss, steps."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    last = get_last_checkpoint(str(trainer_dir)) if trainer_dir.exists() else None
+    result = trainer.train(resume_from_checkpoint=last)
+    return {"resumed_from": Path(last).name if last else None, "train_loss": result.training_loss,
+            "steps": result.global_step}
 
 
 def is_main() -> bool:

@@ -354,8 +354,6 @@ def load_policy(settings: dict):
 
 
 def train(settings: dict) -> dict:
-    from transformers.trainer_utils import get_last_checkpoint
-
     distributed = common.setup(settings)  # before the trainer's config; the model loads after it
     out = Path(settings["output_dir"])
     trainer_dir = out / "trainer"
@@ -387,11 +385,7 @@ def train(settings: dict) -> dict:
             "loss": common.evaluate_before_training(trainer)["eval_loss"],
             "logp_accuracy": _accuracy(ref["ref_chosen_logps"], ref["ref_rejected_logps"]),
         }
-    last = get_last_checkpoint(str(trainer_dir)) if trainer_dir.exists() else None
-    metrics["resumed_from"] = Path(last).name if last else None
-    result = trainer.train(resume_from_checkpoint=last)
-    metrics["train_loss"] = result.training_loss
-    metrics["steps"] = result.global_step
+    metrics |= common.train_resuming(trainer, trainer_dir)
     logged = [h for h in trainer.state.log_history if "loss" in h]
     metrics["loss_curve"] = [
         {

@@ -218,7 +218,6 @@ def build_trainer(settings: dict, train_ds, tokenizer, distributed: dict | None 
 
 def train(settings: dict) -> dict:
     from transformers import AutoTokenizer
-    from transformers.trainer_utils import get_last_checkpoint
 
     from reward.rm_scorer import NORM_FILE, length_limit, prepare_tokenizer, score_inputs
 
@@ -251,11 +250,7 @@ def train(settings: dict) -> dict:
         metrics["eval_accuracy_before"] = pairwise_accuracy(
             _untrained_scorer(trainer), eval_ds, tokenizer.pad_token_id, bs
         )
-    last = get_last_checkpoint(str(trainer_dir)) if trainer_dir.exists() else None
-    metrics["resumed_from"] = Path(last).name if last else None
-    result = trainer.train(resume_from_checkpoint=last)
-    metrics["train_loss"] = result.training_loss
-    metrics["steps"] = result.global_step
+    metrics |= common.train_resuming(trainer, trainer_dir)
     metrics["loss_curve"] = [
         {"step": h["step"], "loss": h["loss"], "accuracy": h.get("accuracy")}
         for h in trainer.state.log_history

@@ -71,7 +71,6 @@ def train(settings: dict) -> dict:
     import torch
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.trainer_utils import get_last_checkpoint
     from trl import SFTConfig, SFTTrainer
 
     distributed = common.setup(settings)  # before the trainer's config; the model loads after it
@@ -112,11 +111,7 @@ def train(settings: dict) -> dict:
     metrics: dict = {"train_rows": len(train_ds), "eval_rows": len(eval_ds) if eval_ds is not None else 0}
     if eval_ds is not None:
         metrics["eval_loss_before"] = common.evaluate_before_training(trainer)["eval_loss"]
-    last = get_last_checkpoint(str(trainer_dir)) if trainer_dir.exists() else None
-    metrics["resumed_from"] = Path(last).name if last else None
-    result = trainer.train(resume_from_checkpoint=last)
-    metrics["train_loss"] = result.training_loss
-    metrics["steps"] = result.global_step
+    metrics |= common.train_resuming(trainer, trainer_dir)
     metrics["loss_curve"] = [
         {"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h
     ]

@@ -21,10 +21,10 @@ def _row(pid: str, text: str, tokens: int | None = None, finish: str = "stop") -
             "finish_reason": finish}
 
 
-def _ctx(tmp_path, responses, previous=None, teacher=None, rewards=None, generate=None, training=()):
+def _ctx(tmp_path, responses, previous=None, teacher=None, rewards=None, generate=None, training=(), round0=None):
     return EvalContext(round=1, policy="unused", responses=responses, previous=previous, teacher=teacher,
                        rewards={"len": char_length} if rewards is None else rewards, generate=generate,
-                       out=tmp_path, training_prompts=list(training), suite="suite")
+                       out=tmp_path, training_prompts=list(training), suite="suite", round0=round0)
 
 
 def _jsonl(path, rows):
@@ -64,6 +64,16 @@ def test_win_rate_suite_matches_prompts_and_skips_previous_in_round_0(tmp_path):
         WinRate(against=["teacher"])(_ctx(tmp_path, responses))
     with pytest.raises(PosttrainError, match="unknown"):
         WinRate(against=["parent"])
+
+
+def test_win_rate_against_round_0(tmp_path):
+    responses = [_row("a", "longer"), _row("b", "xy")]
+    start, previous = [_row("a", "ab"), _row("b", "abc")], [_row("a", "abcdefgh"), _row("b", "x")]
+    metrics = WinRate(reward="len", against=["previous", "round0"])(
+        _ctx(tmp_path, responses, previous=previous, round0=start))
+    assert (metrics["vs_round0.wins"], metrics["vs_round0.losses"], metrics["vs_round0.win_rate"]) == (1, 1, 0.5)
+    assert (metrics["vs_previous.wins"], metrics["vs_previous.losses"]) == (1, 1)
+    assert WinRate(against=["round0"])(_ctx(tmp_path, responses)) == {}  # round 0 itself
 
 
 def test_reward_suite_summarises_each_reward(tmp_path):

@@ -151,9 +151,10 @@ def test_model_path_missing():
 
 
 def test_teacher_path_checked_only_when_used():
-    # experiment=tiny: the teacher generates; default_ifeval: round 0's eval answers with it (win rates vs round 0)
+    # experiment=tiny: the teacher generates; with evals.teacher, round 0's eval answers with it
     assert "teacher.path='/nonexistent'" in problems("experiment=tiny", "teacher.path=/nonexistent")
-    assert "teacher.path='/nonexistent'" in problems("teacher.path=/nonexistent")
+    validate(recipe("teacher.path=/nonexistent"))  # the default recipe samples from its policy only
+    assert "teacher.path='/nonexistent'" in problems("teacher.path=/nonexistent", "evals.teacher=true")
     validate(recipe("experiment=tiny", "teacher.path=/nonexistent", "generate.source=policy", "evals.teacher=false",
                     "+evals.suites.win_rate.against=[previous]"))
     validate(recipe("experiment=tiny", "teacher.path=/nonexistent", "generate.source=policy", "evals.heldout=null"))
