@@ -44,13 +44,14 @@ class RunData:
         return [r for r, _ in pts], [float(v) for _, v in pts]
 
     def metrics(self) -> dict[str, list[str]]:
-        """suite -> its metric names, in the order they first appear."""
+        """suite -> its metric names, in the order they first appear. A suite with no metric in any round yet
+        (a win rate against the previous round, after round 0) is left out."""
         out: dict[str, list[str]] = {}
         for _, suites in sorted(self.evals.items()):
             for suite, values in suites.items():
                 names = out.setdefault(suite, [])
                 names += [k for k in values if k not in names]
-        return out
+        return {suite: names for suite, names in out.items() if names}
 
 
 def collect(run_dir: str | Path) -> RunData:

@@ -133,6 +133,21 @@ def test_rebuild_after_a_new_round_and_stale_plots_go(tmp_path):
     assert not (tmp_path / "plots" / "eval_dropped_suite.png").exists()
 
 
+def test_report_after_round_0_only_leaves_out_suites_without_metrics(tmp_path):
+    """After round 0 a win rate against the previous round or round 0 has nothing to compare yet."""
+    make_fake_run(tmp_path, rounds=1)
+    metrics = json.loads((tmp_path / "round_0" / "07_eval" / "metrics.json").read_text())
+    metrics["win_rate"] = {}
+    (tmp_path / "round_0" / "07_eval" / "metrics.json").write_text(json.dumps(metrics))
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["stages"][0]["metrics"] = metrics
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    md = build_report(tmp_path).read_text()
+    assert not (tmp_path / "plots" / "eval_win_rate.png").exists()
+    assert (tmp_path / "plots" / "eval_reward.png").is_file() and "(plots/eval_reward.png)" in md
+    assert "eval_win_rate.png" not in md
+
+
 def test_terminal_table_and_command(tmp_path, capsys):
     make_fake_run(tmp_path)
     table = terminal_table(tmp_path)
