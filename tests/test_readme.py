@@ -71,8 +71,8 @@ def test_readme_recipe_validates_and_plans(example):
 
 def test_readme_reward_prefers_brief_compliant_answers(example, monkeypatch):
     monkeypatch.syspath_prepend(str(example))
-    reward = OmegaConf.load(example / RECIPE_FILE).reward
-    total = instantiate(reward.rewards[reward.primary])
+    recipe = OmegaConf.load(example / RECIPE_FILE)
+    total = instantiate(recipe.reward.rewards[recipe.reward.primary])
     prompt = {"prompt_id": "p", "constraints": [{"type": "no_commas"}]}
     brief_ok = "Pottery is the craft of shaping clay and firing it hard."
     long_ok = " ".join(["Pottery is the old craft of shaping wet clay into vessels and firing them in a kiln."] * 6)
@@ -80,4 +80,4 @@ def test_readme_reward_prefers_brief_compliant_answers(example, monkeypatch):
     scores = dict(zip(("brief_ok", "long_ok", "brief_bad"), total([prompt] * 3, [brief_ok, long_ok, brief_bad])))
     assert scores["brief_ok"] > scores["long_ok"] > scores["brief_bad"]
     assert scores["brief_ok"] == pytest.approx(1.25)
-    assert scores["brief_ok"] >= OmegaConf.load(example / RECIPE_FILE).select.min_score  # kept for SFT
+    assert scores["brief_ok"] >= recipe.select.min_score  # kept for SFT
