@@ -21,7 +21,8 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-from data_gen.hf_backend import HFBackend, Sampling  # noqa: E402
+from data_gen.backend import Sampling
+from data_gen.hf_backend import HFBackend  # noqa: E402
 from posttrain.tiny import build_tiny  # noqa: E402
 
 KS = (4, 16)

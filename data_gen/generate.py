@@ -1,6 +1,6 @@
 """The generate stage: this round's prompts, K completions each, saved as a `datasets` folder.
 
-Work is cut into shards of `shard_size` prompts, each written (atomically) as soon as it is done and seeded by
+Work is cut into shards of the backend's `batch_size` prompts (8 when it names none), each written (atomically) as soon as it is done and seeded by
 (seed, round, shard index): a stage killed halfway resumes from its finished shards and ends with exactly the
 texts an uninterrupted run would have produced.
 """
@@ -18,9 +18,10 @@ import datasets
 from hydra.utils import get_object, instantiate
 from tqdm.auto import tqdm
 
-from data_gen.hf_backend import Sampling
+from data_gen.backend import Sampling
 from data_gen.prompts import load_prompts, sample_round
-from posttrain.rundir import StageResult, stable_hash
+from posttrain.config import GenerateJob
+from posttrain.rundir import Inputs, StageResult, stable_hash
 
 GENERATION_FEATURES = datasets.Features(
     {
@@ -38,42 +39,42 @@ GENERATION_FEATURES = datasets.Features(
 )
 
 
-def generate(cfg: dict, inputs: dict[str, str], out: Path) -> StageResult:
-    """Stage function. `cfg` holds round, seed, the data settings, `prompt_start` (where this round starts
-    reading the prompt stream: the prompts drawn by earlier rounds), k, sampling settings, the backend's
-    `_target_` config and `shard_size`; `inputs` holds `prompts` (a prompt source) and `model` (the spec
-    of the model that generates). Writes `generations/` (one row per completion) and, when rows were set
-    aside, `quarantine.jsonl`."""
-    data = cfg["data"]
-    pool = load_prompts(inputs["prompts"], on_empty=data["on_empty"], split=data["split"])
+def generate(job: GenerateJob, inputs: Inputs, out: Path) -> StageResult:
+    """Stage function. `job`: the round's `generate` section (k, sampling, the backend's `_target_` config), the
+    `data` section, round, seed and `prompt_start` (where this round starts reading the prompt stream: the
+    prompts drawn by earlier rounds); `inputs`: `prompts` (a prompt source) and `model` (the spec of the model
+    that generates). Writes `generations/` (one row per completion) and, when rows were set aside,
+    `quarantine.jsonl`."""
+    cfg, data = job.generate, job.data
+    pool = load_prompts(inputs["prompts"], on_empty=data.on_empty, split=data.split)
     if pool.quarantined:
         with open(out / "quarantine.jsonl", "w") as f:
             for q in pool.quarantined:
                 f.write(json.dumps(q, default=str) + "\n")
-    prompts = sample_round(pool.prompts, data["num_prompts"], cfg["prompt_start"], cfg["seed"])
+    prompts = sample_round(pool.prompts, data.num_prompts, job.prompt_start, job.seed)
 
     shard_dir = out / "shards"
     shard_dir.mkdir(exist_ok=True)
-    size = cfg["shard_size"]
+    size = cfg.backend.get("batch_size", 8)
     todo = [i for i in range(0, len(prompts), size) if not (shard_dir / f"{i // size:05d}.jsonl").exists()]
     backend = None
-    bar = tqdm(total=len(prompts), desc=f"round {cfg['round']} generate", unit="prompt")
+    bar = tqdm(total=len(prompts), desc=f"round {job.round} generate", unit="prompt")
     bar.update(len(prompts) - sum(len(prompts[i : i + size]) for i in todo))
     for start in todo:
         if backend is None:  # load the model only when there is work left
             extra = {}
-            if "journal_dir" in inspect.signature(get_object(cfg["backend"]["_target_"])).parameters:
+            if "journal_dir" in inspect.signature(get_object(cfg.backend["_target_"])).parameters:
                 # Paid endpoints journal every finished prompt inside the partial folder: a crash redoes none.
                 extra["journal_dir"] = str(out / "journal")
-            backend = instantiate(cfg["backend"], model=inputs["model"], _convert_="all", **extra)
+            backend = instantiate(cfg.backend, model=inputs["model"], _convert_="all", **extra)
         batch = prompts[start : start + size]
         sampling = Sampling(
-            temperature=cfg["temperature"],
-            top_p=cfg["top_p"],
-            max_new_tokens=cfg["max_new_tokens"],
-            seed=int(stable_hash([cfg["seed"], cfg["round"], start // size]), 16) % (2**31),
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            max_new_tokens=cfg.max_new_tokens,
+            seed=int(stable_hash([job.seed, job.round, start // size]), 16) % (2**31),
         )
-        completions = backend.generate([p["messages"] for p in batch], cfg["k"], sampling)
+        completions = backend.generate([p["messages"] for p in batch], cfg.k, sampling)
         path = shard_dir / f"{start // size:05d}.jsonl"
         with open(path.with_suffix(".tmp"), "w") as f:
             for p, samples in zip(batch, completions):
@@ -85,7 +86,7 @@ def generate(cfg: dict, inputs: dict[str, str], out: Path) -> StageResult:
                         "sample_idx": j,
                         **c,
                         "model": inputs["model"],
-                        "round": cfg["round"],
+                        "round": job.round,
                     }
                     f.write(json.dumps(row) + "\n")
         os.replace(path.with_suffix(".tmp"), path)

@@ -6,21 +6,15 @@ Large teachers belong on vLLM or an OpenAI-compatible server; this backend keeps
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from transformers import DynamicCache
 
+from data_gen.backend import Sampling
 from posttrain.chat import end_of_turn_ids
 from posttrain.models import load_causal_lm, load_tokenizer
 
 
-@dataclass(frozen=True)
-class Sampling:
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 256
-    seed: int = 0
+__all__ = ["HFBackend", "Sampling"]
 
 
 class HFBackend:

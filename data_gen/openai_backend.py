@@ -27,7 +27,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from data_gen.hf_backend import Sampling
+from data_gen.backend import Sampling
 
 JOURNAL_NAME = "openai_journal.jsonl"
 _RETRY_STATUS = {408, 409, 425, 429} | set(range(500, 600))

@@ -20,7 +20,8 @@ import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from data_gen.hf_backend import HFBackend, Sampling
+from data_gen.backend import Sampling
+from data_gen.hf_backend import HFBackend
 
 
 def make_handler(backend: HFBackend, model_name: str, api_key: str | None, delay: float):

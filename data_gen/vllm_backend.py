@@ -19,7 +19,7 @@ in FP8, e.g. an FP8 checkpoint or `quantization: fp8`, passed through to vllm.LL
 
 from __future__ import annotations
 
-from data_gen.hf_backend import Sampling
+from data_gen.backend import Sampling
 from posttrain.chat import end_of_turn_ids
 from posttrain.errors import PosttrainError
 from posttrain.models import load_tokenizer, resolve_model

@@ -25,11 +25,12 @@ from typing import Any, Callable
 import datasets
 from hydra.utils import instantiate
 
+from data_gen.backend import Sampling
 from data_gen.generate import GENERATION_FEATURES
-from data_gen.hf_backend import Sampling
 from data_gen.prompts import load_prompts
+from posttrain.config import EvalJob
 from posttrain.errors import PosttrainError
-from posttrain.rundir import StageResult
+from posttrain.rundir import Inputs, StageResult
 from reward.protocol import build_reward
 from reward.score import reward_prompt, score_rows
 
@@ -154,31 +155,31 @@ def _clean(suite: str, result: Any) -> dict[str, float | int | None]:
     return out
 
 
-def eval_stage(cfg: dict, inputs: dict[str, str], out: Path) -> StageResult:
-    """Stage function. `cfg`: the recipe's `evals` section plus `round`, `seed`, `rewards` (name -> Reward
-    `_target_` config) and `training_prompts` (sources the held-out set must not overlap). `inputs`: `policy` (model
-    spec), `heldout` (prompt source), optionally `previous` (the previous round's responses), `round0` (round 0's
-    responses: the starting policy), `teacher` (a
-    model spec: its answers are made and saved as `teacher_responses/`) or `teacher_responses` (saved ones).
+def eval_stage(job: EvalJob, inputs: Inputs, out: Path) -> StageResult:
+    """Stage function. `job`: the recipe's `evals` section (its `rewards` filled in: name -> Reward `_target_`
+    config) plus `round`, `seed` and `training_prompts` (sources the held-out set must not overlap). `inputs`:
+    `policy` (model spec), `heldout` (prompt source), optionally `previous` (the previous round's responses),
+    `round0` (round 0's responses: the starting policy), `teacher` (a model spec: its answers are made and saved
+    as `teacher_responses/`) or `teacher_responses` (saved ones).
     Writes `responses/`, `metrics.json` and, given `teacher`, `teacher_responses/`; returns the metrics."""
-    split = cfg.get("split", "train")
-    heldout = load_prompts(inputs["heldout"], split=split).prompts
-    training = [str(s) for s in cfg.get("training_prompts") or []]
+    cfg = job.evals
+    heldout = load_prompts(inputs["heldout"], split=cfg.split).prompts
+    training = [str(s) for s in job.training_prompts]
     if training:
-        check_heldout(heldout, training, split)
+        check_heldout(heldout, training, cfg.split)
     # Built before any model loads, so a bad suite config (or a missing extra) costs nothing.
     suites = {name: instantiate(node, _recursive_=False, _convert_="all")  # nested configs are the suite's own
-              for name, node in (cfg.get("suites") or {}).items()}
+              for name, node in cfg.suites.items()}
     # Greedy by default: a round-to-round difference then comes from the policy, not from sampling noise.
-    sampling = Sampling(temperature=cfg.get("temperature", 0.0), top_p=cfg.get("top_p", 1.0),
-                        max_new_tokens=cfg.get("max_new_tokens", 256), seed=cfg.get("seed", 0))
-    backend_cfg = cfg.get("backend") or {"_target_": "data_gen.hf_backend.HFBackend"}
+    sampling = Sampling(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
+                        seed=job.seed)
+    backend_cfg = cfg.backend
     outputs = {"responses": "responses", "metrics": "metrics.json"}
 
     teacher = None
     if inputs.get("teacher"):
         backend = instantiate(backend_cfg, model=inputs["teacher"], _convert_="all")
-        teacher = _answer(_one_each(backend, sampling), heldout, inputs["teacher"], cfg["round"])
+        teacher = _answer(_one_each(backend, sampling), heldout, inputs["teacher"], job.round)
         del backend  # free the teacher before the policy loads
         _save(teacher, out / "teacher_responses")
         outputs["teacher_responses"] = "teacher_responses"
@@ -193,19 +194,19 @@ def eval_stage(cfg: dict, inputs: dict[str, str], out: Path) -> StageResult:
             policy_backend = instantiate(backend_cfg, model=inputs["policy"], _convert_="all")
         return _one_each(policy_backend, sampling)(messages)
 
-    responses = _answer(generate, heldout, inputs["policy"], cfg["round"])
+    responses = _answer(generate, heldout, inputs["policy"], job.round)
     ctx = EvalContext(
-        round=cfg["round"],
+        round=job.round,
         policy=inputs["policy"],
         responses=responses,
         previous=load_responses(inputs["previous"]) if inputs.get("previous") else None,
         teacher=teacher,
         round0=load_responses(inputs["round0"]) if inputs.get("round0") else None,
-        rewards={name: build_reward(node) for name, node in (cfg.get("rewards") or {}).items()},
+        rewards={name: build_reward(node) for name, node in cfg.rewards.items()},
         generate=generate,
         out=out,
         training_prompts=training,
-        batch_size=cfg.get("batch_size", 64),
+        batch_size=cfg.batch_size,
     )
     _save(responses, out / "responses", {name: ctx.scores(name) for name in ctx.rewards})
 

@@ -102,29 +102,3 @@ def main(argv: list[str] | None = None) -> None:
 if __name__ == "__main__":
     main()
 
-
-def run_seeds(stage_fn, cfg: dict, inputs: dict[str, str], out: Path):
-    """Run a training stage once per seed in `cfg["seeds"]`, each in `out/seed_<s>/`, and average their models
-    into `out/model/` (uniformly). Without seeds, just the stage. A seed whose model is already there (a resumed
-    stage) is not trained again; one that was cut short resumes from its own checkpoints."""
-    from posttrain.rundir import StageResult
-
-    seeds = list(cfg.get("seeds") or [])
-    if not seeds:
-        return stage_fn(cfg, inputs, out)
-    results = {}
-    for seed in seeds:
-        sub = out / f"seed_{seed}"
-        sub.mkdir(exist_ok=True)
-        if (sub / "model" / "config.json").exists() and (sub / "metrics.json").exists():
-            metrics = json.loads((sub / "metrics.json").read_text())
-            results[seed] = StageResult(outputs={"model": "model"}, rows=metrics.get("train_rows", 0), metrics=metrics)
-        else:
-            results[seed] = stage_fn({**cfg, "seed": seed}, inputs, sub)
-    if not (out / "model").exists():
-        average_checkpoints([out / f"seed_{s}" / "model" for s in seeds], out / "model")
-    return StageResult(
-        outputs={"model": "model"},
-        rows=results[seeds[0]].rows,
-        metrics={"averaged_seeds": seeds, "seeds": {str(s): r.metrics for s, r in results.items()}},
-    )

@@ -1,26 +1,72 @@
-"""Typed recipe schemas.
+"""Typed recipe schemas, and the typed configs the stages receive.
 
 Every recipe is composed on top of `PosttrainConfig`, registered in Hydra's ConfigStore as `posttrain_schema`.
-The schema is structured (OmegaConf struct mode), so a misspelt or unknown key fails while Hydra composes the
-config, before anything runs. Plug-in points (generation backend, and later rewards and eval suites) are plain
-`_target_` dictionaries: their keyword arguments belong to the user's class, so they are checked by
-`posttrain.validate` instead (allowlist, importable, arguments accepted).
+The schema is structured (OmegaConf struct mode), so a misspelt or unknown key, or a string choice outside its
+Enum, fails while Hydra composes the config, before anything runs. Plug-in points (generation backends,
+rewards, filters, eval suites) are plain `_target_` dictionaries: their keyword arguments belong to the user's
+class, so they are checked by `recipes.validate` instead (allowlist, importable, arguments accepted).
+
+The driver turns a round's sections into dataclass objects (`OmegaConf.to_object`) and hands each stage its own
+`*Job` (a section plus what the round adds: round, seed, the model's dtype, launch settings). A stage never sees
+an untyped dict of the recipe.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Dict, List, Optional
 
-from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
+
+
+class Choice(str, Enum):
+    """A string choice: compares equal to its value and is written to JSON as it."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Dtype(Choice):
+    auto = "auto"  # bfloat16 on a GPU that supports it, float32 otherwise (posttrain.models.torch_dtype)
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class OnEmpty(Choice):
+    error = "error"
+    quarantine = "quarantine"
+
+
+class Source(Choice):
+    teacher = "teacher"
+    policy = "policy"
+
+
+class Pairing(Choice):
+    best_vs_worst = "best_vs_worst"
+    best_vs_random_lower = "best_vs_random_lower"
+
+
+class Init(Choice):
+    base = "base"
+    policy = "policy"
+
+
+class Launcher(Choice):
+    direct = "direct"
+    torchrun = "torchrun"
+    accelerate = "accelerate"
 
 
 @dataclass
 class ModelConfig:
     # A model spec: local folder, .gguf file, pkg://<package>/<file>, tiny://k=v,... or a hub id.
     path: str = MISSING
-    dtype: str = "float32"
+    # Weights and training precision of the stages that train or load this model: "auto" is bf16 on a GPU
+    # that has it, fp32 on CPU.
+    dtype: Dtype = Dtype.auto
 
 
 @dataclass
@@ -32,7 +78,7 @@ class DataConfig:
     num_prompts: int = 64
     # What to do with a prompt whose text is empty: "error" stops before any stage runs, "quarantine" sets
     # the row aside, counts it in the manifest and writes it to the stage's quarantine.jsonl.
-    on_empty: str = "error"
+    on_empty: OnEmpty = OnEmpty.error
     # Split to read when `prompts` is a DatasetDict on disk.
     split: str = "train"
 
@@ -40,7 +86,7 @@ class DataConfig:
 @dataclass
 class GenerateConfig:
     # "teacher": sequence-level distillation from `teacher`; "policy": sample the current policy.
-    source: str = "teacher"
+    source: Source = Source.teacher
     k: int = 1
     temperature: float = 1.0
     top_p: float = 1.0
@@ -72,7 +118,7 @@ class SelectConfig:
     # Best-of-K answers scoring below this are not used for SFT.
     min_score: Optional[float] = None
     # "best_vs_worst" (RLHFlow, open-instruct) or "best_vs_random_lower".
-    pairs: str = "best_vs_worst"
+    pairs: Pairing = Pairing.best_vs_worst
     # Pairs with a margin at or below this are dropped (ties always are).
     min_margin: float = 0.0
     # Pairs whose two responses are more similar than this (difflib ratio on normalised text) are dropped.
@@ -116,7 +162,7 @@ class TrainingConfig:
 class SFTConfig(TrainingConfig):
     enabled: bool = True
     # "base": every round fine-tunes `model.path` (the Llama 3 recipe); "policy": continue from the last policy.
-    init: str = "base"
+    init: Init = Init.base
     # Train on the SFT data of every round so far (Llama 3), or only on this round's.
     accumulate: bool = True
     learning_rate: float = 1e-5  # Llama 3, section 4.1.3
@@ -189,7 +235,7 @@ class LaunchConfig:
     # `python -m posttrain.train.<stage> CONFIG`; "torchrun" or "accelerate" (`accelerate launch`): `nproc`
     # processes on each of `nnodes` machines. Stage batch sizes are per process: the global batch is
     # batch_size x grad_accum x nproc x nnodes.
-    launcher: str = "direct"
+    launcher: Launcher = Launcher.direct
     nproc: int = 1
     # DeepSpeed config: a file name in recipes/deepspeed/ ("zero3", "zero3_offload") or a path to a JSON file.
     # None: no DeepSpeed (plain DDP when there are several processes).
@@ -235,6 +281,8 @@ class PosttrainConfig:
 
 
 def register() -> None:
+    from hydra.core.config_store import ConfigStore
+
     ConfigStore.instance().store(name="posttrain_schema", node=PosttrainConfig)
 
 
@@ -255,3 +303,51 @@ def round_config(cfg: DictConfig, round_idx: int) -> DictConfig:
 
 
 _TYPED_KEYS = [k for k in PosttrainConfig.__dataclass_fields__ if k != "rounds"]
+
+
+# ---- what each stage receives ----------------------------------------------------------------------------------
+
+
+@dataclass
+class GenerateJob:
+    """The generate stage: this round's sampling settings, the prompt pool's settings, and where this round starts
+    reading the seeded prompt stream (the prompts drawn by earlier rounds)."""
+
+    generate: GenerateConfig
+    data: DataConfig
+    round: int
+    seed: int
+    prompt_start: int = 0
+
+
+@dataclass
+class SelectJob:
+    select: SelectConfig
+    seed: int = 0
+
+
+@dataclass
+class EvalJob:
+    """The eval stage: the `evals` section with `rewards` filled in (the recipe's when the section names none),
+    plus prompt sources the held-out set must not overlap (checked again inside the stage)."""
+
+    evals: EvalConfig
+    round: int
+    seed: int = 0
+    training_prompts: List[str] = field(default_factory=list)
+
+
+@dataclass
+class TrainJob:
+    """A training stage (sft, dpo, rm): its section, the dtype of the model it trains, the seed and how to start
+    its processes. `launch` says how a stage runs, not what it computes: it is left out of the stage's hash."""
+
+    train: Any  # SFTConfig | DPOConfig | RMConfig
+    dtype: Dtype = Dtype.auto
+    seed: int = 0
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+
+
+def section(rc: DictConfig, key: str):
+    """The round config's section `key` as its dataclass object (Enums as Enum members), nested sections too."""
+    return OmegaConf.to_object(rc[key])

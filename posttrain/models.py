@@ -237,25 +237,42 @@ def resolve_model(spec: str) -> str:
     return str(_gguf_to_hf(path) if path.is_file() else path)
 
 
+def pad_with_eos(tokenizer):
+    """Give a tokenizer without a pad token eos as its pad (Llama tokenizers ship none). Batching needs a pad id;
+    pads are masked out by the attention mask and labels, so reusing eos is harmless and avoids growing the
+    vocabulary (which would resize embeddings and change the model). Returns the tokenizer."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_tokenizer(spec: str):
     """Input: a model spec. Output: its tokenizer (AutoTokenizer), with pad set to eos when it has none.
     padding_side is left as saved: decoder-only generation needs ``tok.padding_side = "left"``, set by the caller."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(resolve_model(spec))
-    if tok.pad_token is None:
-        # Batching needs a pad id; pads are masked out by the attention mask and labels, so reusing eos is harmless
-        # and avoids growing the vocabulary (which would resize embeddings and change the model).
-        tok.pad_token = tok.eos_token
-    return tok
+    return pad_with_eos(AutoTokenizer.from_pretrained(resolve_model(spec)))
+
+
+def torch_dtype(dtype):
+    """A torch dtype from a recipe's `model.dtype` ("auto", "float32", "bfloat16", "float16") or a torch.dtype.
+    "auto": bfloat16 on a CUDA GPU that supports it (weights and training, as Llama 3 trains), float32 elsewhere
+    (CPU training in bf16 is slower to converge and not what the tests measure)."""
+    import torch
+
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = str(dtype)
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    if name not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, not {name!r}")
+    return getattr(torch, name)
 
 
 def load_causal_lm(spec: str, dtype="float32", **kwargs):
-    """Input: a model spec, a dtype ("float32", "bfloat16", "auto" or a torch.dtype) and extra from_pretrained
-    kwargs. Output: an AutoModelForCausalLM loaded from resolve_model(spec)."""
-    import torch
+    """Input: a model spec, a dtype (see `torch_dtype`; "auto" as there) and extra from_pretrained kwargs.
+    Output: an AutoModelForCausalLM loaded from resolve_model(spec)."""
     from transformers import AutoModelForCausalLM
 
-    if isinstance(dtype, str) and dtype != "auto":
-        dtype = getattr(torch, dtype)
-    return AutoModelForCausalLM.from_pretrained(resolve_model(spec), dtype=dtype, **kwargs)
+    return AutoModelForCausalLM.from_pretrained(resolve_model(spec), dtype=torch_dtype(dtype), **kwargs)

@@ -15,6 +15,10 @@ A finished stage is skipped when its config and inputs are unchanged. If they ch
 error naming the stage and the keys that differ, unless the stage is listed in `redo` or its inputs were remade
 by a stage redone in this invocation; then the old folder moves to `round_N/superseded/` (never deleted) and
 the stage runs again.
+
+The run directory knows no stage by name: it is given the ordered table of stages (`Stage`: name, function,
+whether it resumes inside its folder, the training module a dry run shows the command of), and numbers the
+folders by their place in it. The driver's table is `recipes.loop.STAGES`.
 """
 
 from __future__ import annotations
@@ -26,15 +30,13 @@ import os
 import platform
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Union
 
 from posttrain.errors import PosttrainError
 
-# Fixed numbers keep folders in data-flow order whichever stages a recipe runs.
-STAGE_NUMBERS = {"rm": 0, "generate": 1, "score": 2, "filter": 3, "select": 4, "sft": 5, "dpo": 6, "eval": 7}
 # Settings that say how a stage runs, not what it computes: a run resumes on other hardware with other values.
 UNHASHED = ("launch",)
 _VERSIONED = ("posttrain", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "deepspeed",
@@ -55,12 +57,34 @@ class StageResult:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
+# A stage's inputs: name -> a path or model spec, or a list of them (every round's SFT data, say). Each path is
+# fingerprinted, so a changed input is noticed.
+Inputs = dict[str, Union[str, list[str]]]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One row of the stage table: `fn(cfg, inputs, out_dir) -> StageResult` runs the stage in `out_dir`.
+    `resumable`: a partial folder left by a crash is kept (Trainer checkpoints, finished shards) when the same
+    config and inputs start it again. `module`: the process a training stage starts, shown by dry runs."""
+
+    name: str
+    fn: Callable[[Any, Inputs, Path], StageResult]
+    resumable: bool = False
+    module: str | None = None
+
+
+def plain(config: Any) -> Any:
+    """A stage config as JSON-ready data: dataclasses become dicts, Enums their values."""
+    return json.loads(json.dumps(asdict(config) if is_dataclass(config) else config, default=str))
+
+
 def stable_hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def config_hash_of(config: dict) -> str:
-    return stable_hash({k: v for k, v in config.items() if k not in UNHASHED})
+def config_hash_of(config: Any) -> str:
+    return stable_hash({k: v for k, v in plain(config).items() if k not in UNHASHED})
 
 
 def tree_hash(path: Path) -> str:
@@ -118,8 +142,12 @@ class RunDir:
     With `dry_run=True` nothing is created or run: `run_stage` prints what it would do (skip, run, redo, or the
     error a changed stage would raise), the command of a training stage and the stage's resolved config."""
 
-    def __init__(self, root: str | Path, redo: list[str] | tuple[str, ...] = (), dry_run: bool = False):
+    def __init__(self, root: str | Path, stages: list[Stage], redo: list[str] | tuple[str, ...] = (),
+                 dry_run: bool = False):
         self.root = Path(root).expanduser().resolve()
+        self.stages = {s.name: s for s in stages}
+        # Fixed numbers keep folders in data-flow order whichever stages a recipe runs.
+        self.numbers = {s.name: i for i, s in enumerate(stages)}
         self.dry_run = dry_run
         self.planned: list[dict] = []
         self._lock = None
@@ -153,7 +181,11 @@ class RunDir:
         return None
 
     def stage_dir(self, round_idx: int, stage: str) -> Path:
-        return self.root / f"round_{round_idx}" / f"{STAGE_NUMBERS[stage]:02d}_{stage}"
+        return self.root / f"round_{round_idx}" / f"{self.numbers[stage]:02d}_{stage}"
+
+    def fingerprints(self, inputs: Inputs) -> dict[str, str | list[str]]:
+        return {k: [self.input_fingerprint(p) for p in v] if isinstance(v, list) else self.input_fingerprint(v)
+                for k, v in sorted(inputs.items())}
 
     def input_fingerprint(self, path: str) -> str:
         """A finished stage's output is known by the hash recorded when it finished; other inputs (a prompt
@@ -174,22 +206,17 @@ class RunDir:
         return bool({"all", stage, f"round_{round_idx}/{stage}", f"round_{round_idx}"} & self.redo)
 
     # ---- running a stage --------------------------------------------------------------------------------------
-    def run_stage(
-        self,
-        round_idx: int,
-        stage: str,
-        config: dict,
-        inputs: dict[str, str],
-        fn: Callable[[Path], StageResult],
-        resumable: bool = False,
-    ) -> dict:
-        """Run `fn(work_dir)` as stage `stage` of round `round_idx` unless it already finished with the same
-        config and inputs. Returns the stage's manifest entry; its `outputs` are paths relative to the run dir."""
+    def run_stage(self, round_idx: int, stage: str, config: Any, inputs: Inputs) -> dict:
+        """Run stage `stage` of round `round_idx` (its table row's `fn(config, inputs, work_dir)`) unless it already
+        finished with the same config and inputs. `config` is the stage's typed config (a dataclass). Returns the
+        stage's manifest entry; its `outputs` are paths relative to the run dir."""
+        if stage not in self.stages:
+            raise PosttrainError(f"unknown stage {stage!r}; the stage table has {list(self.stages)}")
         final = self.stage_dir(round_idx, stage)
         stage_id = f"round_{round_idx}/{stage}"
         if self.dry_run:
             return self._plan(round_idx, stage, config, inputs)
-        input_hashes = {k: self.input_fingerprint(v) for k, v in sorted(inputs.items())}
+        input_hashes = self.fingerprints(inputs)
         config_hash = config_hash_of(config)
         old = self.entry(round_idx, stage)
         if old is not None:
@@ -203,7 +230,7 @@ class RunDir:
             inputs_remade = (
                 old["config_hash"] == config_hash
                 and bool(changed)
-                and all(input_hashes[k] in self._fresh_outputs for k in changed)
+                and all(self._remade(old["input_hashes"].get(k), input_hashes[k]) for k in changed)
             )
             if not (self._is_redo(round_idx, stage) or inputs_remade):
                 raise StageChanged(self._changed_message(stage_id, final, old, config, input_hashes))
@@ -215,17 +242,17 @@ class RunDir:
         if stale:
             shutil.rmtree(final)
         if work.exists():
-            keep = resumable and (work / ".stage.json").exists() and json.loads(
+            keep = self.stages[stage].resumable and (work / ".stage.json").exists() and json.loads(
                 (work / ".stage.json").read_text()
             ) == marker
             if not keep:
                 shutil.rmtree(work)
         work.mkdir(parents=True, exist_ok=True)
-        (work / "stage_config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
+        (work / "stage_config.json").write_text(json.dumps(plain(config), indent=2, sort_keys=True))
         _write_json_atomic(work / ".stage.json", marker)
 
         start = time.time()
-        result = fn(work)
+        result = self.stages[stage].fn(config, inputs, work)
         for name, rel in result.outputs.items():
             if not (work / rel).exists():
                 raise PosttrainError(f"stage {stage_id} did not produce its output '{name}' ({rel})")
@@ -237,7 +264,8 @@ class RunDir:
             "stage": stage,
             "dir": str(final.relative_to(self.root)),
             "config_hash": config_hash,
-            "inputs": {k: self._relative(v) for k, v in sorted(inputs.items())},
+            "inputs": {k: [self._relative(p) for p in v] if isinstance(v, list) else self._relative(v)
+                       for k, v in sorted(inputs.items())},
             "input_hashes": input_hashes,
             "outputs": {k: str((final / v).relative_to(self.root)) for k, v in result.outputs.items()},
             "output_hash": output_hash,
@@ -253,16 +281,23 @@ class RunDir:
         self.ran.append(stage_id)
         return entry
 
-    def _plan(self, round_idx: int, stage: str, config: dict, inputs: dict[str, str]) -> dict:
+    def _remade(self, old: str | list[str] | None, new: str | list[str]) -> bool:
+        """Whether an input that changed did so only because stages redone in this invocation remade it."""
+        if isinstance(new, list):
+            before = set(old) if isinstance(old, list) else set()
+            return all(h in before or h in self._fresh_outputs for h in new)
+        return new in self._fresh_outputs
+
+    def _plan(self, round_idx: int, stage: str, config: Any, inputs: Inputs) -> dict:
         """Dry run: print what run_stage would do and return a planned entry whose outputs are future paths."""
         import yaml
 
         stage_id = f"round_{round_idx}/{stage}"
         old = self.entry(round_idx, stage)
-        planned_inputs = any(str(v).startswith(str(self.root)) and not Path(v).exists() for v in inputs.values())
+        paths = [p for v in inputs.values() for p in (v if isinstance(v, list) else [v])]
+        planned_inputs = any(str(p).startswith(str(self.root)) and not Path(p).exists() for p in paths)
         if old is not None and old.get("planned") is None and not self._is_redo(round_idx, stage) and not planned_inputs:
-            same = old["config_hash"] == config_hash_of(config) and old["input_hashes"] == {
-                k: self.input_fingerprint(v) for k, v in sorted(inputs.items())}
+            same = old["config_hash"] == config_hash_of(config) and old["input_hashes"] == self.fingerprints(inputs)
             if same:
                 print(f"== {stage_id}: done earlier, skipped")
                 return old
@@ -272,14 +307,15 @@ class RunDir:
         folder = self.stage_dir(round_idx, stage)
         print(f"== {stage_id}: {status}\n   folder: {folder}")
         for k, v in sorted(inputs.items()):
-            print(f"   input {k}: {self._relative(v)}")
-        if "launch" in config:
+            for p in v if isinstance(v, list) else [v]:
+                print(f"   input {k}: {self._relative(p)}")
+        module = self.stages[stage].module
+        if module is not None:
             from posttrain.train.launch import command
 
-            print("   command: " + " ".join(command(f"posttrain.train.{stage}", folder / "train_config.json",
-                                                     config["launch"])))
+            print("   command: " + " ".join(command(module, folder / "train_config.json", plain(config)["launch"])))
         print("   config:\n" + "\n".join("     " + line for line in yaml.safe_dump(
-            json.loads(json.dumps(config, default=str)), sort_keys=True).splitlines()))
+            plain(config), sort_keys=True).splitlines()))
         entry = {"round": round_idx, "stage": stage, "planned": True,
                  "outputs": _PlannedOutputs(str(folder.relative_to(self.root)))}
         self.planned.append(entry)
@@ -305,10 +341,10 @@ class RunDir:
         self.manifest["superseded"].append({**old, "dir": str(dest.relative_to(self.root))})
         _write_json_atomic(self.manifest_path, self.manifest)
 
-    def _changed_message(self, stage_id: str, final: Path, old: dict, config: dict, input_hashes: dict) -> str:
+    def _changed_message(self, stage_id: str, final: Path, old: dict, config: Any, input_hashes: dict) -> str:
         old_cfg_path = final / "stage_config.json"
         old_cfg = json.loads(old_cfg_path.read_text()) if old_cfg_path.exists() else {}
-        keys = [k for k in _diff_keys(old_cfg, json.loads(json.dumps(config, default=str)))
+        keys = [k for k in _diff_keys(old_cfg, plain(config))
                 if k.split(".")[0] not in UNHASHED]
         changed_inputs = [k for k in input_hashes if old["input_hashes"].get(k) != input_hashes[k]]
         what = []

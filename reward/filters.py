@@ -17,7 +17,6 @@ best-of-K or for a DPO pair; the annotating filters (quality, difficulty, topic)
 
 from __future__ import annotations
 
-import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -27,8 +26,9 @@ from typing import Protocol
 import datasets
 import numpy as np
 
+from posttrain.config import FilterConfig
 from posttrain.errors import PosttrainError
-from posttrain.rundir import StageResult
+from posttrain.rundir import Inputs, StageResult
 from reward.protocol import build_reward
 
 
@@ -57,9 +57,9 @@ def category(reason: str) -> str:
     return reason.split(":", 1)[0]
 
 
-def load_previous_texts(paths: str) -> list[str]:
-    """Response texts of earlier rounds' SFT datasets (`os.pathsep`-joined folders; empty: none)."""
-    return [t for p in paths.split(os.pathsep) if p for t in datasets.load_from_disk(p)["text"]]
+def load_previous_texts(paths: list[str]) -> list[str]:
+    """Response texts of earlier rounds' SFT datasets."""
+    return [t for p in paths for t in datasets.load_from_disk(p)["text"]]
 
 
 def _set_column(ds: datasets.Dataset, name: str, values: list) -> datasets.Dataset:
@@ -68,20 +68,19 @@ def _set_column(ds: datasets.Dataset, name: str, values: list) -> datasets.Datas
     return ds.add_column(name, [v.item() if isinstance(v, np.generic) else v for v in values])
 
 
-def filter_stage(cfg: dict, inputs: dict[str, str], out: Path) -> StageResult:
+def filter_stage(cfg: FilterConfig, inputs: Inputs, out: Path) -> StageResult:
     """Stage function. `cfg`: the recipe's `filter` section (`filters`: name -> `_target_` config, in order);
-    `inputs`: `scored` (from the score stage) and optionally earlier rounds' SFT folders under any keys starting
-    with `previous_sft` (one folder each, e.g. `previous_sft_1`, or several joined with `os.pathsep`). Writes
+    `inputs`: `scored` (from the score stage) and optionally `previous_sft`, the list of earlier rounds' SFT
+    folders (a response already trained on is not trained on again). Writes
     `kept/` (the scored columns plus any added by filters) and `removed/` (the same plus `filter` and `reason`);
     the manifest records per filter the rows it saw and removed, by reason, and the kept rows per topic."""
     ds = datasets.load_from_disk(inputs["scored"])
     n = len(ds)
-    previous = os.pathsep.join(v for k, v in sorted(inputs.items()) if k.startswith("previous_sft") and v)
-    context = FilterContext(previous_texts=load_previous_texts(previous))
+    context = FilterContext(previous_texts=load_previous_texts(list(inputs.get("previous_sft") or [])))
     alive = np.arange(n)
     removed_by: dict[int, tuple[str, str]] = {}
     report: dict[str, dict] = {}
-    for name, node in (cfg.get("filters") or {}).items():
+    for name, node in cfg.filters.items():
         fn = build_reward(node)
         sub = ds.select(alive)
         result = fn(sub, context)

@@ -7,7 +7,7 @@ from typing import Any
 
 from hydra.utils import instantiate
 
-from data_gen.hf_backend import Sampling
+from data_gen.backend import Sampling
 
 DEFAULT_RUBRIC = """Rate the assistant's answer to the user's request for helpfulness, correctness and clarity.
 

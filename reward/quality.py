@@ -166,7 +166,7 @@ class Topics:
         return best if best is not None and hits[best] > 0 else self.default
 
     def _judge_topics(self, prompts: list[str]) -> list[str]:
-        from data_gen.hf_backend import Sampling
+        from data_gen.backend import Sampling
 
         requests = [[{"role": "user", "content": TOPIC_PROMPT.format(labels=", ".join(self.labels), prompt=p)}]
                     for p in prompts]

@@ -16,8 +16,9 @@ import datasets
 import numpy as np
 from tqdm.auto import tqdm
 
+from posttrain.config import RewardConfig
 from posttrain.errors import PosttrainError
-from posttrain.rundir import StageResult
+from posttrain.rundir import Inputs, StageResult
 from reward.protocol import build_reward
 
 
@@ -77,9 +78,10 @@ def summarize(scores: list, lengths: list[int], quarantine: list[dict]) -> dict:
     return out
 
 
-def score(cfg: dict, inputs: dict[str, str], out: Path) -> StageResult:
+def score(cfg: RewardConfig, inputs: Inputs, out: Path) -> StageResult:
     """Stage function. `cfg`: the recipe's `reward` section (`rewards`: name -> `_target_` config, `primary`,
-    `batch_size`); `inputs`: `generations`, and `model.<name>` for a reward whose model this run trained. Writes `scored/`: the generations plus one `reward.<name>` column per
+    `batch_size`); `inputs`: `generations`, and `rm` (a folder) when this round trained a reward model: it is the
+    `model` of the reward named `rm`. Writes `scored/`: the generations plus one `reward.<name>` column per
     reward and `score` (the primary reward, which selection ranks by)."""
     ds = datasets.load_from_disk(inputs["generations"])
     rows = ds.to_list()
@@ -89,18 +91,18 @@ def score(cfg: dict, inputs: dict[str, str], out: Path) -> StageResult:
     columns: dict[str, list] = {}
     summary: dict[str, dict] = {}
     quarantine: list[dict] = []
-    for name, node in cfg["rewards"].items():
-        if f"model.{name}" in inputs:
+    for name, node in cfg.rewards.items():
+        if name == "rm" and inputs.get("rm"):
             # A reward model trained earlier in this run arrives as an input, so this stage's config does not
             # depend on where the run directory lives.
-            node = {**node, "model": inputs[f"model.{name}"]}
+            node = {**node, "model": inputs["rm"]}
         fn = build_reward(node)
-        scores, q = score_rows(name, fn, prompts, responses, cfg["batch_size"])
+        scores, q = score_rows(name, fn, prompts, responses, cfg.batch_size)
         columns[f"reward.{name}"] = scores
         summary[name] = summarize(scores, lengths, q)
         quarantine += q
     # A primary that is not there this round (the RM, before any preference data exists) falls back to the first.
-    primary = cfg["primary"] if cfg["primary"] in cfg["rewards"] else next(iter(cfg["rewards"]))
+    primary = cfg.primary if cfg.primary in cfg.rewards else next(iter(cfg.rewards))
     for col, values in columns.items():
         ds = ds.add_column(col, values, feature=datasets.Value("float64"))
     ds = ds.add_column("score", columns[f"reward.{primary}"], feature=datasets.Value("float64"))

@@ -19,9 +19,8 @@ from pathlib import Path
 
 import datasets
 
-from posttrain.rundir import StageResult
-
-PAIRINGS = ("best_vs_worst", "best_vs_random_lower")
+from posttrain.config import Pairing, SelectJob
+from posttrain.rundir import Inputs, StageResult
 
 
 def normalize_text(text: str) -> str:
@@ -43,7 +42,7 @@ def best_of_k(samples: list[dict]) -> dict:
     return min(samples, key=_rank_key)
 
 
-def pair_for_prompt(samples: list[dict], pairing: str, min_margin: float, max_similarity: float, seed: int):
+def pair_for_prompt(samples: list[dict], pairing: Pairing | str, min_margin: float, max_similarity: float, seed: int):
     """(chosen, rejected) for one prompt's scored samples, or (None, reason) when it gives no pair."""
     if len(samples) < 2:
         return None, "fewer_than_two_scored"
@@ -53,7 +52,7 @@ def pair_for_prompt(samples: list[dict], pairing: str, min_margin: float, max_si
         return None, "all_tied"
     ranked = sorted(samples, key=_rank_key)
     chosen = ranked[0]
-    if pairing == "best_vs_worst":
+    if pairing == Pairing.best_vs_worst:
         rejected = ranked[-1]
     else:
         lower = [s for s in ranked if s["score"] < chosen["score"]]
@@ -75,12 +74,11 @@ def _save(rows: list[dict], features: datasets.Features, path: Path) -> None:
         datasets.Dataset.from_list(rows, features=features).save_to_disk(str(path))
 
 
-def select(cfg: dict, inputs: dict[str, str], out: Path) -> StageResult:
-    """Stage function. `cfg`: the recipe's `select` section plus `seed`; `inputs`: `scored` (from the score
-    stage). Writes `sft/` (best-of-K rows in the generations format, with `score`) and `pairs/` (prompt_id,
-    messages, chosen, rejected, their scores, sample indices and margin)."""
-    if cfg["pairs"] not in PAIRINGS:
-        raise ValueError(f"select.pairs must be one of {PAIRINGS}, not {cfg['pairs']!r}")
+def select(job: SelectJob, inputs: Inputs, out: Path) -> StageResult:
+    """Stage function. `job`: the recipe's `select` section plus `seed`; `inputs`: `scored` (from the score
+    stage, or the filter stage's `kept`). Writes `sft/` (best-of-K rows in the generations format, with `score`)
+    and `pairs/` (prompt_id, messages, chosen, rejected, their scores, sample indices and margin)."""
+    cfg = job.select
     scored = datasets.load_from_disk(inputs["scored"])
     by_prompt: dict[str, list[dict]] = defaultdict(list)
     unscored = 0
@@ -95,11 +93,11 @@ def select(cfg: dict, inputs: dict[str, str], out: Path) -> StageResult:
     for pid in sorted(by_prompt):
         samples = by_prompt[pid]
         best = best_of_k(samples)
-        if cfg["min_score"] is not None and best["score"] < cfg["min_score"]:
+        if cfg.min_score is not None and best["score"] < cfg.min_score:
             drops["sft_below_min_score"] += 1
         else:
             sft_rows.append(best)
-        pair, reason = pair_for_prompt(samples, cfg["pairs"], cfg["min_margin"], cfg["max_similarity"], cfg["seed"])
+        pair, reason = pair_for_prompt(samples, cfg.pairs, cfg.min_margin, cfg.max_similarity, job.seed)
         if pair is None:
             drops[f"pair_{reason}"] += 1
             continue

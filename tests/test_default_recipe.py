@@ -61,7 +61,7 @@ def test_default_recipe_shrunk_runs_two_rounds(tmp_path):
         "sft.epochs=1", "dpo.max_steps=1",
         f"evals.heldout={heldout}", "evals.max_new_tokens=32",
     ]
-    proc = subprocess.run([sys.executable, "-m", "posttrain.cli", *args], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "recipes.cli", *args], capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
 

@@ -29,7 +29,7 @@ def test_wheel_carries_packages_recipes_and_prompts(tmp_path):
     (wheel,) = tmp_path.glob("posttrain-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     for required in [
-        "posttrain/cli.py",
+        "recipes/cli.py",
         "posttrain/train/sft.py",
         "data_gen/generate.py",
         "reward/__init__.py",
@@ -41,7 +41,7 @@ def test_wheel_carries_packages_recipes_and_prompts(tmp_path):
         assert required in names, required
     assert not any(n.startswith(("tests/", "bench/")) for n in names)
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
-    assert "posttrain = posttrain.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "posttrain = recipes.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
     # Installed from the wheel alone (no source tree on the path), the recipe still composes.
     site = tmp_path / "site"
@@ -49,7 +49,7 @@ def test_wheel_carries_packages_recipes_and_prompts(tmp_path):
                    check=True, capture_output=True)
     code = (
         "import sys; sys.path.insert(0, sys.argv[1]);"
-        "import recipes, posttrain.cli as c; assert recipes.__file__.startswith(sys.argv[1]), recipes.__file__;"
+        "import recipes, recipes.cli as c; assert recipes.__file__.startswith(sys.argv[1]), recipes.__file__;"
         "from hydra import initialize_config_module, compose;"
         "initialize_config_module(config_module='recipes', version_base='1.3');"
         "print(compose('config', overrides=['experiment=tiny']).generate.k)"

@@ -41,7 +41,7 @@ def example(tmp_path):
 
 def posttrain(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([".", os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, "-m", "posttrain.cli", "--config-dir", "my_recipes",
+    return subprocess.run([sys.executable, "-m", "recipes.cli", "--config-dir", "my_recipes",
                            "experiment=ifeval_brief", *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=300)
 

@@ -42,7 +42,7 @@ def test_every_experiment_composes_and_opens_with_its_command(experiment):
 def test_real_size_recipe_dry_run_prints_the_plan_and_writes_nothing(experiment, tmp_path):
     run_dir = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "-m", "posttrain.cli", f"experiment={experiment}", f"run_dir={run_dir}", "round=2",
+        [sys.executable, "-m", "recipes.cli", f"experiment={experiment}", f"run_dir={run_dir}", "round=2",
          "dry_run=true"],
         capture_output=True, text=True, timeout=300,
     )

@@ -107,7 +107,7 @@ def evaluate_before_training(trainer) -> dict:
     return metrics
 
 
-def save_model(trainer, model_dir: Path, tokenizer, merge_lora: bool) -> None:
+def save_model(trainer, model_dir: Path, tokenizer, merge_lora: bool, dtype: str = "auto") -> None:
     """Write the trained model as a plain HF folder (full weights, a LoRA adapter merged) plus the tokenizer.
     Called on every rank: under ZeRO-3 the weights are gathered from all of them (the DeepSpeed config's
     `stage3_gather_16bit_weights_on_model_save`) and rank 0 writes."""
@@ -122,7 +122,7 @@ def save_model(trainer, model_dir: Path, tokenizer, merge_lora: bool) -> None:
         adapter_dir = model_dir.with_name(model_dir.name + "_adapter")
         trainer.save_model(str(adapter_dir))
         if is_main():
-            _merge_adapter(adapter_dir, model_dir, tokenizer)
+            _merge_adapter(adapter_dir, model_dir, tokenizer, dtype)
     else:
         trainer.save_model(str(model_dir))
         if is_main():
@@ -131,16 +131,16 @@ def save_model(trainer, model_dir: Path, tokenizer, merge_lora: bool) -> None:
     barrier()
 
 
-def _merge_adapter(adapter_dir: Path, model_dir: Path, tokenizer) -> None:
+def _merge_adapter(adapter_dir: Path, model_dir: Path, tokenizer, dtype: str) -> None:
     import shutil
 
-    import torch
     from peft import AutoPeftModelForCausalLM
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
     # Training is over: load the base model whole in this process, not partitioned across ranks by ZeRO-3.
     unset_hf_deepspeed_config()
-    merged = AutoPeftModelForCausalLM.from_pretrained(str(adapter_dir), dtype=torch.float32).merge_and_unload()
+    weights, _ = precision(dtype)
+    merged = AutoPeftModelForCausalLM.from_pretrained(str(adapter_dir), dtype=weights).merge_and_unload()
     merged.save_pretrained(str(model_dir), safe_serialization=True)
     tokenizer.save_pretrained(str(model_dir))
     shutil.rmtree(adapter_dir, ignore_errors=True)
@@ -167,13 +167,56 @@ def load_datasets(paths: list[str]):
     return datasets.concatenate_datasets([datasets.load_from_disk(p, keep_in_memory=True) for p in paths])
 
 
+def precision(dtype: str):
+    """(dtype to load the weights in, TrainingArguments precision flags) for a recipe's `model.dtype`
+    (posttrain.models.torch_dtype: "auto" is bf16 on a GPU that has it, fp32 elsewhere). bfloat16 loads bf16
+    weights and trains with bf16=True (under ZeRO-3 DeepSpeed keeps fp32 master weights); float16 keeps fp32
+    weights under fp16 autocast, since the Trainer's gradient scaler cannot unscale fp16 gradients."""
+    import torch
+
+    from posttrain.models import torch_dtype
+
+    chosen = torch_dtype(dtype)
+    flags = {"bf16": chosen == torch.bfloat16, "fp16": chosen == torch.float16}
+    return (torch.bfloat16 if flags["bf16"] else torch.float32), flags
+
+
+def load_policy(settings: dict):
+    """(causal LM in the stage's precision, its tokenizer with a pad token, a peft LoraConfig or None) from a
+    training process's frozen settings (`model`, `dtype`, `lora`)."""
+    from peft import LoraConfig as PeftLoraConfig
+
+    from posttrain.models import load_causal_lm, load_tokenizer
+
+    tokenizer = load_tokenizer(settings["model"])
+    weights, _ = precision(settings.get("dtype", "auto"))
+    model = load_causal_lm(settings["model"], dtype=weights)
+    lora = settings["lora"]
+    peft_config = None
+    if lora["enabled"]:
+        peft_config = PeftLoraConfig(
+            r=lora["r"],
+            lora_alpha=lora["alpha"],
+            lora_dropout=lora["dropout"],
+            target_modules=list(lora["target_modules"]),
+            task_type="CAUSAL_LM",
+        )
+    return model, tokenizer, peft_config
+
+
 def trainer_args(settings: dict, output_dir: str | Path) -> dict:
-    """TrainingArguments keywords every stage shares, from its frozen settings (TrainingConfig fields + `seed`):
-    schedule, batch, checkpointing for in-stage resume, and precision (fp32 on CPU; bf16 and activation
-    checkpointing on GPU)."""
+    """TrainingArguments keywords every stage shares, from its frozen settings (TrainingConfig fields + `seed`
+    and `dtype`): schedule, batch, checkpointing for in-stage resume, and precision (`precision`; activation
+    checkpointing on GPU). Prints the precision once, from the main process."""
     import torch
 
     gpu = torch.cuda.is_available()
+    dtype = settings.get("dtype", "auto")
+    weights, flags = precision(dtype)
+    if is_main():
+        mode = "bf16" if flags["bf16"] else "fp16 autocast" if flags["fp16"] else "fp32"
+        print(f"posttrain: training in {mode} on {'GPU' if gpu else 'CPU'} (model.dtype={dtype}, "
+              f"weights {str(weights).removeprefix('torch.')})", flush=True)
     return dict(
         output_dir=str(output_dir),
         learning_rate=settings["learning_rate"],
@@ -192,6 +235,6 @@ def trainer_args(settings: dict, output_dir: str | Path) -> dict:
         report_to=settings["report_to"],
         seed=settings["seed"],
         use_cpu=not gpu,
-        bf16=gpu and torch.cuda.is_bf16_supported(),
+        **flags,
         activation_checkpointing=gpu,
     )

@@ -36,43 +36,42 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from posttrain.config import DPOConfig  # noqa: F401 - the stage's settings, re-exported for callers
-from posttrain.rundir import StageResult
+from posttrain.config import DPOConfig, TrainJob  # noqa: F401 - DPOConfig: the stage's settings, for callers
+from posttrain.rundir import Inputs, StageResult
 from posttrain.train import common
+from posttrain.train.launch import launch_stage
 
 PAIR_COLUMNS = ("prompt_id", "messages", "chosen", "rejected")
 TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 
 
-def dpo_stage(cfg: dict, inputs: dict[str, str], out: Path) -> StageResult:
-    """Stage function. `cfg`: the recipe's `dpo` section (DPOConfig fields) plus `seed` and `launch`; `inputs`:
-    `model` (spec of the SFT policy, which is also the reference) and `data` (pairs `datasets` folder with
-    prompt_id, messages, chosen, rejected). Output: `model/` (HF folder); `ref_logps/` keeps the pairs with their
-    reference log-probs. Rows: train and held-out pairs."""
+def dpo_stage(job: TrainJob, inputs: Inputs, out: Path) -> StageResult:
+    """Stage function. `job.train`: the recipe's `dpo` section (DPOConfig); `inputs`: `model` (spec of the SFT
+    policy, which is also the reference) and `data` (a list of pairs `datasets` folders with prompt_id, messages,
+    chosen, rejected). Output: `model/` (HF folder); `ref_logps/` keeps the pairs with their reference log-probs.
+    Rows: train and held-out pairs."""
     import datasets
 
     from posttrain.errors import PosttrainError
     from posttrain.models import resolve_model
-    from posttrain.train.launch import run_training
 
-    if len(datasets.load_from_disk(inputs["data"])) == 0:
-        raise PosttrainError(f"no DPO pairs in {inputs['data']}: every prompt's responses were tied, identical or "
+    data = list(inputs["data"])
+    if sum(len(datasets.load_from_disk(p)) for p in data) == 0:
+        raise PosttrainError(f"no DPO pairs in {data}: every prompt's responses were tied, identical or "
                              f"too close (the manifest's select entry counts why); set dpo.enabled=false to skip DPO")
     settings = {
-        **{k: v for k, v in cfg.items() if k not in ("launch", "enabled")},
+        **{k: v for k, v in asdict(job.train).items() if k not in ("enabled", "seeds")},
         "model": resolve_model(inputs["model"]),
-        "data": [inputs["data"]],
-        "output_dir": str(out),
+        "data": data,
     }
-    run_training("posttrain.train.dpo", settings, out, cfg["launch"])
-    metrics = json.loads((out / "metrics.json").read_text())
+    first, metrics = launch_stage("posttrain.train.dpo", job, settings, out)
     return StageResult(
         outputs={"model": "model"},
-        rows={"train_pairs": metrics["train_rows"], "eval_pairs": metrics["eval_rows"]},
+        rows={"train_pairs": first["train_rows"], "eval_pairs": first["eval_rows"]},
         metrics=metrics,
     )
 
@@ -191,6 +190,7 @@ def _llama3_dpo_trainer_class():
 
         def __init__(self, *args, mask_format_tokens: bool = True, ref_store: str | Path | None = None, **kwargs):
             from posttrain.chat import format_tokens
+            from posttrain.models import pad_with_eos
 
             self._ref_store = Path(ref_store) if ref_store is not None else None
             self._mask_format_tokens = mask_format_tokens
@@ -200,8 +200,7 @@ def _llama3_dpo_trainer_class():
                 if kwargs.get("data_collator") is not None:
                     raise ValueError("mask_format_tokens=True builds its own data collator; pass no data_collator")
                 tok, targs = kwargs["processing_class"], kwargs["args"]
-                if tok.pad_token is None:
-                    tok.pad_token = tok.eos_token
+                pad_with_eos(tok)
                 base = DataCollatorForPreference(
                     pad_token_id=tok.pad_token_id,
                     max_length=targs.max_length,
@@ -330,27 +329,7 @@ def trl_args(settings: dict, output_dir: str | Path, **overrides):
     return TRLDPOConfig(**{**kwargs, **overrides})
 
 
-def load_policy(settings: dict):
-    """(model in float32, tokenizer with a pad token, peft LoraConfig or None) from the settings."""
-    import torch
-    from peft import LoraConfig as PeftLoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(settings["model"])
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(settings["model"], dtype=torch.float32)
-    lora = settings["lora"]
-    peft_config = None
-    if lora["enabled"]:
-        peft_config = PeftLoraConfig(
-            r=lora["r"],
-            lora_alpha=lora["alpha"],
-            lora_dropout=lora["dropout"],
-            target_modules=list(lora["target_modules"]),
-            task_type="CAUSAL_LM",
-        )
-    return model, tokenizer, peft_config
+load_policy = common.load_policy  # tests and benchmarks build the policy as the stage does
 
 
 def train(settings: dict) -> dict:
@@ -411,7 +390,7 @@ def train(settings: dict) -> dict:
             "logp_accuracy": _accuracy(chosen.tolist(), rejected.tolist()),
         }
 
-    common.save_model(trainer, out / "model", tokenizer, merge_lora=peft_config is not None)
+    common.save_model(trainer, out / "model", tokenizer, merge_lora=peft_config is not None, dtype=settings["dtype"])
     if common.is_main():
         if not settings["keep_checkpoints"]:
             shutil.rmtree(trainer_dir, ignore_errors=True)

@@ -14,6 +14,10 @@ Several machines: torchrun and accelerate run on every node with its `node_rank`
 `master_addr`; or `accelerate launch` on the first node starts every node listed in a DeepSpeed `hostfile`
 (pdsh). Either way the run directory must be on a filesystem all nodes share: global rank 0 writes the outputs.
 
+`launch_stage` is the driver side every training stage shares: it freezes the stage's settings (with the model's
+dtype and the seed), runs the process once, or once per seed in `<stage>.seeds` and averages their models (Llama 3
+averages at every stage), and reads back the metrics the process wrote.
+
 The children's output goes to the stage's log file and to the terminal; if they fail, the stage fails with the
 end of the log in the error. If the driver dies, the kernel ends the launcher too (PR_SET_PDEATHSIG), and each
 worker asks the same of its launcher (common.main), so a killed run leaves no orphan trainer writing into the run
@@ -29,8 +33,10 @@ import signal
 import subprocess
 import sys
 from collections import deque
+from dataclasses import asdict
 from pathlib import Path
 
+from posttrain.config import TrainJob
 from posttrain.errors import PosttrainError
 
 LAUNCHERS = ("direct", "torchrun", "accelerate")
@@ -131,7 +137,7 @@ def run_training(module: str, settings: dict, work_dir: Path, launch: dict, log_
     cmd = command(module, config_path, launch)
     ds = launch["deepspeed"]
     settings = {**settings, "deepspeed": json.loads(deepspeed_config(ds).read_text()) if ds else None}
-    config_path.write_text(json.dumps(settings, indent=2, sort_keys=True))
+    config_path.write_text(json.dumps(settings, indent=2, sort_keys=True, default=str))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if launch["launcher"] != "direct" and not _has_gpu():
         env.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's CPU accelerator; the trainers then use gloo
@@ -155,3 +161,32 @@ def run_training(module: str, settings: dict, work_dir: Path, launch: dict, log_
         raise StageFailed(
             f"{module} exited with code {code}; log: {work_dir / log_name}\n--- last lines ---\n" + "\n".join(last)
         )
+
+
+def launch_stage(module: str, job: TrainJob, settings: dict, out: Path) -> tuple[dict, dict]:
+    """Run the training process `module` (posttrain.train.sft, .dpo, .rm) on `settings` (the stage's own keys:
+    model, data, hyperparameters) as `job.launch` says, writing into `out`. With `job.train.seeds`, once per seed
+    in `out/seed_<s>/` and their models averaged uniformly into `out/model/`; a seed whose model is there already
+    (a resumed stage) is not trained again, one cut short resumes from its own checkpoints.
+
+    Returns (the metrics of the first or only run, the metrics for the manifest: the same without seeds, else
+    `averaged_seeds` and every seed's metrics)."""
+    from posttrain.average import average_checkpoints
+
+    launch = asdict(job.launch)
+    common = {**settings, "dtype": str(job.dtype)}
+    seeds = list(job.train.seeds or [])
+    if not seeds:
+        run_training(module, {**common, "seed": job.seed, "output_dir": str(out)}, out, launch)
+        metrics = json.loads((out / "metrics.json").read_text())
+        return metrics, metrics
+    runs = {}
+    for seed in seeds:
+        sub = out / f"seed_{seed}"
+        sub.mkdir(exist_ok=True)
+        if not ((sub / "model" / "config.json").exists() and (sub / "metrics.json").exists()):
+            run_training(module, {**common, "seed": seed, "output_dir": str(sub)}, sub, launch)
+        runs[seed] = json.loads((sub / "metrics.json").read_text())
+    if not (out / "model").exists():
+        average_checkpoints([out / f"seed_{s}" / "model" for s in seeds], out / "model")
+    return runs[seeds[0]], {"averaged_seeds": seeds, "seeds": {str(s): m for s, m in runs.items()}}

@@ -11,7 +11,7 @@ Preference data: one or more `datasets` folders. A folder's rows are either
 An optional `prompt_id` column keys the held-out split (by prompt, so no prompt is on both sides); without it
 the prompt turns are. Pairs whose responses are near-identical are dropped and counted (`near_identical`).
 
-Inputs are tokenized here with `reward.rm_scorer.rm_inputs`, the function `RewardModelScorer` uses, and handed
+Inputs are tokenized here with `posttrain.rm_format.rm_inputs`, the function `RewardModelScorer` uses, and handed
 to RewardTrainer pre-tokenized (`chosen_ids` / `rejected_ids`): TRL's own preprocessing knows no BERT-style text
 pairs, and this way training and scoring cannot drift apart. There is no `margin` column, so TRL's loss is the
 plain Bradley-Terry one. The process resumes from its last Trainer checkpoint, measures held-out pairwise
@@ -27,46 +27,36 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
-import os
 import random
 import shutil
 import statistics
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from posttrain.config import RMConfig  # noqa: F401 - the stage's settings, re-exported for callers
-from posttrain.rundir import StageResult
+from posttrain.config import RMConfig, TrainJob  # noqa: F401 - RMConfig: the stage's settings, for callers
+from posttrain.rundir import Inputs, StageResult
 from posttrain.train import common
+from posttrain.train.launch import launch_stage
 
 NORM_SAMPLE = 4096  # training responses scored for the normalisation statistics
 
 
-def data_paths(inputs: dict[str, str]) -> list[str]:
-    """Preference folders named by `inputs`: every key starting with "data" ("data", "data_round_1", ...), in key
-    order; a value may also join several folders with os.pathsep. Separate keys are better in a run: the run
-    directory fingerprints each input path, and a joined string is not a path."""
-    paths = [p for k in sorted(inputs) if k.startswith("data") for p in inputs[k].split(os.pathsep) if p]
-    if not paths:
-        raise ValueError(f"rm stage: no preference data among inputs {sorted(inputs)} (keys starting with 'data')")
-    return paths
-
-
-def rm_stage(cfg: dict, inputs: dict[str, str], out: Path) -> StageResult:
-    """Stage function. `cfg`: the recipe's `rm` section (RMConfig) plus `seed` and `launch`; `inputs`: `model`
-    (backbone spec: a causal LM or an encoder, gets a fresh 1-output head) and preference data (see `data_paths`).
-    Output: `model/` (HF sequence-classification folder). Rows: training pairs."""
+def rm_stage(job: TrainJob, inputs: Inputs, out: Path) -> StageResult:
+    """Stage function. `job.train`: the recipe's `rm` section (RMConfig); `inputs`: `model` (backbone spec: a
+    causal LM or an encoder, gets a fresh 1-output head) and `data` (a list of preference folders: every earlier
+    round's pairs and `rm.data`). Output: `model/` (HF sequence-classification folder). Rows: training pairs."""
+    from posttrain.errors import PosttrainError
     from posttrain.models import resolve_model
-    from posttrain.train.launch import run_training
 
+    if not inputs.get("data"):
+        raise PosttrainError("rm stage: no preference data (inputs['data'] is empty)")
     settings = {
-        **{k: v for k, v in cfg.items() if k not in ("launch", "enabled", "model", "data")},
+        **{k: v for k, v in asdict(job.train).items() if k not in ("enabled", "model", "data", "seeds")},
         "model": resolve_model(inputs["model"]),
-        "data": data_paths(inputs),
-        "output_dir": str(out),
+        "data": list(inputs["data"]),
     }
-    run_training("posttrain.train.rm", settings, out, cfg["launch"])
-    metrics = json.loads((out / "metrics.json").read_text())
-    return StageResult(outputs={"model": "model"}, rows=metrics["train_pairs"], metrics=metrics)
+    first, metrics = launch_stage("posttrain.train.rm", job, settings, out)
+    return StageResult(outputs={"model": "model"}, rows=first["train_pairs"], metrics=metrics)
 
 
 # ---- preference pairs -----------------------------------------------------------------------------------------
@@ -137,7 +127,7 @@ def encode_pairs(pairs: list[dict], tokenizer, max_length: int):
     pairs), built by `rm_inputs`. No `margin` column: TRL would subtract it inside the sigmoid."""
     import datasets
 
-    from reward.rm_scorer import rm_inputs
+    from posttrain.rm_format import rm_inputs
 
     def encode(row):
         c = rm_inputs(tokenizer, row["messages"], row["chosen"], max_length)
@@ -185,7 +175,7 @@ def _inputs(ds, side: str) -> list[dict]:
 
 def pairwise_accuracy(model, ds, pad_token_id: int, batch_size: int) -> float:
     """Share of pairs whose chosen response scores strictly above the rejected one."""
-    from reward.rm_scorer import score_inputs
+    from posttrain.rm_format import score_inputs
 
     chosen = score_inputs(model, _inputs(ds, "chosen"), pad_token_id, batch_size, "RM eval chosen")
     rejected = score_inputs(model, _inputs(ds, "rejected"), pad_token_id, batch_size, "RM eval rejected")
@@ -195,7 +185,6 @@ def pairwise_accuracy(model, ds, pad_token_id: int, batch_size: int) -> float:
 def build_trainer(settings: dict, train_ds, tokenizer, distributed: dict | None = None):
     """RewardTrainer on the backbone in settings["model"] with a fresh one-output head; `distributed`: the extra
     TrainingArguments fields from `common.setup`."""
-    import torch
     from trl import RewardConfig, RewardTrainer
 
     args = RewardConfig(
@@ -203,7 +192,7 @@ def build_trainer(settings: dict, train_ds, tokenizer, distributed: dict | None 
         max_length=None,  # rm_inputs already cut every input to max_length
         center_rewards_coefficient=None,
         remove_unused_columns=False,  # keep the segment-id columns for PairCollator
-        model_init_kwargs={"dtype": torch.float32},
+        model_init_kwargs={"dtype": common.precision(settings.get("dtype", "auto"))[0]},
         disable_tqdm=False,
         **(distributed or {}),
     )
@@ -219,7 +208,7 @@ def build_trainer(settings: dict, train_ds, tokenizer, distributed: dict | None 
 def train(settings: dict) -> dict:
     from transformers import AutoTokenizer
 
-    from reward.rm_scorer import NORM_FILE, length_limit, prepare_tokenizer, score_inputs
+    from posttrain.rm_format import NORM_FILE, length_limit, prepare_tokenizer, score_inputs
 
     distributed = common.setup(settings)  # before the trainer's config; the trainer loads the model after it
     out = Path(settings["output_dir"])

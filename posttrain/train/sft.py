@@ -14,35 +14,36 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
-from posttrain.rundir import StageResult
+from posttrain.config import TrainJob
+from posttrain.rundir import Inputs, StageResult
 from posttrain.train import common
+from posttrain.train.launch import launch_stage
 
 
-def sft_stage(cfg: dict, inputs: dict[str, str], out: Path) -> StageResult:
-    """Stage function. `cfg`: the recipe's `sft` section plus `seed` and `launch`; `inputs`: `model` (spec of
-    the checkpoint to start from) and one or more datasets in the generations format under keys starting with
-    `data` (`data`, `data_round_1`, ...). Output: `model/` (HF folder)."""
+def sft_stage(job: TrainJob, inputs: Inputs, out: Path) -> StageResult:
+    """Stage function. `job.train`: the recipe's `sft` section (SFTConfig); `inputs`: `model` (spec of the
+    checkpoint to start from) and `data` (a list of datasets in the generations format: this round's best-of-K
+    rows and, with `sft.accumulate`, earlier rounds'). Output: `model/` (HF folder)."""
     import datasets
 
     from posttrain.errors import PosttrainError
     from posttrain.models import resolve_model
-    from posttrain.train.launch import run_training
 
-    data = [inputs[k] for k in sorted(inputs) if k.startswith("data")]
+    data = list(inputs["data"])
     if sum(len(datasets.load_from_disk(p)) for p in data) == 0:
         raise PosttrainError(f"no SFT rows in {data}: every response was filtered out, unscored or below "
                              f"select.min_score (the manifest's filter and select entries count why)")
+    sft = asdict(job.train)
     settings = {
-        **{k: v for k, v in cfg.items() if k not in ("launch", "enabled", "init", "accumulate")},
+        **{k: v for k, v in sft.items() if k not in ("enabled", "init", "accumulate", "seeds")},
         "model": resolve_model(inputs["model"]),
         "data": data,
-        "output_dir": str(out),
     }
-    run_training("posttrain.train.sft", settings, out, cfg["launch"])
-    metrics = json.loads((out / "metrics.json").read_text())
-    return StageResult(outputs={"model": "model"}, rows=metrics["train_rows"], metrics=metrics)
+    first, metrics = launch_stage("posttrain.train.sft", job, settings, out)
+    return StageResult(outputs={"model": "model"}, rows=first["train_rows"], metrics=metrics)
 
 
 # ---- the training process -----------------------------------------------------------------------------------
@@ -68,9 +69,6 @@ def build_datasets(paths: list[str], eval_fraction: float):
 
 
 def train(settings: dict) -> dict:
-    import torch
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
     distributed = common.setup(settings)  # before the trainer's config; the model loads after it
@@ -84,22 +82,7 @@ def train(settings: dict) -> dict:
         disable_tqdm=False,
         **distributed,
     )
-    tokenizer = AutoTokenizer.from_pretrained(settings["model"])
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(settings["model"], dtype=torch.float32)
-    lora = settings["lora"]
-    peft_config = (
-        LoraConfig(
-            r=lora["r"],
-            lora_alpha=lora["alpha"],
-            lora_dropout=lora["dropout"],
-            target_modules=list(lora["target_modules"]),
-            task_type="CAUSAL_LM",
-        )
-        if lora["enabled"]
-        else None
-    )
+    model, tokenizer, peft_config = common.load_policy(settings)
     trainer = SFTTrainer(
         model=model,
         args=args,
@@ -118,7 +101,7 @@ def train(settings: dict) -> dict:
     if eval_ds is not None:
         metrics["eval_loss_after"] = trainer.evaluate()["eval_loss"]
 
-    common.save_model(trainer, out / "model", tokenizer, merge_lora=peft_config is not None)
+    common.save_model(trainer, out / "model", tokenizer, merge_lora=peft_config is not None, dtype=settings["dtype"])
     if common.is_main():
         if not settings["keep_checkpoints"]:
             shutil.rmtree(trainer_dir, ignore_errors=True)

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from data_gen.hf_backend import HFBackend, Sampling
+from data_gen.backend import Sampling
+from data_gen.hf_backend import HFBackend
 
 PROMPTS = [
     [{"role": "user", "content": "Say hello."}],

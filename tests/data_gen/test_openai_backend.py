@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from data_gen.hf_backend import HFBackend, Sampling
+from data_gen.backend import Sampling
+from data_gen.hf_backend import HFBackend
 from data_gen.openai_backend import JOURNAL_NAME, OpenAIBackend, RequestFailed
 
 TINY = "tiny://layers=2,hidden=64,seed=0"

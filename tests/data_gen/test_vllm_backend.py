@@ -10,7 +10,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from data_gen.hf_backend import HFBackend, Sampling
+from data_gen.backend import Sampling
+from data_gen.hf_backend import HFBackend
 from data_gen.vllm_backend import INSTALL_HINT, VLLMBackend
 from posttrain.chat import end_of_turn_ids, render_llama3
 from posttrain.errors import PosttrainError
@@ -33,7 +34,7 @@ def test_without_vllm_construction_names_the_install(monkeypatch):
 
 
 def test_recipe_snippet_passes_target_validation_without_vllm(monkeypatch):
-    from posttrain.validate import ALLOWED_PREFIXES, check_target
+    from recipes.validate import ALLOWED_PREFIXES, check_target
 
     monkeypatch.setitem(sys.modules, "vllm", None)
     # The schema's default backend dict carries batch_size into whatever _target_ the recipe names.

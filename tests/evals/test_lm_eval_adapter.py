@@ -7,6 +7,7 @@ import pytest
 
 from evals.lm_eval_adapter import LMEvalSuite, flatten_results
 from evals.stage import eval_stage
+from posttrain.config import EvalConfig, EvalJob
 from posttrain.errors import PosttrainError
 
 ROWS = [
@@ -52,9 +53,9 @@ def test_local_task_on_the_tiny_checkpoint_lands_in_metrics_json(tmp_path, tiny_
     tasks = _local_task(tmp_path / "tasks")
     heldout = tmp_path / "heldout.jsonl"
     heldout.write_text('{"id": "h1", "prompt": "Say hello."}\n')
-    cfg = {"round": 2, "max_new_tokens": 4, "suites": {"harness": {
+    cfg = EvalJob(evals=EvalConfig(max_new_tokens=4, suites={"harness": {
         "_target_": "evals.lm_eval_adapter.LMEvalSuite", "tasks": ["tiny_mc"], "include_path": str(tasks),
-        "include_defaults": False, "batch_size": 4, "device": "cpu", "dtype": "float32"}}}
+        "include_defaults": False, "batch_size": 4, "device": "cpu", "dtype": "float32"}}), round=2)
     out = tmp_path / "eval"
     out.mkdir()
     result = eval_stage(cfg, {"policy": str(tiny_model_dir), "heldout": str(heldout)}, out)

@@ -1,14 +1,14 @@
 """The eval stage end to end on tiny models: round 0 (start policy + teacher) and round 1 through RunDir."""
 
 import json
-from functools import partial
 
 import datasets
 import pytest
 
 from evals.report import build_report
-from evals.stage import eval_stage
+from posttrain.config import EvalConfig, EvalJob
 from posttrain.rundir import RunDir
+from recipes.loop import STAGES
 from reward.ifeval import count_words
 
 
@@ -20,15 +20,14 @@ def chars(prompts, responses, scale=1.0):
     return [scale * len(r) for r in responses]
 
 
-EVALS = {
-    "heldout": "pkg://evals/data/tiny_heldout.jsonl",
-    "temperature": 0.0,
-    "max_new_tokens": 16,
-    "backend": {"_target_": "data_gen.hf_backend.HFBackend", "batch_size": 12},
-    "rewards": {"words": {"_target_": "tests.evals.test_stage.words"},
-                "chars": {"_target_": "tests.evals.test_stage.chars", "scale": 0.5}},
-    "training_prompts": ["pkg://data_gen/prompts/tiny.jsonl"],
-    "suites": {
+EVALS = EvalConfig(
+    heldout="pkg://evals/data/tiny_heldout.jsonl",
+    temperature=0.0,
+    max_new_tokens=16,
+    backend={"_target_": "data_gen.hf_backend.HFBackend", "batch_size": 12},
+    rewards={"words": {"_target_": "tests.evals.test_stage.words"},
+             "chars": {"_target_": "tests.evals.test_stage.chars", "scale": 0.5}},
+    suites={
         "reward": {"_target_": "evals.suites.RewardSuite"},
         "win_rate": {"_target_": "evals.suites.WinRate", "reward": "words"},
         "drift": {"_target_": "evals.suites.Drift"},
@@ -37,7 +36,8 @@ EVALS = {
         "ifeval": {"_target_": "evals.suites.VerifiableAccuracy", "prompts": "pkg://evals/data/tiny_ifeval.jsonl",
                    "verifier": {"_target_": "reward.verifiers.InstructionFollowing"}, "limit": 3},
     },
-}
+)
+TRAINING = ["pkg://data_gen/prompts/tiny.jsonl"]
 
 
 @pytest.fixture(scope="module")
@@ -48,15 +48,13 @@ def tiny_run(tmp_path_factory, tiny_model_dir):
 
     other = build_tiny(tmp_path_factory.mktemp("tiny-seed1") / "model", seed=1)
     root = tmp_path_factory.mktemp("run")
-    rd = RunDir(root)
+    rd = RunDir(root, STAGES)
     try:
-        cfg0 = {**EVALS, "round": 0, "seed": 0}
-        in0 = {"policy": str(tiny_model_dir), "heldout": EVALS["heldout"], "teacher": str(tiny_model_dir)}
-        e0 = rd.run_stage(0, "eval", cfg0, in0, partial(eval_stage, cfg0, in0))
-        cfg1 = {**cfg0, "round": 1}
-        in1 = {"policy": str(other), "heldout": EVALS["heldout"], "previous": rd.output(e0, "responses"),
+        in0 = {"policy": str(tiny_model_dir), "heldout": EVALS.heldout, "teacher": str(tiny_model_dir)}
+        e0 = rd.run_stage(0, "eval", EvalJob(evals=EVALS, round=0, training_prompts=TRAINING), in0)
+        in1 = {"policy": str(other), "heldout": EVALS.heldout, "previous": rd.output(e0, "responses"),
                "teacher_responses": rd.output(e0, "teacher_responses")}
-        e1 = rd.run_stage(1, "eval", cfg1, in1, partial(eval_stage, cfg1, in1))
+        e1 = rd.run_stage(1, "eval", EvalJob(evals=EVALS, round=1, training_prompts=TRAINING), in1)
     finally:
         rd.close()
     return root, e0, e1

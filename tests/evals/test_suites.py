@@ -8,6 +8,7 @@ import pytest
 from data_gen.prompts import load_prompts
 from evals.stage import EvalContext, check_heldout, eval_stage
 from evals.suites import Drift, RewardSuite, VerifiableAccuracy, WinRate, distinct_n, pearson, win_rate, wilson_interval
+from posttrain.config import EvalConfig, EvalJob
 from posttrain.errors import PosttrainError
 
 
@@ -147,6 +148,6 @@ def test_overlap_with_training_prompts_is_an_error(tmp_path):
     check_heldout(heldout[2:], [training])  # disjoint: fine
 
     # The eval stage checks before loading any model.
-    cfg = {"round": 1, "training_prompts": [training], "suites": {}}
+    job = EvalJob(evals=EvalConfig(suites={}), round=1, training_prompts=[training])
     with pytest.raises(PosttrainError, match="overlap"):
-        eval_stage(cfg, {"policy": "/no/such/model", "heldout": str(tmp_path / "heldout.jsonl")}, tmp_path)
+        eval_stage(job, {"policy": "/no/such/model", "heldout": str(tmp_path / "heldout.jsonl")}, tmp_path)

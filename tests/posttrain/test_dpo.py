@@ -8,6 +8,7 @@ import datasets
 import pytest
 import torch
 
+from posttrain.config import TrainJob
 from posttrain.train.dpo import DPOConfig, build_datasets, dpo_stage, load_policy, train, trl_args
 
 TOPICS = ["the sea", "the stars", "autumn leaves", "France", "a week", "the sky", "prime numbers", "London",
@@ -41,7 +42,7 @@ def pairs_dir(tmp_path_factory):
 def _settings(model, data, out, **overrides) -> dict:
     fast = dict(batch_size=4, max_length=256, logging_steps=1, lr_scheduler="constant", warmup_ratio=0.0)
     cfg = dataclasses.asdict(DPOConfig(**{**fast, **overrides}))
-    return {**cfg, "seed": 0, "model": str(model), "data": [str(data)], "output_dir": str(out)}
+    return {**cfg, "seed": 0, "dtype": "auto", "model": str(model), "data": [str(data)], "output_dir": str(out)}
 
 
 def _trainer(settings, *, mask=True, resident_ref=False, ref_store=None):
@@ -213,27 +214,19 @@ def test_dpo_stage_trains_resumes_and_reuses_reference(tiny_model_dir, pairs_dir
 
     out = tmp_path / "dpo"
     out.mkdir()
-    paths = ("model", "data", "output_dir")
-    stage_cfg = {
-        **{k: v for k, v in _settings(tiny_model_dir, pairs_dir, out).items() if k not in paths},
-        "learning_rate": 1e-3,
-        "epochs": 3,
-        "save_steps": 2,
-        "eval_fraction": 0.2,
-        "keep_checkpoints": True,
-        "launch": {"launcher": "direct", "nproc": 1},
-    }
-    inputs = {"model": str(tiny_model_dir), "data": str(pairs_dir)}
+    stage = dict(learning_rate=1e-3, epochs=3, save_steps=2, eval_fraction=0.2, keep_checkpoints=True)
+    settings = _settings(tiny_model_dir, pairs_dir, out, **stage)
+    job = TrainJob(train=DPOConfig(**{k: v for k, v in settings.items() if k in DPOConfig.__dataclass_fields__}))
+    inputs = {"model": str(tiny_model_dir), "data": [str(pairs_dir)]}
 
     # First attempt (in this process, to save a start-up): stops after 2 steps; what a crash leaves is the
     # checkpoint and the stored reference log-probs.
-    settings = {**_settings(tiny_model_dir, pairs_dir, out), **stage_cfg, "output_dir": str(out)}
     first = train({**settings, "max_steps": 2})
     assert first["steps"] == 2 and first["ref_logps"] == {"train": "computed", "eval": "computed"}
     shutil.rmtree(out / "model")
     (out / "metrics.json").unlink()
 
-    result = dpo_stage(stage_cfg, inputs, out)
+    result = dpo_stage(job, inputs, out)
     m = result.metrics
     assert m["resumed_from"] == "checkpoint-2" and m["steps"] == 6
     assert m["ref_logps"] == {"train": "stored", "eval": "stored"}

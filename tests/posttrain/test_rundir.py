@@ -7,10 +7,19 @@ import pytest
 
 from posttrain import rundir as rundir_mod
 from posttrain.errors import PosttrainError
-from posttrain.rundir import STAGE_NUMBERS, RunDir, StageChanged, StageResult, stable_hash, tree_hash
+from posttrain.rundir import RunDir, Stage, StageChanged, StageResult, stable_hash, tree_hash
+
+# The driver's order (recipes/loop.py); the run directory knows only the table it is given.
+NAMES = ["rm", "generate", "score", "filter", "select", "sft", "dpo", "eval"]
 
 
-class Stage:
+def table(fns=None, resumable=False) -> list[Stage]:
+    """A stage table in the driver's order, with the given stage functions (the others never run)."""
+    fns = fns or {}
+    return [Stage(n, fns.get(n, FakeStage()), resumable=resumable) for n in NAMES]
+
+
+class FakeStage:
     """A stage function that writes `out.txt` (its text depends on `text` and the call number) and counts calls.
     With `fail=True` it writes its file, then raises, like a crash in the middle of a stage."""
 
@@ -19,7 +28,7 @@ class Stage:
         self.calls = 0
         self.seen = []  # files present in the work dir when each call started
 
-    def __call__(self, work: Path) -> StageResult:
+    def __call__(self, cfg, inputs, work: Path) -> StageResult:
         self.calls += 1
         self.seen.append(sorted(p.name for p in work.iterdir()))
         if self.write:
@@ -31,10 +40,10 @@ class Stage:
 
 def run(root, stage="generate", config=None, inputs=None, fn=None, redo=(), round_idx=1, resumable=False):
     """Open the run dir, run one stage, close. Returns (entry, fn)."""
-    fn = fn or Stage()
-    rd = RunDir(root, redo=redo)
+    fn = fn or FakeStage()
+    rd = RunDir(root, table({stage: fn}, resumable), redo=redo)
     try:
-        entry = rd.run_stage(round_idx, stage, config or {"k": 1}, inputs or {}, fn, resumable=resumable)
+        entry = rd.run_stage(round_idx, stage, config or {"k": 1}, inputs or {})
     finally:
         rd.close()
     return entry, fn
@@ -72,7 +81,6 @@ def test_stage_runs_once_and_records_entry(tmp_path):
     entry, fn = run(root, inputs={"prompts": str(prompts)})
 
     assert fn.calls == 1
-    assert STAGE_NUMBERS["generate"] == 1
     final = root / "round_1" / "01_generate"
     assert (final / "out.txt").read_text() == "hello 1"
     assert not (root / "round_1" / ".01_generate.partial").exists()
@@ -102,7 +110,7 @@ def test_same_config_and_inputs_skip(tmp_path):
 def test_changed_config_is_an_error_and_leaves_the_folder(tmp_path):
     run(tmp_path, config={"k": 1, "same": 0})
     before = tree_hash(tmp_path / "round_1" / "01_generate")
-    fn = Stage()
+    fn = FakeStage()
     with pytest.raises(StageChanged) as err:
         run(tmp_path, config={"k": 2, "same": 0}, fn=fn)
     msg = str(err.value)
@@ -115,8 +123,8 @@ def test_changed_config_is_an_error_and_leaves_the_folder(tmp_path):
 
 @pytest.mark.parametrize("redo", ["round_1/generate", "generate", "all", "round_1"])
 def test_redo_supersedes_the_old_folder(tmp_path, redo):
-    old, _ = run(tmp_path, fn=Stage("old"))
-    new, fn = run(tmp_path, config={"k": 2}, fn=Stage("new"), redo=[redo])
+    old, _ = run(tmp_path, fn=FakeStage("old"))
+    new, fn = run(tmp_path, config={"k": 2}, fn=FakeStage("new"), redo=[redo])
     assert fn.calls == 1
     assert (tmp_path / "round_1" / "01_generate" / "out.txt").read_text() == "new 1"
     kept = list((tmp_path / "round_1" / "superseded").iterdir())
@@ -135,9 +143,9 @@ def test_redo_of_another_stage_does_not_touch_this_one(tmp_path):
 
 def test_redo_twice_in_the_same_second_keeps_both_old_folders(tmp_path, monkeypatch):
     monkeypatch.setattr(rundir_mod.time, "strftime", lambda fmt, *a: "20250101-000000")  # one wall-clock second
-    run(tmp_path, fn=Stage("v1"))
-    run(tmp_path, fn=Stage("v2"), redo=["all"])
-    run(tmp_path, fn=Stage("v3"), redo=["all"])
+    run(tmp_path, fn=FakeStage("v1"))
+    run(tmp_path, fn=FakeStage("v2"), redo=["all"])
+    run(tmp_path, fn=FakeStage("v3"), redo=["all"])
     kept = sorted((p / "out.txt").read_text() for p in (tmp_path / "round_1" / "superseded").iterdir())
     assert kept == ["v1 1", "v2 1"]
     assert len(manifest(tmp_path)["superseded"]) == 2
@@ -145,11 +153,11 @@ def test_redo_twice_in_the_same_second_keeps_both_old_folders(tmp_path, monkeypa
 
 def _pipeline(root, prompts, redo=(), gen_text="gen"):
     """generate (reads prompts) -> score (reads generate's output), in one invocation."""
-    gen, score = Stage(gen_text), Stage("score")
-    rd = RunDir(root, redo=redo)
+    gen, score = FakeStage(gen_text), FakeStage("score")
+    rd = RunDir(root, table({"generate": gen, "score": score}), redo=redo)
     try:
-        g = rd.run_stage(1, "generate", {"k": 1}, {"prompts": str(prompts)}, gen)
-        s = rd.run_stage(1, "score", {"rm": "x"}, {"generations": rd.output(g, "out")}, score)
+        g = rd.run_stage(1, "generate", {"k": 1}, {"prompts": str(prompts)})
+        s = rd.run_stage(1, "score", {"rm": "x"}, {"generations": rd.output(g, "out")})
     finally:
         rd.close()
     return gen, score, g, s
@@ -186,7 +194,7 @@ def test_input_changed_by_hand_is_an_error(tmp_path):
 def _crash(root, config=None):
     """Run a stage that writes its file and then crashes, leaving round_1/.01_generate.partial behind."""
     with pytest.raises(RuntimeError, match="stage crashed"):
-        run(root, config=config, fn=Stage("partial", fail=True))
+        run(root, config=config, fn=FakeStage("partial", fail=True))
     assert (Path(root) / "round_1" / ".01_generate.partial" / "out.txt").exists()
 
 
@@ -229,21 +237,21 @@ def test_final_folder_without_entry_is_redone(tmp_path):
 
 def test_missing_declared_output_is_an_error(tmp_path):
     with pytest.raises(PosttrainError, match=r"round_1/generate did not produce its output 'out' \(missing.bin\)"):
-        run(tmp_path, fn=Stage(output="missing.bin"))
+        run(tmp_path, fn=FakeStage(output="missing.bin"))
     assert not (tmp_path / "round_1" / "01_generate").exists()
     assert not (tmp_path / "manifest.json").exists() or manifest(tmp_path)["stages"] == []
 
 
 def test_lock(tmp_path):
-    first = RunDir(tmp_path)
+    first = RunDir(tmp_path, table())
     with pytest.raises(PosttrainError, match="in use by another posttrain process"):
-        RunDir(tmp_path)
+        RunDir(tmp_path, table())
     first.close()
-    RunDir(tmp_path).close()
+    RunDir(tmp_path, table()).close()
 
 
 def test_write_config_keeps_history(tmp_path):
-    rd = RunDir(tmp_path)
+    rd = RunDir(tmp_path, table())
     rd.write_config("a: 1\n")
     rd.write_config("a: 1\n")  # unchanged: no history entry
     assert not (tmp_path / "config.history").exists()
@@ -257,9 +265,9 @@ def test_write_config_keeps_history(tmp_path):
 
 
 def test_manifest_is_valid_json_after_each_stage(tmp_path):
-    rd = RunDir(tmp_path)
+    rd = RunDir(tmp_path, table())
     for n, stage in enumerate(["generate", "score", "select"], 1):
-        rd.run_stage(1, stage, {"k": 1}, {}, Stage())
+        rd.run_stage(1, stage, {"k": 1}, {})
         assert [e["stage"] for e in manifest(tmp_path)["stages"]] == ["generate", "score", "select"][:n]
         assert not (tmp_path / ".manifest.json.tmp").exists()
     rd.close()
@@ -271,3 +279,37 @@ def test_rounds_are_separate(tmp_path):
     entry, fn = run(tmp_path, round_idx=2)
     assert fn.calls == 1 and entry["dir"] == "round_2/01_generate"
     assert [(e["round"], e["stage"]) for e in manifest(tmp_path)["stages"]] == [(1, "generate"), (2, "generate")]
+
+
+def test_folders_are_numbered_by_the_table_given(tmp_path):
+    rd = RunDir(tmp_path, [Stage("b", FakeStage()), Stage("a", FakeStage())])
+    try:
+        assert rd.run_stage(1, "a", {"k": 1}, {})["dir"] == "round_1/01_a"
+        with pytest.raises(PosttrainError, match=r"unknown stage 'c'.*\['b', 'a'\]"):
+            rd.run_stage(1, "c", {"k": 1}, {})
+    finally:
+        rd.close()
+
+
+def test_typed_config_and_list_inputs(tmp_path):
+    """A dataclass config is hashed and saved as plain data (Enums by value); a list input is fingerprinted
+    element by element, so a changed element is named."""
+    from posttrain.config import Pairing, SelectConfig, SelectJob
+
+    data = [tmp_path / "a.txt", tmp_path / "b.txt"]
+    for p in data:
+        p.write_text(p.name)
+    job = SelectJob(select=SelectConfig(pairs=Pairing.best_vs_random_lower), seed=3)
+    root = tmp_path / "run"
+    entry, fn = run(root, stage="select", config=job, inputs={"data": [str(p) for p in data]})
+    saved = json.loads((root / "round_1" / "04_select" / "stage_config.json").read_text())
+    assert saved["select"]["pairs"] == "best_vs_random_lower" and saved["seed"] == 3
+    assert entry["config_hash"] == stable_hash(saved)
+    assert entry["input_hashes"] == {"data": [tree_hash(p) for p in data]}
+    assert entry["inputs"] == {"data": [str(p) for p in data]}
+
+    _, fn = run(root, stage="select", config=job, inputs={"data": [str(p) for p in data]})
+    assert fn.calls == 0
+    data[1].write_text("changed")
+    with pytest.raises(StageChanged, match=r"round_1/select .*inputs data"):
+        run(root, stage="select", config=job, inputs={"data": [str(p) for p in data]})

@@ -22,7 +22,7 @@ import datasets
 import pytest
 from safetensors.torch import load_file
 
-from posttrain.config import DPOConfig, RMConfig, SFTConfig
+from posttrain.config import DPOConfig, LaunchConfig, LoraConfig, RMConfig, SFTConfig, TrainJob
 from posttrain.models import resolve_model
 from posttrain.train.dpo import dpo_stage
 from posttrain.train.rm import rm_stage
@@ -31,10 +31,10 @@ from posttrain.train.sft import sft_stage
 pytestmark = pytest.mark.slow  # ~20-30 s a stage: two processes import torch, TRL and DeepSpeed
 
 TINY = "tiny://layers=2,hidden=64,seed=0"
-ZERO3 = {"launcher": "torchrun", "nproc": 2, "deepspeed": "zero3"}
+ZERO3 = LaunchConfig(launcher="torchrun", nproc=2, deepspeed="zero3")
 TOPICS = ["the sea", "the stars", "autumn leaves", "France", "a week", "the sky", "prime numbers", "London",
           "fruit", "python", "the moon", "books", "cats", "dogs", "rain", "snow"]
-LORA = {"enabled": True, "r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
+LORA = LoraConfig(enabled=True, r=8, alpha=16, dropout=0.0, target_modules=["q_proj", "v_proj"])
 
 
 @pytest.fixture(scope="module")
@@ -55,10 +55,10 @@ def sft_data(tmp_path_factory) -> str:
     return str(path)
 
 
-def _sft_cfg(launch: dict, batch_size: int, **overrides) -> dict:
-    cfg = dataclasses.asdict(SFTConfig(learning_rate=3e-3, epochs=2, batch_size=batch_size, max_length=128,
-                                       logging_steps=1, save_steps=1000, eval_fraction=0.2, lr_scheduler="constant"))
-    return {**cfg, **overrides, "seed": 0, "launch": launch}
+def _sft_job(launch: LaunchConfig, batch_size: int, **overrides) -> TrainJob:
+    sft = SFTConfig(learning_rate=3e-3, epochs=2, batch_size=batch_size, max_length=128, logging_steps=1,
+                    save_steps=1000, eval_fraction=0.2, lr_scheduler="constant", **overrides)
+    return TrainJob(train=sft, seed=0, launch=launch)
 
 
 def _check_full_folder(folder: Path, base: Path, auto_class=None) -> dict:
@@ -79,11 +79,11 @@ def _check_full_folder(folder: Path, base: Path, auto_class=None) -> dict:
 
 
 def test_sft_under_zero3_matches_one_process(tmp_path, base, sft_data):
-    inputs = {"model": TINY, "data": sft_data}
+    inputs = {"model": TINY, "data": [sft_data]}
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir(), two.mkdir()
-    single = sft_stage(_sft_cfg({"launcher": "direct", "nproc": 1}, batch_size=8), inputs, one).metrics
-    zero3 = sft_stage(_sft_cfg(ZERO3, batch_size=4), inputs, two).metrics
+    single = sft_stage(_sft_job(LaunchConfig(), batch_size=8), inputs, one).metrics
+    zero3 = sft_stage(_sft_job(ZERO3, batch_size=4), inputs, two).metrics
     print("1 process:", [round(c["loss"], 6) for c in single["loss_curve"]])
     print("ZeRO-3, 2 processes:", [round(c["loss"], 6) for c in zero3["loss_curve"]])
 
@@ -114,8 +114,8 @@ def test_sft_with_lora_through_accelerate_launch(tmp_path, base, sft_data):
     """`accelerate launch --use_deepspeed`, and a LoRA adapter gathered from the shards and merged on rank 0."""
     out = tmp_path / "sft"
     out.mkdir()
-    launch = {**ZERO3, "launcher": "accelerate"}
-    m = sft_stage(_sft_cfg(launch, batch_size=4, lora=LORA), {"model": TINY, "data": sft_data}, out).metrics
+    launch = dataclasses.replace(ZERO3, launcher="accelerate")
+    m = sft_stage(_sft_job(launch, batch_size=4, lora=LORA), {"model": TINY, "data": [sft_data]}, out).metrics
     assert "-m accelerate.commands.launch --num_processes 2" in (out / "train.log").read_text()
     assert m["steps"] == 6 and m["loss_curve"][-1]["loss"] < m["loss_curve"][0]["loss"]
 
@@ -145,9 +145,9 @@ def test_dpo_under_zero3(tmp_path, base):
     datasets.Dataset.from_list(rows).save_to_disk(str(pairs))
     out = tmp_path / "dpo"
     out.mkdir()
-    cfg = dataclasses.asdict(DPOConfig(learning_rate=1e-3, epochs=2, batch_size=2, max_length=256, logging_steps=1,
-                                       save_steps=1000, eval_fraction=0.2, lr_scheduler="constant", warmup_ratio=0.0))
-    m = dpo_stage({**cfg, "seed": 0, "launch": ZERO3}, {"model": TINY, "data": str(pairs)}, out).metrics
+    dpo = DPOConfig(learning_rate=1e-3, epochs=2, batch_size=2, max_length=256, logging_steps=1, save_steps=1000,
+                    eval_fraction=0.2, lr_scheduler="constant", warmup_ratio=0.0)
+    m = dpo_stage(TrainJob(train=dpo, seed=0, launch=ZERO3), {"model": TINY, "data": [str(pairs)]}, out).metrics
 
     assert m["ref_logps"] == {"train": "computed", "eval": "computed"}
     assert m["train_rows"] + m["eval_rows"] == 12 and m["steps"] == 4
@@ -185,9 +185,9 @@ def test_rm_under_zero3(tmp_path, base):
     datasets.Dataset.from_list(rows).save_to_disk(str(prefs))
     out = tmp_path / "rm"
     out.mkdir()
-    cfg = dataclasses.asdict(RMConfig(learning_rate=3e-3, epochs=1, batch_size=4, max_length=128, logging_steps=1,
-                                      save_steps=1000, eval_fraction=0.2))
-    result = rm_stage({**cfg, "seed": 0, "launch": ZERO3}, {"model": TINY, "data": str(prefs)}, out)
+    rm = RMConfig(learning_rate=3e-3, epochs=1, batch_size=4, max_length=128, logging_steps=1, save_steps=1000,
+                  eval_fraction=0.2)
+    result = rm_stage(TrainJob(train=rm, seed=0, launch=ZERO3), {"model": TINY, "data": [str(prefs)]}, out)
     m = result.metrics
     assert result.rows == m["train_pairs"] and m["train_pairs"] + m["eval_pairs"] == 40
     assert m["eval_accuracy_after"] >= 0.8 and m["loss_curve"][-1]["loss"] < m["loss_curve"][0]["loss"]

@@ -5,6 +5,7 @@ import json
 import datasets
 import pytest
 
+from posttrain.config import FilterConfig
 from posttrain.errors import PosttrainError
 from reward.filters import FilterContext, FilterResult, RuleFilter, filter_stage
 from reward.quality import Difficulty, Quality, Topics, rank01
@@ -152,16 +153,16 @@ def test_filter_stage_end_to_end(tmp_path):
     dataset(rows).save_to_disk(str(tmp_path / "scored"))
     prev = dataset([row("old", 0, "Blue, because it reminds people of the sea and the open sky above it.", 1.0)])
     prev.save_to_disk(str(tmp_path / "prev_sft"))
-    cfg = {"filters": {
+    cfg = FilterConfig(filters={
         "quality": {"_target_": "reward.quality.Quality"},
         "rules": {"_target_": "reward.filters.RuleFilter"},
         "difficulty": {"_target_": "reward.quality.Difficulty"},
         "topics": {"_target_": "reward.quality.Topics"},
         "dedup": {"_target_": "reward.dedup.TextDedup"},
-    }}
+    })
     out = tmp_path / "out"
     out.mkdir()
-    inputs = {"scored": str(tmp_path / "scored"), "previous_sft_1": str(tmp_path / "prev_sft")}
+    inputs = {"scored": str(tmp_path / "scored"), "previous_sft": [str(tmp_path / "prev_sft")]}
     result = filter_stage(cfg, inputs, out)
     kept, removed = datasets.load_from_disk(str(out / "kept")), datasets.load_from_disk(str(out / "removed"))
     assert [(r["prompt_id"], r["sample_idx"]) for r in kept] == [("code", 0), ("code", 2), ("math", 0)]
@@ -184,14 +185,14 @@ def test_filter_stage_end_to_end(tmp_path):
     json.dumps(m)  # the manifest can hold it
 
     (tmp_path / "empty").mkdir()
-    bad = {"filters": {"bad": {"_target_": "tests.reward.test_filters.wrong_length_filter"}}}
+    bad = FilterConfig(filters={"bad": {"_target_": "tests.reward.test_filters.wrong_length_filter"}})
     with pytest.raises(PosttrainError, match="bad"):
         filter_stage(bad, {"scored": str(tmp_path / "scored")}, tmp_path / "empty")
 
 
 def test_filter_stage_without_filters_keeps_everything(tmp_path):
     dataset([row("a", 0, FINE, 1.0)]).save_to_disk(str(tmp_path / "scored"))
-    result = filter_stage({"filters": {}}, {"scored": str(tmp_path / "scored"), "previous_sft": ""}, tmp_path)
+    result = filter_stage(FilterConfig(), {"scored": str(tmp_path / "scored"), "previous_sft": []}, tmp_path)
     assert result.rows == {"kept": 1, "removed": 0}
     removed = datasets.load_from_disk(str(tmp_path / "removed"))
     assert len(removed) == 0 and {"filter", "reason"} <= set(removed.column_names)

@@ -14,6 +14,7 @@ import time
 import pytest
 import torch
 
+from posttrain.config import TrainJob
 from posttrain.train.rm import (
     RMConfig,
     build_trainer,
@@ -94,17 +95,14 @@ def task(tmp_path_factory):
     return _write_task(tmp_path_factory.mktemp("prefs"))
 
 
-def _cfg(**overrides):
-    cfg = dataclasses.asdict(RMConfig())
-    cfg.update(seed=0, launch={"launcher": "direct", "nproc": 1}, eval_fraction=0.2, logging_steps=5,
-               save_steps=1000, **overrides)
-    return cfg
+def _rm(**overrides) -> RMConfig:
+    return RMConfig(**{"eval_fraction": 0.2, "logging_steps": 5, "save_steps": 1000, **overrides})
 
 
 def _train(tmp_path_factory, name, backbone, task, **overrides):
     out = tmp_path_factory.mktemp(name)
     start = time.time()
-    result = rm_stage(_cfg(**overrides), {"model": backbone, "data": task[0], "data_ranked": task[1]}, out)
+    result = rm_stage(TrainJob(train=_rm(**overrides)), {"model": backbone, "data": list(task)}, out)
     result.metrics["seconds"] = time.time() - start
     print(name, json.dumps({k: v for k, v in result.metrics.items() if k != "loss_curve"}))
     return out, result
@@ -180,7 +178,8 @@ def test_loss_is_bradley_terry_without_margin(tmp_path, task):
     pairs, _ = preference_pairs(task, 0.05)
     ds = encode_pairs(pairs[:4], tok, 1024)
     assert "margin" not in ds.column_names
-    settings = {**_cfg(learning_rate=1e-3), "model": resolve_model(TINY), "output_dir": str(tmp_path)}
+    settings = {**dataclasses.asdict(_rm(learning_rate=1e-3)), "seed": 0, "model": resolve_model(TINY),
+                "output_dir": str(tmp_path)}
     trainer = build_trainer(settings, ds, tok)
     assert trainer.args.center_rewards_coefficient is None
     batch = trainer.data_collator([ds[i] for i in range(4)])
@@ -240,7 +239,7 @@ def _check_trained(out, result, task, min_accuracy=0.8):
     # rm_inputs builds the same input at training (backbone's tokenizer) and at scoring (the saved one).
     from transformers import AutoTokenizer
 
-    from reward.rm_scorer import prepare_tokenizer
+    from posttrain.rm_format import prepare_tokenizer
 
     backbone = json.loads((out / "train_config.json").read_text())["model"]
     train_enc = encode_pairs(held[:5], prepare_tokenizer(AutoTokenizer.from_pretrained(backbone)), 1024)

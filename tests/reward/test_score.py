@@ -6,6 +6,7 @@ import math
 import datasets
 import pytest
 
+from posttrain.config import RewardConfig
 from posttrain.errors import PosttrainError
 from reward.score import score, score_rows, summarize
 
@@ -55,14 +56,14 @@ def test_score_stage_adds_one_column_per_reward_and_the_primary(tmp_path):
          "sample_idx": 0, "text": "hello", "completion_tokens": 1},
     ]
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "gen"))
-    cfg = {
-        "rewards": {
+    cfg = RewardConfig(
+        rewards={
             "exact": {"_target_": "tests.reward.test_score.needs_answer"},
             "flaky": {"_target_": "tests.reward.test_score.flaky_reward"},
         },
-        "primary": "exact",
-        "batch_size": 2,
-    }
+        primary="exact",
+        batch_size=2,
+    )
     out = tmp_path / "out"
     out.mkdir()
     result = score(cfg, {"generations": str(tmp_path / "gen")}, out)

@@ -1,11 +1,15 @@
 """Best-of-K and pair selection: ties, identical responses, margins, near-duplicates, None scores."""
 
+import dataclasses
+
 import datasets
 import pytest
 
+from posttrain.config import Pairing, SelectConfig, SelectJob
 from reward.select import best_of_k, pair_for_prompt, select, similarity
 
-CFG = {"min_score": None, "pairs": "best_vs_worst", "min_margin": 0.0, "max_similarity": 0.95, "seed": 0}
+CFG = SelectJob(select=SelectConfig(min_score=None, pairs=Pairing.best_vs_worst, min_margin=0.0, max_similarity=0.95),
+                seed=0)
 
 
 def sample(i, text, score, pid="p"):
@@ -83,7 +87,7 @@ def test_select_stage_writes_sft_and_pairs_and_counts_every_drop(tmp_path):
     ]
     out = tmp_path / "out"
     out.mkdir()
-    result = select({**CFG, "min_score": 0.35}, {"scored": _scored(tmp_path, rows)}, out)
+    result = select(SelectJob(select=dataclasses.replace(CFG.select, min_score=0.35)), {"scored": _scored(tmp_path, rows)}, out)
     m = result.metrics
     assert m["unscored_rows"] == 2 and m["prompts"] == 5 and m["prompts_without_scores"] == 1
     assert m["dropped"] == {

@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 from posttrain import models
 from posttrain.tiny import build_tiny, build_tiny_tokenizer, corpus_chats
 
-POSTTRAIN = [sys.executable, "-m", "posttrain.cli"]
+POSTTRAIN = [sys.executable, "-m", "recipes.cli"]
 STUDENT = "tiny://layers=2,hidden=64,seed=0,pretrain_steps=300"
 SEEDS = (0, 1, 2)
 

@@ -5,31 +5,42 @@
         -> SFT (on every round's SFT data, from the base model) -> DPO (on this round's pairs) -> eval
         -> policy for the next round
 
-Each stage is a plain function `(stage config, inputs, out_dir) -> StageResult` run through `RunDir.run_stage`,
-which skips what already finished and resumes what did not.
+`STAGES` is the one table of stages, in data-flow order (their folders are numbered by it); the run directory is
+given it and runs each stage as `fn(typed config, inputs, out_dir) -> StageResult`, skipping what already finished
+and resuming what did not. This module is the driver: it imports every package below it, and none imports it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
-from functools import partial
 
 from omegaconf import DictConfig, OmegaConf
 
 from data_gen.generate import generate
 from evals.report import build_report, terminal_table
-from posttrain.average import run_seeds
 from evals.stage import eval_stage
-from posttrain.config import round_config
+from posttrain.config import EvalJob, GenerateJob, Init, SelectJob, Source, TrainJob, round_config, section
 from posttrain.models import resolve_path
-from posttrain.rundir import RunDir
+from posttrain.rundir import RunDir, Stage
 from posttrain.train.dpo import dpo_stage
 from posttrain.train.rm import rm_stage
 from posttrain.train.sft import sft_stage
-from posttrain.validate import validate
+from recipes.validate import validate
 from reward.filters import filter_stage
 from reward.score import score
 from reward.select import select
+
+STAGES = [
+    Stage("rm", rm_stage, resumable=True, module="posttrain.train.rm"),
+    Stage("generate", generate, resumable=True),
+    Stage("score", score),
+    Stage("filter", filter_stage),
+    Stage("select", select),
+    Stage("sft", sft_stage, resumable=True, module="posttrain.train.sft"),
+    Stage("dpo", dpo_stage, resumable=True, module="posttrain.train.dpo"),
+    Stage("eval", eval_stage),
+]
 
 _SECRET = re.compile(r"(^|_)(api_key|apikey|secret|password|passwd|token|auth)$", re.IGNORECASE)
 
@@ -43,70 +54,55 @@ def redact(node):
     return node
 
 
-def _section(rc: DictConfig, key: str) -> dict:
-    return OmegaConf.to_container(rc[key], resolve=True)
+def _train_job(rc: DictConfig, key: str) -> TrainJob:
+    return TrainJob(train=section(rc, key), dtype=rc.model.dtype, seed=rc.seed, launch=section(rc, "launch"))
+
+
+def _earlier(rd: RunDir, r: int, stage: str, output: str) -> list[str]:
+    """Output `output` of stage `stage` in every round before `r` that has it, oldest first."""
+    return [rd.output(e, output) for i in range(1, r) if (e := rd.entry(i, stage)) is not None]
 
 
 def run_round(rd: RunDir, rc: DictConfig, r: int, policy: str, prompt_start: int) -> str:
     """Run round `r` with its config `rc`, starting from `policy` (a model spec or folder) and reading prompts
     from position `prompt_start` of the seeded prompt stream; returns the policy for the next round."""
-    reward_cfg = _section(rc, "reward")
-    reward_inputs: dict[str, str] = {}
+    reward = section(rc, "reward")
+    score_inputs = {}
     if rc.rm.enabled:  # on all preference pairs so far (Llama 3: the RM sees all of it, DPO the latest)
-        data = {f"data_round_{i}": rd.output(rd.entry(i, "select"), "pairs")
-                for i in range(1, r) if rd.entry(i, "select") is not None}
-        data |= {f"data_extra_{j}": str(resolve_path(p)) for j, p in enumerate(rc.rm.data)}
+        data = _earlier(rd, r, "select", "pairs") + [str(resolve_path(p)) for p in rc.rm.data]
         if data:
-            rm_cfg = {**_section(rc, "rm"), "seed": rc.seed, "launch": _section(rc, "launch")}
-            rm_inputs = {"model": rc.rm.model or rc.model.path, **data}
-            rm = rd.run_stage(r, "rm", rm_cfg, rm_inputs, partial(run_seeds, rm_stage, rm_cfg, rm_inputs), resumable=True)
-            reward_cfg["rewards"]["rm"] = {"_target_": "reward.rm_scorer.RewardModelScorer"}
-            reward_inputs["model.rm"] = rd.output(rm, "model")
+            rm = rd.run_stage(r, "rm", _train_job(rc, "rm"), {"model": rc.rm.model or rc.model.path, "data": data})
+            reward.rewards["rm"] = {"_target_": "reward.rm_scorer.RewardModelScorer"}
+            score_inputs["rm"] = rd.output(rm, "model")
 
-    gen_model = rc.teacher.path if rc.generate.source == "teacher" else policy
-    gen_cfg = {
-        **_section(rc, "generate"),
-        "round": r,
-        "seed": rc.seed,
-        "prompt_start": prompt_start,
-        "data": _section(rc, "data"),
-        "shard_size": rc.generate.backend.get("batch_size", 8),
-    }
-    gen_inputs = {"prompts": str(resolve_path(rc.data.prompts)), "model": gen_model}
-    gen = rd.run_stage(r, "generate", gen_cfg, gen_inputs, partial(generate, gen_cfg, gen_inputs), resumable=True)
+    gen_model = rc.teacher.path if rc.generate.source == Source.teacher else policy
+    job = GenerateJob(generate=section(rc, "generate"), data=section(rc, "data"), round=r, seed=rc.seed,
+                      prompt_start=prompt_start)
+    gen = rd.run_stage(r, "generate", job, {"prompts": str(resolve_path(rc.data.prompts)), "model": gen_model})
     sft_data, pairs = rd.output(gen, "generations"), None
 
-    if reward_cfg["rewards"]:
-        score_cfg = reward_cfg
-        score_inputs = {"generations": sft_data, **reward_inputs}
-        scored = rd.run_stage(r, "score", score_cfg, score_inputs, partial(score, score_cfg, score_inputs))
+    if reward.rewards:
+        scored = rd.run_stage(r, "score", reward, {"generations": sft_data, **score_inputs})
         candidates = rd.output(scored, "scored")
         if rc.filter.filters:
-            filter_cfg = _section(rc, "filter")
             # Earlier rounds' SFT data, so a response already trained on is not trained on again.
-            filter_inputs = {"scored": candidates, **{
-                f"previous_sft_{i}": rd.output(rd.entry(i, "select"), "sft")
-                for i in range(1, r) if rd.entry(i, "select") is not None
-            }}
-            filtered = rd.run_stage(r, "filter", filter_cfg, filter_inputs, partial(filter_stage, filter_cfg, filter_inputs))
+            filtered = rd.run_stage(r, "filter", section(rc, "filter"),
+                                    {"scored": candidates, "previous_sft": _earlier(rd, r, "select", "sft")})
             candidates = rd.output(filtered, "kept")
-        select_cfg = {**_section(rc, "select"), "seed": rc.seed}
-        select_inputs = {"scored": candidates}
-        selected = rd.run_stage(r, "select", select_cfg, select_inputs, partial(select, select_cfg, select_inputs))
+        selected = rd.run_stage(r, "select", SelectJob(select=section(rc, "select"), seed=rc.seed),
+                                {"scored": candidates})
         sft_data, pairs = rd.output(selected, "sft"), rd.output(selected, "pairs")
 
     if rc.sft.enabled:
-        sft_cfg = {**_section(rc, "sft"), "seed": rc.seed, "launch": _section(rc, "launch")}
-        sft_inputs = {"model": rc.model.path if rc.sft.init == "base" else policy, f"data_round_{r}": sft_data}
+        data = [sft_data]
         if rc.sft.accumulate:  # SFT data of earlier rounds (Llama 3 trains each round on everything so far)
-            sft_inputs |= {f"data_round_{i}": _sft_data(rd, i) for i in range(1, r) if _sft_data(rd, i)}
-        sft = rd.run_stage(r, "sft", sft_cfg, sft_inputs, partial(run_seeds, sft_stage, sft_cfg, sft_inputs), resumable=True)
+            data = [d for i in range(1, r) if (d := _sft_data(rd, i))] + data
+        start = rc.model.path if rc.sft.init == Init.base else policy
+        sft = rd.run_stage(r, "sft", _train_job(rc, "sft"), {"model": start, "data": data})
         policy = rd.output(sft, "model")
 
     if rc.dpo.enabled and pairs is not None:  # on the latest pairs only: they are close to the current policy
-        dpo_cfg = {**_section(rc, "dpo"), "seed": rc.seed, "launch": _section(rc, "launch")}
-        dpo_inputs = {"model": policy, "data": pairs}
-        dpo = rd.run_stage(r, "dpo", dpo_cfg, dpo_inputs, partial(run_seeds, dpo_stage, dpo_cfg, dpo_inputs), resumable=True)
+        dpo = rd.run_stage(r, "dpo", _train_job(rc, "dpo"), {"model": policy, "data": [pairs]})
         policy = rd.output(dpo, "model")
     return policy
 
@@ -122,8 +118,8 @@ def _sft_data(rd: RunDir, r: int) -> str | None:
 
 def run_eval(rd: RunDir, rc: DictConfig, r: int, policy: str) -> None:
     """Evaluate `policy` on the held-out prompts as round `r` (0: the starting policy), then rebuild the report."""
-    ev = _section(rc, "evals")
-    cfg = {**ev, "round": r, "seed": rc.seed, "rewards": ev["rewards"] or _section(rc, "reward")["rewards"]}
+    evals = section(rc, "evals")
+    evals = dataclasses.replace(evals, rewards=evals.rewards or section(rc, "reward").rewards)
     inputs = {"policy": policy, "heldout": str(resolve_path(rc.evals.heldout))}
     if r == 0 and rc.evals.teacher and rc.teacher is not None:
         inputs["teacher"] = rc.teacher.path
@@ -133,11 +129,11 @@ def run_eval(rd: RunDir, rc: DictConfig, r: int, policy: str) -> None:
             inputs["previous"] = rd.output(previous, "responses")
         if first is not None and "teacher_responses" in first["outputs"]:
             inputs["teacher_responses"] = rd.output(first, "teacher_responses")
-        wants_round0 = any("round0" in (node.get("against") or []) for node in (ev["suites"] or {}).values()
+        wants_round0 = any("round0" in (node.get("against") or []) for node in evals.suites.values()
                            if isinstance(node, dict))
         if first is not None and wants_round0:  # only then: an input added to every eval would redo old runs' evals
             inputs["round0"] = rd.output(first, "responses")
-    rd.run_stage(r, "eval", cfg, inputs, partial(eval_stage, cfg, inputs))
+    rd.run_stage(r, "eval", EvalJob(evals=evals, round=r, seed=rc.seed), inputs)
     if rd.dry_run:
         return
     try:
@@ -147,10 +143,11 @@ def run_eval(rd: RunDir, rc: DictConfig, r: int, policy: str) -> None:
               f"rebuild it with `posttrain-report {rd.root}`")
 
 
-def run(cfg: DictConfig, run_dir: str | None = None) -> RunDir:
-    """Bring the run in `run_dir` (default `cfg.run_dir`) up to round `cfg.round`."""
+def run(cfg: DictConfig, run_dir: str | None = None, stages: list[Stage] = STAGES) -> RunDir:
+    """Bring the run in `run_dir` (default `cfg.run_dir`) up to round `cfg.round`. `stages`: the stage table
+    (tests swap in stub stages with the same names)."""
     rounds = validate(cfg)
-    rd = RunDir(run_dir or cfg.run_dir, redo=list(cfg.redo), dry_run=cfg.dry_run)
+    rd = RunDir(run_dir or cfg.run_dir, stages, redo=list(cfg.redo), dry_run=cfg.dry_run)
     try:
         if cfg.dry_run:
             print(f"dry run: the plan for {rd.root}, up to round {cfg.round}; nothing is loaded, run or written")

@@ -15,51 +15,52 @@ from typing import Any, Callable
 from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 
-from posttrain.config import round_config
+from posttrain.config import Source, round_config
 from posttrain.errors import PosttrainError
+from posttrain.train.launch import command
 
 ALLOWED_PREFIXES = ("posttrain.", "data_gen.", "reward.", "evals.")
 _HYDRA_KEYS = {"_target_", "_partial_", "_convert_", "_recursive_", "_args_"}
 
 _positive = (lambda v: v > 0, "must be > 0")
 _non_negative = (lambda v: v >= 0, "must be >= 0")
-# key -> (predicate, what the predicate demands)
+_fraction = (lambda v: 0 <= v < 1, "must be in [0, 1)")
+# What every training stage (sft, dpo, rm) takes: TrainingConfig's keys, checked alike for the three.
+_TRAINING = {
+    "learning_rate": _positive,
+    "epochs": _positive,
+    "batch_size": _positive,
+    "grad_accum": _positive,
+    "max_length": _positive,
+    "save_steps": _positive,
+    "logging_steps": _positive,
+    "weight_decay": _non_negative,
+    "warmup_ratio": _fraction,
+    "eval_fraction": _fraction,
+}
+# key -> (predicate, what the predicate demands). String choices are Enums in the schema: Hydra rejects others.
 CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "round": _positive,
     "data.num_prompts": _positive,
-    "data.on_empty": (lambda v: v in ("error", "quarantine"), "must be 'error' or 'quarantine'"),
-    "generate.source": (lambda v: v in ("teacher", "policy"), "must be 'teacher' or 'policy'"),
     "generate.k": _positive,
     "generate.max_new_tokens": _positive,
     "generate.temperature": _non_negative,
     "generate.top_p": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
     "reward.batch_size": _positive,
-    "select.pairs": (lambda v: v in ("best_vs_worst", "best_vs_random_lower"),
-                     "must be 'best_vs_worst' or 'best_vs_random_lower'"),
     "select.min_margin": _non_negative,
     "select.max_similarity": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
-    "sft.init": (lambda v: v in ("base", "policy"), "must be 'base' or 'policy'"),
-    "sft.learning_rate": _positive,
-    "sft.epochs": _positive,
-    "sft.batch_size": _positive,
-    "sft.grad_accum": _positive,
-    "sft.max_length": _positive,
-    "sft.save_steps": _positive,
-    "sft.logging_steps": _positive,
-    "sft.warmup_ratio": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
-    "sft.eval_fraction": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    **{f"{stage}.{key}": check for stage in ("sft", "dpo", "rm") for key, check in _TRAINING.items()},
     "sft.lora.r": _positive,
-    "dpo.learning_rate": _positive,
+    "sft.lora.alpha": _positive,
+    "dpo.lora.r": _positive,
+    "dpo.lora.alpha": _positive,
     "dpo.beta": _positive,
     "dpo.nll_weight": _non_negative,
-    "dpo.batch_size": _positive,
-    "dpo.max_length": _positive,
-    "dpo.save_steps": _positive,
-    "dpo.eval_fraction": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
-    "rm.learning_rate": _positive,
-    "rm.batch_size": _positive,
-    "rm.min_difference": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "rm.min_difference": _fraction,
+    "evals.max_new_tokens": _positive,
+    "evals.batch_size": _positive,
     "launch.nproc": _positive,
+    "launch.nnodes": _positive,
 }
 
 
@@ -136,7 +137,7 @@ def _round_problems(rc: DictConfig, where: str) -> list[str]:
             elif env and not os.environ.get(env):
                 problems.append(f"{where}{key}.api_key_env: the environment variable {env} holding the API key is "
                                 f"not set (set api_key_env: null for a server that needs no key)")
-    if rc.generate.source == "teacher" and rc.teacher is None:
+    if rc.generate.source == Source.teacher and rc.teacher is None:
         problems.append(f"{where}generate.source: 'teacher' needs a `teacher` model (teacher=... or teacher.path=...)")
     return problems
 
@@ -198,7 +199,7 @@ def validate(cfg: DictConfig) -> list[DictConfig]:
     specs |= {("rm.model", rc.rm.model) for rc in rounds if rc.rm.enabled and rc.rm.model}
     remote = "data_gen.openai_backend.OpenAIBackend"  # the model is a name the server knows, not a local spec
     specs |= {("teacher.path", rc.teacher.path) for rc in rounds
-              if rc.teacher and rc.generate.source == "teacher" and rc.generate.backend.get("_target_") != remote}
+              if rc.teacher and rc.generate.source == Source.teacher and rc.generate.backend.get("_target_") != remote}
     if rounds[0].teacher and rounds[0].evals.heldout and rounds[0].evals.teacher:  # round 0's eval answers with it
         specs.add(("teacher.path", rounds[0].teacher.path))
     for key, spec in sorted(specs):
@@ -233,8 +234,6 @@ def validate(cfg: DictConfig) -> list[DictConfig]:
             problems.append(f"round {r}: generate.k={rc.generate.k} gives no DPO pairs (a pair needs two answers to "
                             f"one prompt): set generate.k >= 2 or dpo.enabled=false")
             break
-    from posttrain.train.launch import command
-
     for r, rc in enumerate(rounds, 1):
         try:
             command("posttrain.train.sft", "train_config.json", OmegaConf.to_container(rc.launch, resolve=True))

@@ -12,7 +12,7 @@ from pathlib import Path
 import datasets
 import pytest
 
-POSTTRAIN = [sys.executable, "-m", "posttrain.cli"]
+POSTTRAIN = [sys.executable, "-m", "recipes.cli"]
 # Small enough to run in seconds, big enough to be killed halfway through generation and through SFT.
 FAST = [
     "experiment=tiny",

@@ -1,4 +1,4 @@
-"""Tests for posttrain.validate on the real recipes, composed with Hydra and shrunk by overrides (no models load)."""
+"""Tests for recipes.validate on the real recipes, composed with Hydra and shrunk by overrides (no models load)."""
 
 import sys
 
@@ -11,7 +11,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from posttrain.config import register
 from posttrain.errors import PosttrainError
-from posttrain.validate import ALLOWED_PREFIXES, check_target, validate
+from recipes.validate import ALLOWED_PREFIXES, check_target, validate
 
 register()
 
@@ -114,14 +114,34 @@ def test_allowlist_cannot_be_bypassed_through_an_allowed_module():
         ("generate.k=0", "generate.k: must be > 0, got 0"),
         ("generate.top_p=1.5", "generate.top_p: must be in (0, 1], got 1.5"),
         ("generate.temperature=-1", "generate.temperature: must be >= 0"),
-        ("generate.source=teachers", "generate.source: must be 'teacher' or 'policy'"),
         ("sft.warmup_ratio=1.0", "sft.warmup_ratio: must be in [0, 1)"),
-        ("data.on_empty=skip", "data.on_empty: must be 'error' or 'quarantine'"),
+        ("dpo.warmup_ratio=1.0", "dpo.warmup_ratio: must be in [0, 1)"),
+        ("rm.batch_size=0", "rm.batch_size: must be > 0"),
+        ("dpo.grad_accum=0", "dpo.grad_accum: must be > 0"),
         ("launch.nproc=0", "launch.nproc: must be > 0"),
     ],
 )
 def test_value_out_of_range(override, expected):
     assert expected in problems(override)
+
+
+@pytest.mark.parametrize(
+    "override, allowed",
+    [
+        ("generate.source=teachers", "[teacher, policy]"),
+        ("data.on_empty=skip", "[error, quarantine]"),
+        ("sft.init=last", "[base, policy]"),
+        ("select.pairs=random", "[best_vs_worst, best_vs_random_lower]"),
+        ("launch.launcher=mpirun", "[direct, torchrun, accelerate]"),
+        ("model.dtype=fp8", "[auto, float32, bfloat16, float16]"),
+    ],
+)
+def test_string_choices_are_enums_checked_while_composing(override, allowed):
+    """A choice outside its Enum fails when Hydra composes the recipe, naming the key and the choices."""
+    with pytest.raises(HydraException) as err:
+        recipe(override)
+    message = f"{err.value} {err.value.__cause__}"
+    assert override in message and allowed in message, message
 
 
 def test_round_zero():

@@ -32,7 +32,7 @@ OmegaConf.register_new_resolver(
 
 @hydra.main(version_base="1.3", config_path="pkg://recipes", config_name="config")
 def main(cfg: DictConfig) -> None:
-    from posttrain.loop import run  # heavy imports after composition, so `--cfg job` and errors are quick
+    from recipes.loop import run  # heavy imports after composition, so `--cfg job` and errors are quick
 
     run_dir = cfg.run_dir
     hc = HydraConfig.get()
