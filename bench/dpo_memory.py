@@ -182,7 +182,8 @@ def main() -> None:
                     sys.exit(f"{variant} failed:\n{proc.stderr[-3000:]}")
                 r = json.loads(lines[-1][len("RESULT ") :])
                 if variant in best:
-                    r = {**r, **{k: min(r[k], best[variant][k]) for k in ("peak_mb", "setup_s", "step_cpu_ms", "step_wall_ms")}}
+                    keys = ("peak_mb", "setup_s", "step_cpu_ms", "step_wall_ms")
+                    r = {**r, **{k: min(r[k], best[variant][k]) for k in keys}}
                 best[variant] = r
         results = [best[v] for v in VARIANTS]
 

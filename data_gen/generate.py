@@ -1,6 +1,7 @@
 """The generate stage: this round's prompts, K completions each, saved as a `datasets` folder.
 
-Work is cut into shards of the backend's `batch_size` prompts (8 when it names none), each written (atomically) as soon as it is done and seeded by
+Work is cut into shards of the backend's `batch_size` prompts (8 when it names none), each written (atomically)
+as soon as it is done and seeded by
 (seed, round, shard index): a stage killed halfway resumes from its finished shards and ends with exactly the
 texts an uninterrupted run would have produced.
 """

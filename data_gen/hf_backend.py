@@ -13,7 +13,6 @@ from data_gen.backend import Sampling
 from posttrain.chat import end_of_turn_ids
 from posttrain.models import load_causal_lm, load_tokenizer
 
-
 __all__ = ["HFBackend", "Sampling"]
 
 

@@ -49,7 +49,8 @@ def average_checkpoints(paths: list[str | Path], out_dir: str | Path, weights: l
     for f, m in zip(folders[1:], maps[1:]):
         if set(m) != set(maps[0]):
             diff = sorted(set(m) ^ set(maps[0]))[:5]
-            raise PosttrainError(f"{f} and {folders[0]} hold different tensors (e.g. {diff}): not the same architecture")
+            raise PosttrainError(
+                f"{f} and {folders[0]} hold different tensors (e.g. {diff}): not the same architecture")
 
     out = Path(out_dir)
     if out.exists():
@@ -76,7 +77,8 @@ def average_checkpoints(paths: list[str | Path], out_dir: str | Path, weights: l
             for i in range(1, len(folders)):
                 t = tensor(i, name)
                 if t.shape != first.shape:
-                    raise PosttrainError(f"tensor {name}: shape {tuple(t.shape)} in {folders[i]} vs {tuple(first.shape)}")
+                    raise PosttrainError(
+                        f"tensor {name}: shape {tuple(t.shape)} in {folders[i]} vs {tuple(first.shape)}")
                 acc += t.to(torch.float64) * weights[i]
             averaged[name] = acc.to(first.dtype).contiguous()
         save_file(averaged, str(tmp / shard), metadata={"format": "pt"})

@@ -115,7 +115,8 @@ def check_model_spec(spec: str, key: str) -> None:
     """Cheap validation of a spec (no weights loaded). Input: spec, and the config key it came from (e.g.
     "model.path"). Output: None; raises ValueError naming key and spec, what is wrong and how to fix it."""
     if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"{key}={spec!r}: a model spec must be a non-empty string (folder, .gguf, pkg://, tiny://, hub id)")
+        raise ValueError(
+            f"{key}={spec!r}: a model spec must be a non-empty string (folder, .gguf, pkg://, tiny://, hub id)")
     try:
         if spec.startswith("tiny://"):
             _tiny_kwargs(spec)

@@ -57,7 +57,9 @@ def _pad_right(rows: list[list[int]], value: int):
     return torch.tensor([r + [value] * (width - len(r)) for r in rows])
 
 
-def score_inputs(model, inputs: list[dict], pad_token_id: int, batch_size: int = 16, desc: str = "RM scoring") -> list[float]:
+def score_inputs(
+    model, inputs: list[dict], pad_token_id: int, batch_size: int = 16, desc: str = "RM scoring"
+) -> list[float]:
     """Scores `rm_inputs` encodings with a sequence-classification model, in batches of similar length (longest
     first, so running out of memory happens at once); returns the scores in the order of `inputs`."""
     import torch

@@ -30,10 +30,11 @@ import os
 import platform
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, is_dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Union
+from typing import Any
 
 from posttrain.errors import PosttrainError
 
@@ -59,7 +60,7 @@ class StageResult:
 
 # A stage's inputs: name -> a path or model spec, or a list of them (every round's SFT data, say). Each path is
 # fingerprinted, so a changed input is noticed.
-Inputs = dict[str, Union[str, list[str]]]
+Inputs = dict[str, str | list[str]]
 
 
 @dataclass(frozen=True)
@@ -296,7 +297,8 @@ class RunDir:
         old = self.entry(round_idx, stage)
         paths = [p for v in inputs.values() for p in (v if isinstance(v, list) else [v])]
         planned_inputs = any(str(p).startswith(str(self.root)) and not Path(p).exists() for p in paths)
-        if old is not None and old.get("planned") is None and not self._is_redo(round_idx, stage) and not planned_inputs:
+        finished = old is not None and old.get("planned") is None
+        if finished and not self._is_redo(round_idx, stage) and not planned_inputs:
             same = old["config_hash"] == config_hash_of(config) and old["input_hashes"] == self.fingerprints(inputs)
             if same:
                 print(f"== {stage_id}: done earlier, skipped")

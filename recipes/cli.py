@@ -25,7 +25,8 @@ register()
 # Hydra's own log folder: inside the run directory, except for a dry run, which writes nothing there.
 OmegaConf.register_new_resolver(
     "posttrain_logs",
-    lambda run_dir, dry_run, now: f"{tempfile.gettempdir()}/posttrain-dry-run/{now}" if dry_run else f"{run_dir}/logs/{now}",
+    lambda run_dir, dry_run, now: (
+        f"{tempfile.gettempdir()}/posttrain-dry-run/{now}" if dry_run else f"{run_dir}/logs/{now}"),
     replace=True,
 )
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import inspect
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
@@ -90,7 +91,8 @@ def check_target(key: str, node: dict, allowed: tuple[str, ...], injected: tuple
         return f"{key}._target_: cannot import {target!r} ({type(e).__name__}: {e})"
     module = getattr(obj, "__module__", None) or ""
     if not f"{module}.".startswith(allowed):  # e.g. posttrain.rundir.os.system is os.system
-        return f"{key}._target_: {target!r} resolves to {module}.{getattr(obj, '__qualname__', obj)}, which is not allowed"
+        name = f"{module}.{getattr(obj, '__qualname__', obj)}"
+        return f"{key}._target_: {target!r} resolves to {name}, which is not allowed"
     try:
         params = inspect.signature(obj).parameters
     except (TypeError, ValueError):
@@ -234,7 +236,7 @@ def validate(cfg: DictConfig) -> list[DictConfig]:
             problems.append(f"round {r}: generate.k={rc.generate.k} gives no DPO pairs (a pair needs two answers to "
                             f"one prompt): set generate.k >= 2 or dpo.enabled=false")
             break
-    for r, rc in enumerate(rounds, 1):
+    for rc in rounds:
         try:
             command("posttrain.train.sft", "train_config.json", OmegaConf.to_container(rc.launch, resolve=True))
         except PosttrainError as e:

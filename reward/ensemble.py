@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 
 class WeightedEnsemble:
@@ -29,7 +29,8 @@ class WeightedEnsemble:
         weights = dict(weights or {})
         unknown = set(weights) - set(rewards)
         if unknown:
-            raise ValueError(f"WeightedEnsemble weights name unknown rewards {sorted(unknown)}; rewards: {sorted(rewards)}")
+            raise ValueError(
+                f"WeightedEnsemble weights name unknown rewards {sorted(unknown)}; rewards: {sorted(rewards)}")
         self.rewards = rewards
         self.weights = {name: float(weights.get(name, 1.0)) for name in rewards}
         self.require_all = require_all

@@ -8,13 +8,17 @@ A reward is any callable `(prompts, responses) -> list[float | None]`:
 - the result has one entry per response: a float, or None when the reward cannot score that response (no
   reference answer, an unparseable judge verdict). None is kept and counted by the score stage, never dropped.
 
-Rewards are named in recipes by `_target_` and built with their keyword arguments, e.g.
+Rewards are named in recipes under a name of their own, by `_target_`, and built with their other keys as keyword
+arguments (tests/test_hygiene.py checks that this example composes):
 
     reward:
       rewards:
-        - _target_: reward.verifiers.MathAnswer
-        - _target_: mypkg.rewards.Politeness   # with allowed_targets: [mypkg.]
-          weight: 0.5
+        math:
+          _target_: reward.verifiers.MathAnswer
+        polite:
+          _target_: mypkg.rewards.Politeness   # with allowed_targets: [mypkg.]
+          threshold: 0.5                       # any keyword argument of the class
+      primary: math                            # selection ranks by this one (or a reward.ensemble.WeightedEnsemble)
 """
 
 from __future__ import annotations

@@ -70,7 +70,8 @@ class RewardModelScorer:
     def encode(self, prompts: list[dict], responses: list[str]) -> list[dict[str, list[int]]]:
         """The model inputs `__call__` scores (the same `rm_inputs` the trainer used)."""
         return [
-            rm_inputs(self.tokenizer, p["messages"], r, self.max_length) for p, r in zip(prompts, responses, strict=True)
+            rm_inputs(self.tokenizer, p["messages"], r, self.max_length)
+            for p, r in zip(prompts, responses, strict=True)
         ]
 
     def __call__(self, prompts: list[dict], responses: list[str]) -> list[float | None]:

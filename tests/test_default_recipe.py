@@ -1,5 +1,6 @@
 """The default recipe (what `posttrain` runs with no arguments: recipes/experiment/default_ifeval.yaml,
-SmolLM2-135M-Instruct on verifiable instruction following) end to end through the command, shrunk to a few prompts so it takes a few minutes, not ten.
+SmolLM2-135M-Instruct on verifiable instruction following) end to end through the command, shrunk to a few
+prompts so it takes a few minutes, not ten.
 
 Also checks the shipped prompt sets the recipe reads: well-formed rows with verifiable constraints, the held-out
 set disjoint from the training pool, and the generator script reproducing both files exactly.
@@ -97,7 +98,8 @@ def test_default_recipe_shrunk_runs_two_rounds(tmp_path):
     assert "reward.compliance.mean" in proc.stdout and "win_rate.vs_round0.win_rate" in proc.stdout
     assert "drift.mean_tokens" in proc.stdout
     assert f"report: {run_dir / 'report.md'}" in proc.stdout
-    assert "report could not be built" not in proc.stdout + proc.stderr  # after round 0 too, when no win rate exists yet
+    # After round 0 too, when no win rate exists yet.
+    assert "report could not be built" not in proc.stdout + proc.stderr
 
 
 def test_prune_spec_builds_a_student_with_the_kept_layers():

@@ -22,7 +22,8 @@ def test_top_level_packages_resolve_to_this_repo(name):
 
 def test_wheel_carries_packages_recipes_and_prompts(tmp_path):
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(REPO)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path),
+         str(REPO)],
         check=True,
         capture_output=True,
     )

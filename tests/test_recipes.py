@@ -26,6 +26,23 @@ def test_every_group_option_composes(group):
             assert cfg.run_dir
 
 
+@pytest.mark.parametrize("option", sorted(p.stem for p in (RECIPES / "launch").glob("*.yaml")))
+def test_every_launch_option_gives_a_launch_command(option):
+    """Hardware settings live in recipes/launch/; each option is a complete, valid launch."""
+    from omegaconf import OmegaConf
+
+    from posttrain.train.launch import command
+
+    register()
+    with initialize_config_module(config_module="recipes", version_base="1.3"):
+        cfg = compose("config", overrides=[f"launch={option}"])
+    cmd = command("posttrain.train.sft", "train_config.json", OmegaConf.to_container(cfg.launch, resolve=True))
+    assert cmd[-3:] == ["-m", "posttrain.train.sft", "train_config.json"]
+    assert (cfg.launch.deepspeed is None) == (option == "single")  # every multi-process option shards with ZeRO-3
+    if cfg.launch.launcher == "accelerate":
+        assert "--use_deepspeed" in cmd
+
+
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_composes_and_opens_with_its_command(experiment):
     register()

@@ -110,7 +110,8 @@ def preference_pairs(paths: list[str], min_difference: float) -> tuple[list[dict
                         counts["near_identical"] += 1
                         continue
                     pairs.append(
-                        {"prompt_key": key, "messages": row["messages"], "chosen": responses[i], "rejected": responses[j]}
+                        {"prompt_key": key, "messages": row["messages"], "chosen": responses[i],
+                         "rejected": responses[j]}
                     )
     return pairs, counts
 

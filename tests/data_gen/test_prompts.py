@@ -141,9 +141,11 @@ def test_dataset_on_disk(tmp_path):
 def test_dataset_dict_split(tmp_path):
     import datasets
 
-    msgs = [[{"role": "user", "content": "t"}], [{"role": "user", "content": "v"}, {"role": "assistant", "content": "a"}]]
+    msgs = [[{"role": "user", "content": "t"}],
+            [{"role": "user", "content": "v"}, {"role": "assistant", "content": "a"}]]
     dd = datasets.DatasetDict(
-        {"train": datasets.Dataset.from_dict({"messages": msgs[:1]}), "test": datasets.Dataset.from_dict({"messages": msgs})}
+        {"train": datasets.Dataset.from_dict({"messages": msgs[:1]}),
+         "test": datasets.Dataset.from_dict({"messages": msgs})}
     )
     dd.save_to_disk(str(tmp_path / "dd"))
     assert [p["messages"] for p in load_prompts(str(tmp_path / "dd")).prompts] == msgs[:1]

@@ -7,7 +7,7 @@ import pytest
 
 from data_gen.prompts import load_prompts
 from evals.stage import EvalContext, check_heldout, eval_stage
-from evals.suites import Drift, RewardSuite, VerifiableAccuracy, WinRate, distinct_n, pearson, win_rate, wilson_interval
+from evals.suites import Drift, RewardSuite, VerifiableAccuracy, WinRate, distinct_n, pearson, wilson_interval, win_rate
 from posttrain.config import EvalConfig, EvalJob
 from posttrain.errors import PosttrainError
 

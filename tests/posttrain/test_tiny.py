@@ -49,7 +49,8 @@ def test_saved_folder_loads_and_runs(tiny_model_dir):
     cfg = model.config
     assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads) == (2, 64, 4, 2)
     assert cfg.vocab_size == len(tok) and not cfg.tie_word_embeddings
-    assert (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id) == (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+    ids = (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id)
+    assert ids == (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
     gen = GenerationConfig.from_pretrained(tiny_model_dir)
     assert sorted(gen.eos_token_id) == end_of_turn_ids(tok)
 

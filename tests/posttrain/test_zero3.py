@@ -171,8 +171,8 @@ def test_dpo_under_zero3(tmp_path, base):
 
 
 def test_rm_under_zero3(tmp_path, base):
-    from reward.rm_scorer import NORM_FILE, RewardModelScorer
     from posttrain.train.rm import preference_pairs, split_pairs
+    from reward.rm_scorer import NORM_FILE, RewardModelScorer
 
     rng = random.Random(0)
     rows = []
@@ -198,7 +198,7 @@ def test_rm_under_zero3(tmp_path, base):
     # The normalisation statistics were computed by the two ranks on the trained shards; the saved folder, scored
     # in one process, reproduces them: its normalised scores of the training responses have mean 0 and std 1.
     stats = json.loads((out / "model" / NORM_FILE).read_text())
-    train_pairs, _ = split_pairs(preference_pairs([str(prefs)], cfg["min_difference"])[0], cfg["eval_fraction"])
+    train_pairs, _ = split_pairs(preference_pairs([str(prefs)], rm.min_difference)[0], rm.eval_fraction)
     responses = {(json.dumps(p["messages"]), text) for p in train_pairs for text in (p["chosen"], p["rejected"])}
     assert stats["responses_scored"] == len(responses)
     scorer = RewardModelScorer(str(out / "model"), normalize=True, max_length=128)

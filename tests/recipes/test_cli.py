@@ -16,11 +16,8 @@ POSTTRAIN = [sys.executable, "-m", "recipes.cli"]
 # Small enough to run in seconds, big enough to be killed halfway through generation and through SFT.
 FAST = [
     "experiment=tiny",
-    "data.num_prompts=24",
-    "generate.backend.batch_size=2",
-    "generate.max_new_tokens=32",
-    "sft.epochs=4",
-    "sft.save_steps=3",
+    "debug=fast",  # recipes/debug/fast.yaml: 24 prompts, 32 new tokens, 4 SFT epochs with a checkpoint every 3 steps
+    "generate.backend.batch_size=2",  # many shards, so a kill lands between two of them
 ]
 
 

@@ -146,7 +146,8 @@ def test_self_training_raises_the_held_out_reward_beyond_the_seed_spread(tmp_pat
         [f"seed {s}: format.mean round 0 {means[s][0]:.3f}, round 1 {means[s][1]:.3f}, round 2 {means[s][2]:.3f} "
          f"({seconds[s]:.0f} s)" for s in SEEDS]
         + [f"mean round 0 {statistics.mean(round_0):.3f}, mean round 2 {statistics.mean(round_2):.3f}: "
-           f"improvement {improvement:.3f}; spread across seeds (max - min) round 2 {spread:.3f}, round 0 {spread_0:.3f}"]
+           f"improvement {improvement:.3f}; spread across seeds (max - min) round 2 {spread:.3f}, "
+           f"round 0 {spread_0:.3f}"]
     )
     print(report)
     assert improvement > max(spread, spread_0), report

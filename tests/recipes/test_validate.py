@@ -91,7 +91,8 @@ def user_backend(tmp_path, monkeypatch):
 
 def test_user_target_needs_allowed_targets(user_backend):
     assert "'mypkg.Backend' is not allowed" in problems(f"generate.backend._target_={user_backend}")
-    validate(recipe(f"generate.backend._target_={user_backend}", "allowed_targets=[mypkg.]", "+generate.backend.beam=4"))
+    validate(recipe(f"generate.backend._target_={user_backend}", "allowed_targets=[mypkg.]",
+                    "+generate.backend.beam=4"))
     msg = problems(f"generate.backend._target_={user_backend}", "allowed_targets=[mypkg.]", "+generate.backend.bogus=4")
     assert "mypkg.Backend takes no argument(s) ['bogus'] (it takes ['batch_size', 'beam'])" in msg
 
@@ -183,7 +184,8 @@ def test_teacher_path_checked_only_when_used():
 def test_teacher_source_without_teacher():
     msg = problems("experiment=tiny", "~teacher")
     assert "generate.source: 'teacher' needs a `teacher` model" in msg
-    validate(recipe("experiment=tiny", "~teacher", "generate.source=policy", "+evals.suites.win_rate.against=[previous]"))
+    validate(recipe("experiment=tiny", "~teacher", "generate.source=policy",
+                    "+evals.suites.win_rate.against=[previous]"))
 
 
 def test_misspelt_key_in_rounds():
@@ -205,7 +207,8 @@ def test_rounds_are_validated_per_round():
 
 
 def test_all_problems_reported_together(tmp_path):
-    msg = problems("experiment=tiny", "dpo.enabled=false", "generate.k=0", "generate.top_p=1.5", "model.path=/nonexistent",
+    msg = problems("experiment=tiny", "dpo.enabled=false", "generate.k=0", "generate.top_p=1.5",
+                   "model.path=/nonexistent",
                    f"data.prompts={tmp_path / 'missing.jsonl'}", "generate.backend._target_=os.system")
     lines = [line for line in msg.splitlines() if line.startswith("  - ")]
     assert msg.startswith("invalid recipe:") and len(lines) == 5

@@ -30,7 +30,8 @@ def test_failing_rows_are_isolated_and_quarantined():
     responses = ["ok", "boom", "nan", "skip", "fine"]
     scores, quarantine = score_rows("flaky", flaky_reward, [{}] * 5, responses, batch_size=5)
     assert scores == [1.0, None, None, None, 1.0]
-    assert [(q["row"], q["reason"].split(":")[0]) for q in quarantine] == [(1, "RuntimeError"), (2, "not a finite number")]
+    reasons = [(q["row"], q["reason"].split(":")[0]) for q in quarantine]
+    assert reasons == [(1, "RuntimeError"), (2, "not a finite number")]
     summary = summarize(scores, [1, 2, 3, 4, 5], quarantine)
     assert summary["count"] == 2 and summary["none"] == 3 and summary["quarantined"] == 2
 

@@ -87,7 +87,8 @@ def test_select_stage_writes_sft_and_pairs_and_counts_every_drop(tmp_path):
     ]
     out = tmp_path / "out"
     out.mkdir()
-    result = select(SelectJob(select=dataclasses.replace(CFG.select, min_score=0.35)), {"scored": _scored(tmp_path, rows)}, out)
+    job = SelectJob(select=dataclasses.replace(CFG.select, min_score=0.35))
+    result = select(job, {"scored": _scored(tmp_path, rows)}, out)
     m = result.metrics
     assert m["unscored_rows"] == 2 and m["prompts"] == 5 and m["prompts_without_scores"] == 1
     assert m["dropped"] == {
