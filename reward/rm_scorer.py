@@ -39,9 +39,9 @@ class RewardModelScorer:
         dtype: str = "float32",
     ):
         import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoModelForSequenceClassification
 
-        from posttrain.models import resolve_model, torch_dtype
+        from posttrain.models import load_tokenizer, resolve_model, torch_dtype
 
         path = resolve_model(model)
         self.batch_size, self.max_length = batch_size, max_length
@@ -60,7 +60,7 @@ class RewardModelScorer:
                 raise ValueError(f"{stats_file}: score_std={self.scale} cannot normalise scores")
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.tokenizer = load_tokenizer(path)
         self.model = AutoModelForSequenceClassification.from_pretrained(
             path, num_labels=1, dtype=torch_dtype(dtype)
         ).to(device)

@@ -207,14 +207,13 @@ def build_trainer(settings: dict, train_ds, tokenizer, distributed: dict | None 
 
 
 def train(settings: dict) -> dict:
-    from transformers import AutoTokenizer
-
-    from posttrain.rm_format import NORM_FILE, length_limit, prepare_tokenizer, score_inputs
+    from posttrain.models import load_tokenizer
+    from posttrain.rm_format import NORM_FILE, length_limit, score_inputs
 
     distributed = common.setup(settings)  # before the trainer's config; the trainer loads the model after it
     out = Path(settings["output_dir"])
     trainer_dir = out / "trainer"
-    tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(settings["model"]))
+    tokenizer = load_tokenizer(settings["model"])
     pairs, counts = preference_pairs(settings["data"], settings["min_difference"])
     train_pairs, eval_pairs = split_pairs(pairs, settings["eval_fraction"])
     if not train_pairs:

@@ -150,3 +150,78 @@ def _accelerate_args(cmd):
 
     assert cmd[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
     return launch_command_parser().parse_args(cmd[3:])
+
+
+FAKE_TRAINER = '''
+import json, sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+settings = json.loads(Path(sys.argv[1]).read_text())
+out = Path(settings["output_dir"])
+(out / "model").mkdir(parents=True, exist_ok=True)
+save_file({"w": torch.full((2,), float(settings["seed"]))}, str(out / "model" / "model.safetensors"))
+(out / "model" / "config.json").write_text("{}")
+(out / "metrics.json").write_text(json.dumps({"train_rows": 3, "seed": settings["seed"], "dtype": settings["dtype"]}))
+with open(settings["calls"], "a") as f:
+    f.write(f"{settings['seed']}\\n")
+'''
+
+
+def test_launch_stage_trains_one_model_per_seed_and_averages_them(tmp_path, monkeypatch):
+    """The driver side every training stage shares: one process per seed, each in seed_<s>/, averaged into model/;
+    a seed already trained is not trained again when the stage resumes."""
+    from safetensors.torch import load_file
+
+    from posttrain.config import SFTConfig, TrainJob
+    from posttrain.train.launch import launch_stage
+
+    (tmp_path / "fake_trainer.py").write_text(FAKE_TRAINER)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    calls = tmp_path / "calls.txt"
+    out = tmp_path / "stage"
+    out.mkdir()
+    job = TrainJob(train=SFTConfig(seeds=[1, 3]), dtype="bfloat16")
+    first, metrics = launch_stage("fake_trainer", job, {"calls": str(calls)}, out)
+    assert first == {"train_rows": 3, "seed": 1, "dtype": "bfloat16"}  # the frozen settings carry seed and dtype
+    assert metrics["averaged_seeds"] == [1, 3] and metrics["seeds"]["3"]["seed"] == 3
+    assert load_file(str(out / "model" / "model.safetensors"))["w"].tolist() == [2.0, 2.0]
+    assert calls.read_text().split() == ["1", "3"]
+
+    # A crash after seed 1 finished: only seed 3 runs again.
+    import shutil
+
+    shutil.rmtree(out / "seed_3"), shutil.rmtree(out / "model")
+    launch_stage("fake_trainer", job, {"calls": str(calls)}, out)
+    assert calls.read_text().split() == ["1", "3", "3"]
+
+    single = tmp_path / "single"
+    single.mkdir()
+    first, metrics = launch_stage("fake_trainer", TrainJob(train=SFTConfig(), seed=7), {"calls": str(calls)}, single)
+    assert first == metrics and metrics["seed"] == 7 and (single / "model" / "model.safetensors").exists()
+
+
+def test_precision_follows_model_dtype():
+    """`model.dtype`: auto is fp32 on this CPU machine; bfloat16 loads bf16 weights and trains with bf16=True;
+    float16 keeps fp32 weights under fp16 autocast. The policy loads in the chosen dtype."""
+    import torch
+
+    from posttrain.train import common
+
+    assert common.precision("auto") == (torch.float32, {"bf16": False, "fp16": False})
+    assert common.precision("float32") == (torch.float32, {"bf16": False, "fp16": False})
+    assert common.precision("bfloat16") == (torch.bfloat16, {"bf16": True, "fp16": False})
+    assert common.precision("float16") == (torch.float32, {"bf16": False, "fp16": True})
+    args = common.trainer_args({"learning_rate": 1e-5, "epochs": 1, "batch_size": 1, "grad_accum": 1,
+                                "lr_scheduler": "constant", "warmup_ratio": 0.0, "weight_decay": 0.0,
+                                "logging_steps": 1, "save_steps": 10, "report_to": ["none"], "seed": 0,
+                                "dtype": "bfloat16"}, "/tmp/unused")
+    assert args["bf16"] is True and args["fp16"] is False
+    lora = {"enabled": False}
+    model, tokenizer, _ = common.load_policy({"model": "tiny://layers=2,hidden=64,seed=0", "dtype": "bfloat16",
+                                              "lora": lora})
+    assert next(model.parameters()).dtype == torch.bfloat16 and tokenizer.pad_token is not None
+    model, _, _ = common.load_policy({"model": "tiny://layers=2,hidden=64,seed=0", "dtype": "auto", "lora": lora})
+    assert next(model.parameters()).dtype == torch.float32
