@@ -12,6 +12,7 @@ import inspect
 import json
 import os
 import shutil
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -38,6 +39,24 @@ GENERATION_FEATURES = datasets.Features(
         "round": datasets.Value("int32"),
     }
 )
+
+
+DEGENERATE_WARNING = 0.25  # a share of identical-K prompts or of empty answers worth a warning
+
+
+def degenerate_samples(rows: list[dict]) -> dict[str, float]:
+    """`identical_k_rate`: the share of prompts (with two or more samples) whose samples are all the same text (a
+    greedy or collapsed sampler: nothing to choose from); `empty_rate`: the share of blank answers."""
+    by_prompt: dict[str, set[str]] = {}
+    sizes: Counter = Counter()
+    for r in rows:
+        by_prompt.setdefault(r["prompt_id"], set()).add(r["text"].strip())
+        sizes[r["prompt_id"]] += 1
+    several = [p for p, n in sizes.items() if n > 1]
+    return {
+        "identical_k_rate": sum(len(by_prompt[p]) == 1 for p in several) / len(several) if several else 0.0,
+        "empty_rate": sum(not r["text"].strip() for r in rows) / len(rows) if rows else 0.0,
+    }
 
 
 def generate(job: GenerateJob, inputs: Inputs, out: Path) -> StageResult:
@@ -99,6 +118,12 @@ def generate(job: GenerateJob, inputs: Inputs, out: Path) -> StageResult:
     shutil.rmtree(shard_dir)
     shutil.rmtree(out / "journal", ignore_errors=True)
     finish = Counter(r["finish_reason"] for r in rows)
+    degenerate = degenerate_samples(rows)
+    for what, share in degenerate.items():
+        if share > DEGENERATE_WARNING:
+            print(f"posttrain: warning: round {job.round} generate: {share:.0%} of "
+                  f"{'prompts have all K samples identical' if what == 'identical_k_rate' else 'answers are empty'}"
+                  f" ({what} in the manifest): best-of-K and DPO pairs learn little from them", file=sys.stderr)
     return StageResult(
         outputs={"generations": "generations"},
         rows=len(rows),
@@ -107,6 +132,7 @@ def generate(job: GenerateJob, inputs: Inputs, out: Path) -> StageResult:
             "quarantined": {"empty_prompt": len(pool.quarantined)},
             "finish_reason": dict(sorted(finish.items())),
             "mean_completion_tokens": sum(r["completion_tokens"] for r in rows) / max(len(rows), 1),
+            **degenerate,
             **({"backend": backend.stats()} if hasattr(backend, "stats") else {}),
         },
     )

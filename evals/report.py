@@ -26,8 +26,8 @@ from pathlib import Path
 from posttrain.errors import PosttrainError
 
 # Metrics (by last name part) shown in the summary table and the terminal table; report.md lists every metric.
-KEY_METRICS = ("mean", "win_rate", "accuracy", "mean_tokens", "distinct_2", "refusal_rate", "acc", "acc_norm",
-               "exact_match")
+KEY_METRICS = ("mean", "win_rate", "accuracy", "prompt_level", "instruction_level", "mean_tokens", "distinct_2",
+               "refusal_rate", "empty_rate", "acc", "acc_norm", "exact_match")
 
 
 @dataclass
@@ -158,8 +158,8 @@ def _round_axis(ax, rounds: list[int]) -> None:
 LEVELS = ("mean", "p10", "p25", "p50", "p75", "p90", "median", "win_rate", "ci_low", "ci_high")
 COUNTS = ("count", "n", "none", "quarantined", "unscored", "wins", "ties", "losses")
 # Shares, drawn on a 0-1 axis so that a flat line reads as its value.
-RATES = ("win_rate", "accuracy", "fully_correct", "refusal_rate", "truncated_rate", "distinct_1", "distinct_2", "acc",
-         "acc_norm", "exact_match")
+RATES = ("win_rate", "accuracy", "fully_correct", "refusal_rate", "truncated_rate", "empty_rate", "distinct_1",
+         "distinct_2", "acc", "acc_norm", "exact_match", "prompt_level", "instruction_level")
 
 
 def suite_panels(names: list[str]) -> dict[str, list[str]]:
@@ -319,6 +319,10 @@ def build_report(run_dir: str | Path) -> Path:
                _table(["round", "policy", *[f"{s}.{m}" for s, m in keys]],
                       [[str(r), f"`{data.stages[r]['eval']['inputs'].get('policy', '?')}`",
                         *[_win_cell(m, s, k) for s, k in keys]] for r, m in sorted(data.evals.items())]), ""]
+        judges = {suite: reward for r in data.rounds if "eval" in data.stages[r]
+                  for suite, reward in data.stages[r]["eval"].get("metrics", {}).get("judged_by", {}).items()}
+        md += [f"Win rates in `{suite}` are judged by the reward `{reward}`." for suite, reward in judges.items()]
+        md += [""] if judges else []
     counts = {r: {k: v for e in s.values() for k, v in _rows_counts(e).items()} for r, s in data.stages.items()}
     cols = list(dict.fromkeys(k for r in data.rounds for k in counts[r]))
     md += ["## Data per round (rows each stage wrote)", "",

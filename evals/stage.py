@@ -91,6 +91,8 @@ class EvalContext:
     round0: list[dict] | None = None
     batch_size: int = 64
     suite: str = ""  # the name of the suite being run; its own files go under out / suite
+    primary: str | None = None  # the reward that judges when a suite names none (the recipe's reward.primary)
+    judged_by: dict[str, str] = field(default_factory=dict)  # suite -> the reward it compared with
     quarantined: dict[tuple[str, str], list[dict]] = field(default_factory=dict)
     _scores: dict[tuple[str, str], list] = field(default_factory=dict)
 
@@ -208,6 +210,7 @@ def eval_stage(job: EvalJob, inputs: Inputs, out: Path) -> StageResult:
         out=out,
         training_prompts=training,
         batch_size=cfg.batch_size,
+        primary=job.primary,
     )
     _save(responses, out / "responses", {name: ctx.scores(name) for name in ctx.rewards})
 
@@ -219,4 +222,4 @@ def eval_stage(job: EvalJob, inputs: Inputs, out: Path) -> StageResult:
     rows = {"responses": len(responses)}
     if "teacher_responses" in outputs:
         rows["teacher_responses"] = len(teacher)
-    return StageResult(outputs=outputs, rows=rows, metrics=metrics)
+    return StageResult(outputs=outputs, rows=rows, metrics={**metrics, "judged_by": ctx.judged_by})

@@ -26,12 +26,14 @@ from reward.protocol import build_reward
 from reward.score import score_rows, summarize
 
 
-def _first_reward(ctx: EvalContext, name: str | None, suite: str) -> str:
+def _judge(ctx: EvalContext, name: str | None, suite: str) -> str:
+    """The reward a suite compares with: its own `reward`, else the recipe's primary reward when the eval has it,
+    else the first eval reward."""
     if name is not None:
         return name
     if not ctx.rewards:
         raise PosttrainError(f"eval suite {suite!r} needs a reward: configure evals.rewards (or reward.rewards)")
-    return next(iter(ctx.rewards))
+    return ctx.primary if ctx.primary in ctx.rewards else next(iter(ctx.rewards))
 
 
 class RewardSuite:
@@ -93,8 +95,9 @@ def win_rate(mine: list, theirs: list, tie_margin: float = 0.0, confidence: floa
 
 class WinRate:
     """This round's policy against the previous round's policy, the starting policy (`round0`, round 0's eval
-    answers) and/or the teacher on the held-out prompts, judged per prompt by one configured reward (an LLM judge
-    is a reward too: `reward.judge.LLMJudge`). Metrics are `vs_<opponent>.<win_rate|ci_low|ci_high|wins|ties|
+    answers) and/or the teacher on the held-out prompts, judged per prompt by one reward: the suite's `reward`, else
+    the recipe's `reward.primary` (an LLM judge is a reward too: `reward.judge.LLMJudge`); the manifest's eval entry
+    and the report name it. Metrics are `vs_<opponent>.<win_rate|ci_low|ci_high|wins|ties|
     losses|n|unscored>` (see `win_rate`); round 0 is the starting policy, so it has no `vs_previous` and no
     `vs_round0`."""
 
@@ -110,7 +113,8 @@ class WinRate:
         self.reward, self.against, self.tie_margin, self.confidence = reward, list(against), tie_margin, confidence
 
     def __call__(self, ctx: EvalContext) -> dict:
-        reward = _first_reward(ctx, self.reward, ctx.suite)
+        reward = _judge(ctx, self.reward, ctx.suite)
+        ctx.judged_by[ctx.suite] = reward
         mine = dict(zip((r["prompt_id"] for r in ctx.responses), ctx.scores(reward)))
         out = {}
         for opponent in self.against:
@@ -126,6 +130,34 @@ class WinRate:
                               self.confidence)
             out.update({f"vs_{opponent}.{k}": v for k, v in result.items()})
         return out
+
+
+class IFEvalAccuracy:
+    """IFEval's two strict accuracies on the held-out answers, for prompts that carry `constraints`
+    (reward/ifeval.py): `prompt_level` (the share of prompts with every constraint met) and `instruction_level`
+    (the share of all constraints met, IFEval's inst_level_strict_acc), with `prompts` and `instructions` counted.
+    `without` leaves out the prompts that carry any constraint of those types, e.g. `[max_words, max_sentences]`
+    for the accuracy on prompts where answering shorter cannot be what helps."""
+
+    def __init__(self, constraints_key: str = "constraints", without: list[str] | None = None):
+        self.constraints_key, self.without = constraints_key, set(without or [])
+
+    def __call__(self, ctx: EvalContext) -> dict:
+        from reward.ifeval import check_constraint
+
+        prompts = met_all = met = total = 0
+        for row in ctx.responses:
+            constraints = json.loads(row.get("meta") or "{}").get(self.constraints_key) or []
+            if isinstance(constraints, str):
+                constraints = json.loads(constraints)
+            if any(c["type"] in self.without for c in constraints):
+                continue
+            verdicts = [check_constraint(c, row["text"]) for c in constraints]
+            if verdicts:
+                prompts, met_all = prompts + 1, met_all + all(verdicts)
+                met, total = met + sum(verdicts), total + len(verdicts)
+        return {"prompt_level": met_all / prompts if prompts else None,
+                "instruction_level": met / total if total else None, "prompts": prompts, "instructions": total}
 
 
 class VerifiableAccuracy:
@@ -191,7 +223,8 @@ def pearson(xs: list, ys: list) -> float | None:
 class Drift:
     """How the answers change shape across rounds, whatever the reward says (RLHFlow saw iterative DPO answers
     grow longer every round): `mean_words`, `mean_tokens`, `truncated_rate` (stopped by max_new_tokens),
-    `distinct_1` / `distinct_2`, `refusal_rate` (answers holding a phrase of `refusal_phrases`) and
+    `distinct_1` / `distinct_2`, `refusal_rate` (answers holding a phrase of `refusal_phrases`), `empty_rate`
+    (blank answers, which every IFEval constraint fails) and
     `corr_reward_length`, the Pearson correlation of the reward (`reward`, default the first) with length in
     tokens: a reward that grows with length invites the drift."""
 
@@ -210,7 +243,8 @@ class Drift:
             "distinct_1": distinct_n(texts, 1),
             "distinct_2": distinct_n(texts, 2),
             "refusal_rate": float(np.mean([any(p in t for p in self.refusal_phrases) for t in normalised])),
+            "empty_rate": float(np.mean([not t.strip() for t in texts])),
         }
         if self.reward is not None or ctx.rewards:
-            out["corr_reward_length"] = pearson(ctx.scores(_first_reward(ctx, self.reward, ctx.suite)), tokens)
+            out["corr_reward_length"] = pearson(ctx.scores(_judge(ctx, self.reward, ctx.suite)), tokens)
         return out

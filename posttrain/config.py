@@ -335,6 +335,8 @@ class EvalJob:
     round: int
     seed: int = 0
     training_prompts: List[str] = field(default_factory=list)
+    # The reward that judges win rates when a suite names none: the recipe's reward.primary (or its first reward).
+    primary: Optional[str] = None
 
 
 @dataclass

@@ -133,7 +133,8 @@ def run_eval(rd: RunDir, rc: DictConfig, r: int, policy: str) -> None:
                            if isinstance(node, dict))
         if first is not None and wants_round0:  # only then: an input added to every eval would redo old runs' evals
             inputs["round0"] = rd.output(first, "responses")
-    rd.run_stage(r, "eval", EvalJob(evals=evals, round=r, seed=rc.seed), inputs)
+    primary = rc.reward.primary or next(iter(rc.reward.rewards), None)
+    rd.run_stage(r, "eval", EvalJob(evals=evals, round=r, seed=rc.seed, primary=primary), inputs)
     if rd.dry_run:
         return
     try:

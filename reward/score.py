@@ -28,7 +28,11 @@ def reward_prompt(row: dict) -> dict:
 
 
 def _call(name: str, fn, prompts: list[dict], responses: list[str]) -> list:
-    out = list(fn(prompts, responses))
+    out = fn(prompts, responses)
+    if isinstance(out, (str, bytes, dict)) or not hasattr(out, "__len__"):
+        raise PosttrainError(f"reward {name!r} returned {type(out).__name__} {str(out)[:80]!r}, not a list with one "
+                             f"score per response (the Reward protocol: batch in, batch out; reward/protocol.py)")
+    out = list(out)
     if len(out) != len(responses):
         raise PosttrainError(f"reward {name!r} returned {len(out)} scores for {len(responses)} responses")
     return out
@@ -45,7 +49,7 @@ def score_rows(name: str, fn, prompts: list[dict], responses: list[str], batch_s
         except PosttrainError:
             raise
         except Exception:  # noqa: BLE001 - isolate the failing rows below
-            batch = []
+            batch, errors = [], []
             for i in range(len(r)):
                 try:
                     batch.extend(_call(name, fn, p[i : i + 1], r[i : i + 1]))
@@ -53,7 +57,12 @@ def score_rows(name: str, fn, prompts: list[dict], responses: list[str], batch_s
                     raise
                 except Exception as e:  # noqa: BLE001 - the row is quarantined with the error
                     batch.append(None)
-                    quarantine.append({"reward": name, "row": start + i, "reason": f"{type(e).__name__}: {e}"})
+                    errors.append(f"{type(e).__name__}: {e}")
+                    quarantine.append({"reward": name, "row": start + i, "reason": errors[-1]})
+            if len(r) > 1 and len(errors) == len(r) and len(set(errors)) == 1:
+                # Not an odd row: the reward is broken (or misconfigured) for every input. Stop, do not quarantine.
+                raise PosttrainError(f"reward {name!r} fails on every row of a batch of {len(r)} with the same "
+                                     f"error: {errors[0]}") from None
         for i, s in enumerate(batch):
             if s is not None and not (isinstance(s, (int, float)) and math.isfinite(float(s))):
                 quarantine.append({"reward": name, "row": start + i, "reason": f"not a finite number: {s!r}"})

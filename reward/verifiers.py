@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from fractions import Fraction
+import threading
 
 from reward.ifeval import check_constraint, count_words, validate_constraints
 
@@ -22,14 +22,17 @@ __all__ = [
     "validate_constraints",
 ]
 
-_GSM8K = re.compile(r"####\s*([^\n]+)")
+# A GSM8K answer line: "#### 72", not a markdown heading such as "#### Step 1: add".
+_GSM8K = re.compile(r"^[ \t]*####[ \t]*([-−+$\\\d.(][^\n]*)$", re.MULTILINE)
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*")
 # A look-ahead so matches may overlap: in "Final Answer: The final answer is $5$." the last one is "answer is $5$".
 _PHRASE = re.compile(r"(?=\banswer\s*(?:is\s*:?|:)\s*([^\n]*))", re.IGNORECASE)
-_SENTENCE_END = re.compile(r"\.(?:\s|$)")  # "3.5. I hope" ends at the second dot, not inside the number
+# Where a stated answer ends: a sentence end, or a clause after a comma ("7, since 3 + 4 = 7").
+_ANSWER_END = re.compile(r"\.(?:\s|$)|,\s+(?=[a-zA-Z])|;|\s+(?:since|because|as|so|which)\b", re.IGNORECASE)
 _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")  # "1,000" but not the "1,2" of a pair
-_NUMBER_THEN_UNIT = re.compile(r"(-?\d+(?:\.\d+)?)\s*[a-zA-Z][a-zA-Z\s]*")  # "18 dollars" -> "18"
-_FRAC = re.compile(r"(-?)\\frac\{(-?[\d.]+)\}\{(-?[\d.]+)\}")
+_NUMBER_THEN_UNIT = re.compile(r"(-?\d+(?:\.\d+)?)\s*[a-zA-Z][a-zA-Z/\s]*")  # "18 dollars", "60 km/h" -> the number
+_MIXED = re.compile(r"(-?\d+)\s+(\d+)/(\d+)")  # "1 2/3": one and two thirds
+_SHORT_FRAC = re.compile(r"\\[dt]?frac\s*(\d)\s*(\d)")  # "\frac12" is \frac{1}{2}
 
 
 def _boxed_contents(text: str) -> list[str]:
@@ -50,49 +53,37 @@ def _boxed_contents(text: str) -> list[str]:
 
 
 def _normalize(answer: str) -> str:
-    s = answer.strip()
+    """The stated answer as LaTeX math-verify reads: markdown, $ signs, units, "x = " and thousands separators
+    dropped; the Unicode minus, "\\frac12" and mixed numbers ("1 2/3") spelled out."""
+    s = answer.strip().replace("\u2212", "-").replace("{,}", "").replace("\\!", "").replace("\\,", "")
+    s = s.replace("**", "").replace("__", "").replace("`", "")
     for wrapper in ("\\text", "\\mathrm", "\\textbf", "\\mathbf"):  # \text{5 apples} -> 5 apples
         s = re.sub(re.escape(wrapper) + r"\{([^{}]*)\}", r"\1", s)
-    for noise in ("\\$", "$", "\\%", "%", "\\!", "\\,", "\\;", "\\left", "\\right"):
-        s = s.replace(noise, "")
-    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
-    s = _THOUSANDS.sub("", s).strip().rstrip(".").strip()
+    s = s.replace("\\$", "").replace("$", "").replace("\\%", "").replace("%", "")
+    s = _THOUSANDS.sub("", s).strip().rstrip(".!").strip()
     s = re.sub(r"^[a-zA-Z]\s*=\s*", "", s)  # "x = 5" -> "5"
     unit = _NUMBER_THEN_UNIT.fullmatch(s)
     if unit:
         s = unit.group(1)
-    s = re.sub(r"\s+", "", s)
-    if re.fullmatch(r"-?\d+\.\d+", s):  # "3.50" -> "3.5", "2.0" -> "2"
-        s = s.rstrip("0").rstrip(".")
-    return s
-
-
-def _as_number(answer: str) -> Fraction | None:
-    frac = _FRAC.fullmatch(answer)
-    try:
-        if frac:
-            value = Fraction(frac.group(2)) / Fraction(frac.group(3))
-            return -value if frac.group(1) else value
-        if re.fullmatch(r"-?[\d.]+(?:/-?[\d.]+)?|-?[\d.]+e-?\d+", answer):
-            return Fraction(answer)  # exact: "0.1" is 1/10, so 0.1 + 0.2 == 0.3 holds
-    except (ValueError, ZeroDivisionError):
-        pass
-    return None
+    mixed = _MIXED.fullmatch(s)
+    if mixed:
+        s = f"{mixed.group(1)}\\frac{{{mixed.group(2)}}}{{{mixed.group(3)}}}"
+    return _SHORT_FRAC.sub(r"\\frac{\1}{\2}", s).strip()
 
 
 def extract_final_answer(text: str) -> str | None:
-    """The normalised final answer stated in `text`, or None.
+    """The final answer stated in `text` (normalised, as LaTeX), or None when it states none.
 
-    Looked for in this order: a GSM8K `#### N` line, the last `\\boxed{...}`, the last "the answer is X" /
-    "final answer: X". Normalised: $, \\text{}, % and thousands commas dropped, "x = " dropped, a trailing unit
-    word dropped ("18 dollars" -> "18"), spaces removed, decimals trimmed ("3.50" -> "3.5").
+    Looked for in this order: the last GSM8K `#### N` line, the last `\\boxed{...}`, the last "the answer is X" /
+    "final answer: X" (X ends at the sentence or at a clause: "7, since 3 + 4 = 7" states 7). Normalised by
+    `_normalize`; parsing and equivalence are math-verify's (`MathAnswer`).
 
     >>> extract_final_answer("Half of 2,000 is 1,000.\\n#### 1,000")
     '1000'
     >>> extract_final_answer("So $x = \\\\boxed{\\\\frac{1}{2}}$.")
     '\\\\frac{1}{2}'
-    >>> extract_final_answer("The answer is 3.50 dollars.")
-    '3.5'
+    >>> extract_final_answer("The answer is 7, since 3 + 4 = 7.")
+    '7'
     """
     gsm8k = _GSM8K.findall(text)
     if gsm8k:
@@ -102,24 +93,39 @@ def extract_final_answer(text: str) -> str | None:
         return _normalize(boxed[-1]) or None
     for match in reversed(list(_PHRASE.finditer(text))):
         # "...what the answer is. First, ..." states nothing: fall back to an earlier phrase.
-        answer = _normalize(_SENTENCE_END.split(match.group(1), maxsplit=1)[0])
+        answer = _normalize(_ANSWER_END.split(match.group(1), maxsplit=1)[0])
         if answer:
             return answer
     return None
 
 
-def _same_answer(a: str, b: str) -> bool:
-    x, y = _as_number(a), _as_number(b)
-    if x is not None and y is not None:
-        return x == y
-    return a == b
+def _timeout() -> int | None:
+    """math-verify bounds parsing with SIGALRM, which only the main thread may set; other threads go without."""
+    return 5 if threading.current_thread() is threading.main_thread() else None
+
+
+def _parse(answer: str):
+    from math_verify import LatexExtractionConfig, parse
+
+    return parse(f"${answer}$", extraction_config=[LatexExtractionConfig()], parsing_timeout=_timeout())
+
+
+def same_answer(predicted: str, reference: str) -> bool:
+    """Whether two normalised answers are mathematically equal, by math-verify ("0.5", "1/2" and "\\frac{1}{2}"
+    agree; "1\\frac{2}{3}" is 5/3, not 4)."""
+    from math_verify import verify
+
+    gold, pred = _parse(reference), _parse(predicted)
+    if not gold or not pred:
+        return predicted.replace(" ", "") == reference.replace(" ", "")
+    return bool(verify(gold, pred, timeout_seconds=_timeout()))
 
 
 class MathAnswer:
     """1.0 when the response's final answer equals the prompt's reference, else 0.0; None without a reference.
 
     The reference `prompts[i][answer_key]` may itself be a GSM8K solution ("... #### 42") or a boxed answer.
-    Numbers compare exactly as fractions, so "0.5", "1/2" and "\\frac{1}{2}" agree.
+    Answers are parsed and compared by Hugging Face's math-verify, so "0.5", "1/2" and "\\frac{1}{2}" agree.
 
     >>> reward = MathAnswer()
     >>> prompts = [{"prompt_id": "a", "answer": "#### 1/2"}, {"prompt_id": "b"}]
@@ -139,7 +145,7 @@ class MathAnswer:
                 continue
             reference = extract_final_answer(str(reference)) or _normalize(str(reference))
             predicted = extract_final_answer(response)
-            scores.append(float(predicted is not None and _same_answer(predicted, reference)))
+            scores.append(float(predicted is not None and same_answer(predicted, reference)))
         return scores
 
 
@@ -151,7 +157,7 @@ class InstructionFollowing:
 
     >>> reward = InstructionFollowing()
     >>> prompt = {"prompt_id": "a", "constraints": [{"type": "lowercase"}, {"type": "max_words", "n": 3}]}
-    >>> reward([prompt, prompt, {"prompt_id": "b"}], ["all lower case here", "tiny", "anything"])
+    >>> reward([prompt, prompt, {"prompt_id": "b"}], ["all lower case here", "a short answer", "anything"])
     [0.5, 1.0, None]
     """
 

@@ -201,3 +201,14 @@ def test_a_round_never_repeats_a_prompt():
         for r in range(1, 6):
             got = round_of(prompts, 4, r, seed)
             assert len(got) == 4 and len(set(got)) == len(got), (seed, r, got)
+
+
+def test_degenerate_samples_are_counted():
+    from data_gen.generate import degenerate_samples
+
+    rows = [{"prompt_id": "a", "text": "same"}, {"prompt_id": "a", "text": " same "},  # all K identical
+            {"prompt_id": "b", "text": "one"}, {"prompt_id": "b", "text": "two"},
+            {"prompt_id": "c", "text": ""}, {"prompt_id": "c", "text": "   "},  # identical and empty
+            {"prompt_id": "d", "text": "alone"}]  # one sample: cannot be all-identical
+    assert degenerate_samples(rows) == {"identical_k_rate": 2 / 3, "empty_rate": 2 / 7}
+    assert degenerate_samples([]) == {"identical_k_rate": 0.0, "empty_rate": 0.0}

@@ -69,7 +69,9 @@ def test_eval_stage_writes_answers_and_metrics(tiny_run):
     assert set(e0["outputs"]) == {"responses", "metrics", "teacher_responses"}
     assert set(e1["outputs"]) == {"responses", "metrics"}
     m0, m1 = _metrics(root, 0), _metrics(root, 1)
-    assert e0["metrics"] == m0 and e1["metrics"] == m1  # the manifest carries the same numbers
+    # The manifest carries the same numbers, and which reward judged the win rates (the first: no primary given).
+    assert e0["metrics"] == {**m0, "judged_by": {"win_rate": "words"}} and e1["metrics"] == {**m1, "judged_by": {
+        "win_rate": "words"}}
     assert list(m1) == ["reward", "win_rate", "drift", "math", "ifeval"]
 
     a0 = datasets.load_from_disk(str(root / e0["outputs"]["responses"]))

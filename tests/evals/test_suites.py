@@ -96,7 +96,7 @@ def test_drift_statistics(tmp_path):
     ]
     m = Drift()(_ctx(tmp_path, responses))
     assert m["refusal_rate"] == 0.25  # the curly apostrophe counts too
-    assert m["mean_tokens"] == 5.25 and m["mean_words"] == (6 + 3 + 7 + 1) / 4
+    assert m["mean_tokens"] == 5.25 and m["mean_words"] == (8 + 3 + 7 + 1) / 4  # IFEval words: "I’m" is 2
     assert m["truncated_rate"] == 0.25
     assert m["distinct_1"] == pytest.approx(13 / 17)  # 17 words; "the" thrice, "cat" and "sat" twice
     lengths = [float(len(r["text"])) for r in responses]  # the `len` reward
@@ -151,3 +151,33 @@ def test_overlap_with_training_prompts_is_an_error(tmp_path):
     job = EvalJob(evals=EvalConfig(suites={}), round=1, training_prompts=[training])
     with pytest.raises(PosttrainError, match="overlap"):
         eval_stage(job, {"policy": "/no/such/model", "heldout": str(tmp_path / "heldout.jsonl")}, tmp_path)
+
+
+def test_win_rate_is_judged_by_the_primary_reward_unless_the_suite_names_one(tmp_path):
+    rows, before = [_row("a", "a long answer here")], [_row("a", "short")]
+    rewards = {"len": char_length, "brief": lambda p, r: [-float(len(t)) for t in r]}
+    ctx = _ctx(tmp_path, rows, previous=before, rewards=rewards)
+    ctx.primary = "brief"  # longer than before: a loss by the primary reward
+    assert WinRate(against=["previous"])(ctx)["vs_previous.win_rate"] == 0.0 and ctx.judged_by == {"suite": "brief"}
+    ctx.primary = None  # no primary: the first eval reward, by which it is a win
+    assert WinRate(against=["previous"])(ctx)["vs_previous.win_rate"] == 1.0 and ctx.judged_by == {"suite": "len"}
+    ctx.primary = "brief"  # a reward named by the suite wins over the primary
+    assert WinRate(reward="len", against=["previous"])(ctx)["vs_previous.win_rate"] == 1.0
+    assert ctx.judged_by == {"suite": "len"}
+
+
+def test_ifeval_prompt_and_instruction_level_accuracy(tmp_path):
+    from evals.suites import IFEvalAccuracy
+
+    words = {"type": "max_words", "n": 3}
+    rows = [
+        {**_row("a", "no commas here"), "meta": json.dumps({"constraints": [words, {"type": "no_commas"}]})},
+        {**_row("b", "one, two, three, four"), "meta": json.dumps({"constraints": [words, {"type": "no_commas"}]})},
+        {**_row("c", "one, two"), "meta": json.dumps({"constraints": [words]})},
+        {**_row("d", "anything"), "meta": "{}"},  # no constraints: not counted
+    ]
+    m = IFEvalAccuracy()(_ctx(tmp_path, rows))
+    assert m == {"prompt_level": 2 / 3, "instruction_level": 3 / 5, "prompts": 3, "instructions": 5}
+    rows.append({**_row("e", "Sure, fine"), "meta": json.dumps({"constraints": [{"type": "no_commas"}]})})
+    brevity_free = IFEvalAccuracy(without=["max_words"])(_ctx(tmp_path, rows))
+    assert brevity_free == {"prompt_level": 0.0, "instruction_level": 0.0, "prompts": 1, "instructions": 1}

@@ -77,3 +77,31 @@ def test_score_stage_adds_one_column_per_reward_and_the_primary(tmp_path):
     assert result.metrics["quarantined"] == 1
     (q,) = [json.loads(line) for line in open(out / "quarantine.jsonl")]
     assert (q["reward"], q["prompt_id"], q["sample_idx"]) == ("flaky", "a", 1)
+
+
+def scalar_reward(prompts, responses):
+    return 1.0  # a common mistake: one number for the whole batch
+
+
+def broken_reward(prompts, responses):
+    raise KeyError("reference")  # misconfigured: every row fails the same way
+
+
+@pytest.mark.parametrize("fn, message", [
+    (scalar_reward, r"reward 'judge' returned float '1.0', not a list with one score per response"),
+    (broken_reward, r"reward 'judge' fails on every row of a batch of 3 with the same error: KeyError: 'reference'"),
+])
+def test_a_reward_broken_for_every_row_stops_instead_of_quarantining(fn, message):
+    with pytest.raises(PosttrainError, match=message):
+        score_rows("judge", fn, [{}] * 5, ["a", "b", "c", "d", "e"], batch_size=3)
+
+
+def test_score_stage_stops_on_a_scalar_reward_naming_it(tmp_path):
+    rows = [{"prompt_id": "a", "messages": [{"role": "user", "content": "q"}], "meta": "{}", "sample_idx": i,
+             "text": t, "completion_tokens": 1} for i, t in enumerate(["x", "y"])]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "gen"))
+    cfg = RewardConfig(rewards={"judge": {"_target_": "tests.reward.test_score.scalar_reward"}})
+    (tmp_path / "out").mkdir()
+    with pytest.raises(PosttrainError, match="reward 'judge' returned float"):
+        score(cfg, {"generations": str(tmp_path / "gen")}, tmp_path / "out")
+    assert not (tmp_path / "out" / "scored").exists()

@@ -13,6 +13,7 @@ from reward.verifiers import (
     MathAnswer,
     check_constraint,
     extract_final_answer,
+    same_answer,
     validate_constraints,
 )
 
@@ -38,23 +39,41 @@ def test_rewards_follow_the_protocol():
         ("$\\boxed{\\text{(B)}}$", "(B)"),
         ("\\boxed 7", "7"),
         ("The answer is 42.", "42"),
-        ("the answer is 3.50 dollars.", "3.5"),
+        ("the answer is 3.50 dollars.", "3.5"),  # equal as numbers
         ("THE ANSWER IS: $1,234,567.00$", "1234567"),
         ("Final answer: -3/4", "-3/4"),
         ("Final Answer: The final answer is $5$. I hope it is correct.", "5"),
         ("I guess the answer is 12. Checking again... final answer: 13", "13"),  # last occurrence
         ("The answer is x = 7.", "7"),
         ("The answer is 50%.", "50"),
-        ("The answer is (1, 2).", "(1,2)"),  # a pair, not a thousands separator
+        ("The answer is (1, 2).", "(1, 2)"),  # a pair, not a thousands separator
         ("the answer is 12\n#### 13", "13"),  # GSM8K's marker comes first
         ("\\boxed{4} and the answer is 5", "4"),  # \boxed before the phrase
         ("Let me see what the answer is. First, add them.", None),
         ("I computed 12 apples.", None),
         ("", None),
+        # Text after the answer, markdown, units, headings, LaTeX spellings (math-verify compares them).
+        ("The answer is 7, since 3 + 4 = 7.", "7"),
+        ("The answer is 72!", "72"),
+        ("The answer is **72**.", "72"),
+        ("The answer is 60 km/h.", "60"),
+        ("#### Step 1: add them\n3 + 4 = 7\n#### 7", "7"),
+        ("#### Step 1: add them\nThe answer is 7.", "7"),  # a markdown heading is not a GSM8K answer
+        ("The answer is \\frac12.", "1/2"),
+        ("The answer is 1{,}000.", "1000"),
+        ("The answer is \u22125.", "-5"),  # the Unicode minus
+        ("The answer is 1 2/3.", "5/3"),  # a mixed number, not 12/3
     ],
 )
 def test_extract_final_answer(text, expected):
-    assert extract_final_answer(text) == expected
+    got = extract_final_answer(text)
+    assert (got is None) == (expected is None), got
+    assert expected is None or same_answer(got, expected), (got, expected)
+
+
+def test_a_mixed_number_is_not_its_digits_run_together():
+    assert MathAnswer()([{"answer": "4"}], ["The answer is 1 2/3."]) == [0.0]
+    assert MathAnswer()([{"answer": "5/3"}], ["The answer is 1 2/3."]) == [1.0]
 
 
 @pytest.mark.parametrize(
@@ -95,13 +114,13 @@ def test_math_answer_needs_aligned_batches():
 BULLETS = "Intro\n- one\n* two\n- three\n**bold** line\n---"
 
 CASES = [  # (constraint, response that meets it, response that does not)
-    ({"type": "max_words", "n": 3}, "Don't stop now.", "one two three four"),
+    ({"type": "max_words", "n": 3}, "Stop right now.", "Don't stop now."),  # IFEval: "don't" is two words
     ({"type": "min_words", "n": 3}, "one two three", "one two"),
     ({"type": "max_sentences", "n": 2}, "It costs 3.5 dollars. Buy it!", "One. Two. Three?"),
     ({"type": "lowercase"}, "all lower, 123.", "Not lower"),
-    ({"type": "uppercase"}, "ALL CAPS 42!", "ALL CAPS but one"),
-    ({"type": "num_bullets", "n": 3}, BULLETS, "- only\n- two"),
-    ({"type": "keyword_present", "keyword": "llama"}, "A LLAMA, surely.", "Llamas and llamalike alpacas"),
+    ({"type": "uppercase"}, "THE WEATHER IS NICE TODAY!", "ALL CAPS but one"),  # and English, by langdetect
+    ({"type": "num_bullets", "n": 4}, BULLETS, "- only\n- two"),  # IFEval counts the "---" rule too
+    ({"type": "keyword_present", "keyword": "llama"}, "Llamas and llamalike alpacas", "Alpacas only"),
     ({"type": "keyword_present", "keyword": "C++"}, "I write C++ daily", "I write C daily"),
     ({"type": "keyword_absent", "keyword": "sorry"}, "Unsorry-ish? No: unsorry.", "I'm Sorry."),
     ({"type": "ends_with", "phrase": "Is there anything else?"}, "Done. Is there anything else?  \n", "Bye."),
@@ -109,7 +128,7 @@ CASES = [  # (constraint, response that meets it, response that does not)
     ({"type": "json"}, '```json\n{"a": [1, 2]}\n```', '{"a": 1} trailing'),
     ({"type": "json"}, '  [1, 2, 3]\n', "Here it is: {}"),
     ({"type": "no_commas"}, "No commas here.", "One, two"),
-    ({"type": "num_paragraphs", "n": 2}, "First para\nstill first.\n\n  \nSecond.", "One\nparagraph only"),
+    ({"type": "num_paragraphs", "n": 2}, "First para\n\nstill first.\n***\nSecond.", "One\n\nparagraph only"),
 ]
 
 
@@ -162,7 +181,7 @@ def test_instruction_following_none_without_constraints_and_reads_json_text():
         {"prompt_id": "c", "constraints": '[{"type": "uppercase"}]'},
         {"prompt_id": "d", "rules": [{"type": "uppercase"}]},
     ]
-    assert InstructionFollowing()(prompts, ["X"] * 4) == [None, None, 1.0, None]
+    assert InstructionFollowing()(prompts, ["THE WEATHER IS NICE TODAY"] * 4) == [None, None, 1.0, None]
     assert InstructionFollowing(constraints_key="rules")(prompts[3:], ["x"]) == [0.0]
 
 
