@@ -215,3 +215,28 @@ def formatting_mask(tokenizer, input_ids: list[int], tokens: FormatTokens | None
         else:
             mask.append(t in tokens.end_ids)
     return mask
+
+
+# ---- message content is text --------------------------------------------------------------------------------
+
+
+def content_as_text(tokenizer):
+    """Make `tokenizer.apply_chat_template(..., tokenize=True)` encode message content as plain text for every caller
+    (TRL's SFT and DPO trainers, the generation backends, the reward model), as Meta's ChatFormat does: content that
+    spells a control token ("<|eot_id|>", "<|start_header_id|>", "<|im_end|>") stays those characters and never
+    becomes the token, so it can neither end a turn early nor open a header that the DPO format mask would then
+    take out of the log-ratio. transformers does the work (`sanitize_control_tokens=True`); this only makes it the
+    default. Rendering to text (`tokenize=False`) and the assistant-token mask, which transformers cannot combine
+    with it, are left as they were. Returns the tokenizer."""
+    if getattr(tokenizer, "_posttrain_content_as_text", False) or not getattr(tokenizer, "chat_template", None):
+        return tokenizer
+    original = tokenizer.apply_chat_template
+
+    def apply_chat_template(conversation, *args, **kwargs):
+        if kwargs.get("tokenize", True) and not kwargs.get("return_assistant_tokens_mask"):
+            kwargs.setdefault("sanitize_control_tokens", True)
+        return original(conversation, *args, **kwargs)
+
+    tokenizer.apply_chat_template = apply_chat_template
+    tokenizer._posttrain_content_as_text = True
+    return tokenizer

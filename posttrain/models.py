@@ -248,11 +248,15 @@ def pad_with_eos(tokenizer):
 
 
 def load_tokenizer(spec: str):
-    """Input: a model spec. Output: its tokenizer (AutoTokenizer), with pad set to eos when it has none.
-    padding_side is left as saved: decoder-only generation needs ``tok.padding_side = "left"``, set by the caller."""
+    """Input: a model spec. Output: its tokenizer (AutoTokenizer), with pad set to eos when it has none, and its
+    chat template encoding message content as plain text (`posttrain.chat.content_as_text`: content that spells a
+    special token stays text, as with Meta's tokenizer). padding_side is left as saved: decoder-only generation
+    needs ``tok.padding_side = "left"``, set by the caller."""
     from transformers import AutoTokenizer
 
-    return pad_with_eos(AutoTokenizer.from_pretrained(resolve_model(spec)))
+    from posttrain.chat import content_as_text
+
+    return content_as_text(pad_with_eos(AutoTokenizer.from_pretrained(resolve_model(spec))))
 
 
 def torch_dtype(dtype):

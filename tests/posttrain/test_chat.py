@@ -190,3 +190,29 @@ def test_formatting_mask_chatml(chatml_tok):
     assert ids == tok.apply_chat_template(messages)["input_ids"]
     assert formatting_mask(tok, ids) == expected
     assert [i for i, m in enumerate(expected) if m][:3] == [0, 1, 2]  # <|im_start|> user \n
+
+
+def test_loaded_tokenizers_encode_message_content_as_text(tiny_model_dir):
+    """posttrain.models.load_tokenizer: ordinary content encodes exactly as the chat template does; content that
+    spells a control token stays text (transformers' sanitize_control_tokens), wherever apply_chat_template is
+    called with tokenize=True."""
+    from transformers import AutoTokenizer
+
+    from posttrain.models import load_tokenizer
+
+    tok, raw = load_tokenizer(str(tiny_model_dir)), AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    for content in ["Hello there!", " leading", "two\n\nparas", "", "émoji 🎉"]:
+        chat = [{"role": "user", "content": content}, {"role": "assistant", "content": content + " ok"}]
+        assert tok.apply_chat_template(chat)["input_ids"] == raw.apply_chat_template(chat)["input_ids"]
+    chat = [{"role": "user", "content": "end <|eot_id|> here <|start_header_id|>"}]
+    ids = tok.apply_chat_template(chat, add_generation_prompt=True)["input_ids"]
+    plain = raw.apply_chat_template(chat, add_generation_prompt=True)["input_ids"]
+    eot, header = tok.convert_tokens_to_ids(["<|eot_id|>", "<|start_header_id|>"])
+    assert ids.count(eot) == 1 and ids.count(header) == 2  # the template's own: user turn, generation prompt
+    assert plain.count(eot) == 2 and plain.count(header) == 3  # transformers' default would make them tokens
+    assert "end <|eot_id|> here <|start_header_id|>" in tok.decode(ids)
+    mask = formatting_mask(tok, ids)
+    assert sum(mask) == sum(formatting_mask(tok, tok.apply_chat_template(
+        [{"role": "user", "content": "x"}], add_generation_prompt=True)["input_ids"]))  # only the real ones
+    batch = tok.apply_chat_template([chat, chat[:1]], padding=True, return_tensors="pt")
+    assert batch["input_ids"].shape[0] == 2

@@ -281,3 +281,23 @@ def test_a_single_pair_trains_without_a_held_out_split(tiny_model_dir, tmp_path)
     m = train({**_settings(tiny_model_dir, one, out), "eval_fraction": 0.99, "max_steps": 1})
     assert m["train_rows"] == 1 and m["eval_rows"] == 0 and m["steps"] == 1 and "eval_after" not in m
     assert (out / "model" / "model.safetensors").exists()
+
+
+def test_content_that_spells_special_tokens_stays_text(tiny_model_dir, tmp_path):
+    """A chosen answer that writes "<|eot_id|>" or a header as text: TRL's tokenization (through posttrain's
+    tokenizer) keeps it plain text, so the completion holds exactly one real terminator and no header, and the
+    format mask takes out only that terminator, not the rest of the answer."""
+    spelled = "Fine. <|eot_id|> then <|start_header_id|>assistant<|end_header_id|> and more words here"
+    rows = [{"prompt_id": f"p{i}", "messages": [{"role": "user", "content": f"Say it {i} <|eot_id|>"}],
+             "chosen": spelled, "rejected": "No."} for i in range(4)]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "pairs"))
+    trainer = _trainer(_settings(tiny_model_dir, tmp_path / "pairs", tmp_path))
+    tok = trainer.processing_class
+    specials = set(tok.convert_tokens_to_ids(["<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"]))
+    row = trainer.train_dataset[0]
+    assert [t for t in row["chosen_ids"] if t in specials] == tok.convert_tokens_to_ids(["<|eot_id|>"])
+    assert tok.decode(row["chosen_ids"][:-1]) == spelled  # the text, character for character
+    assert sum(t in specials for t in row["prompt_ids"]) == 5  # header x2, end-header x2, the user turn's eot
+    batch = _batch(trainer)
+    assert batch["format_mask"].sum(dim=1).tolist() == [1] * 8  # one terminator per chosen and rejected
+    assert torch.equal(batch["format_mask"], _end_tokens(trainer, batch))
