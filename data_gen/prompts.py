@@ -9,6 +9,7 @@ or, with `on_empty="quarantine"`, set aside and counted.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import random
@@ -47,8 +48,15 @@ def _rows(path: Path, split: str):
         for i, row in enumerate(ds):
             yield f"{path} row {i}", row
         return
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if lineno == 1:
+                raw = raw.removeprefix(codecs.BOM_UTF8)  # a byte-order mark some editors write: not part of the row
+            try:
+                line = raw.decode("utf-8")  # CRLF line ends are whitespace to the JSON parser
+            except UnicodeDecodeError as e:
+                raise PromptError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
+                                  f"{e.start + 1}); save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:

@@ -28,8 +28,10 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, is_dataclass
 from importlib import metadata
@@ -46,6 +48,10 @@ _VERSIONED = ("posttrain", "torch", "transformers", "trl", "peft", "datasets", "
 
 class StageChanged(PosttrainError):
     pass
+
+
+class StageError(PosttrainError):
+    """A stage raised: the message names the stage and the cause; the traceback is in the stage's error.log."""
 
 
 @dataclass
@@ -75,9 +81,34 @@ class Stage:
     module: str | None = None
 
 
+_SECRET = re.compile(r"(^|_)(api_key|apikey|secret|password|passwd|token|auth)$", re.IGNORECASE)
+URL_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]+@")  # user:password@ in a URL
+
+
+def redact(node: Any) -> Any:
+    """A copy of plain config data (dicts, lists, strings) with secret-looking keys' values and credentials inside
+    URLs replaced by `<redacted>`. Every file a run writes about its config goes through it."""
+    if isinstance(node, dict):
+        return {k: "<redacted>" if _SECRET.search(str(k)) and v is not None else redact(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [redact(v) for v in node]
+    if isinstance(node, str):
+        return URL_CREDENTIALS.sub("<redacted>@", node)
+    return node
+
+
+def redact_override(override: str) -> str:
+    """`key=value` from the command line with the value redacted as `redact` would for that key."""
+    key, eq, value = override.partition("=")
+    if not eq:
+        return override
+    return f"{key}={'<redacted>' if _SECRET.search(key.rsplit('.', 1)[-1].lstrip('+~')) else redact(value)}"
+
+
 def plain(config: Any) -> Any:
-    """A stage config as JSON-ready data: dataclasses become dicts, Enums their values."""
-    return json.loads(json.dumps(asdict(config) if is_dataclass(config) else config, default=str))
+    """A stage config as the run directory records it: JSON-ready data (dataclasses as dicts, Enums as their values)
+    with secrets redacted, so `stage_config.json` and the config hash hold no key (a rotated key redoes nothing)."""
+    return redact(json.loads(json.dumps(asdict(config) if is_dataclass(config) else config, default=str)))
 
 
 def stable_hash(obj: Any) -> str:
@@ -106,6 +137,12 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
         json.dump(obj, f, indent=2, sort_keys=False, default=str)
         f.flush()
         os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
     os.replace(tmp, path)
 
 
@@ -253,7 +290,14 @@ class RunDir:
         _write_json_atomic(work / ".stage.json", marker)
 
         start = time.time()
-        result = self.stages[stage].fn(config, inputs, work)
+        try:
+            result = self.stages[stage].fn(config, inputs, work)
+        except Exception as e:  # noqa: BLE001 - any failure is reported the same way, its traceback kept
+            log = work / "error.log"
+            with open(log, "a") as f:
+                f.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S%z')} {stage_id}\n{traceback.format_exc()}")
+            cause = str(e) if isinstance(e, PosttrainError) else f"{type(e).__name__}: {e}"
+            raise StageError(f"stage {stage_id} failed: {cause}\n(traceback: {log})") from e
         for name, rel in result.outputs.items():
             if not (work / rel).exists():
                 raise PosttrainError(f"stage {stage_id} did not produce its output '{name}' ({rel})")
@@ -360,14 +404,17 @@ class RunDir:
             f"redo=[{stage_id}] to run it again (the finished folder is kept under {final.parent}/superseded/)."
         )
 
-    def write_config(self, yaml_text: str) -> None:
-        """Write the resolved recipe; an earlier, different config.yaml is kept in config.history/."""
+    def write_config(self, yaml_text: str, overrides: list[str] | tuple[str, ...] = ()) -> None:
+        """Write the resolved recipe (already redacted) and the command line's overrides (redacted here) as
+        overrides.yaml; an earlier, different config.yaml is kept in config.history/."""
+        import yaml
+
+        _write_text_atomic(self.root / "overrides.yaml",
+                           yaml.safe_dump([redact_override(o) for o in overrides], default_flow_style=False))
         path = self.root / "config.yaml"
         if path.exists() and path.read_text() != yaml_text:
             hist = self.root / "config.history"
             hist.mkdir(exist_ok=True)
             n = len(list(hist.glob("*.yaml"))) + 1
             os.replace(path, hist / f"{n:03d}.yaml")
-        tmp = path.with_name(".config.yaml.tmp")
-        tmp.write_text(yaml_text)
-        os.replace(tmp, path)
+        _write_text_atomic(path, yaml_text)

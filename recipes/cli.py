@@ -10,8 +10,10 @@ In a multirun each job gets its own run directory, `<run_dir>/<overrides>`, so j
 
 from __future__ import annotations
 
+import functools
 import sys
 import tempfile
+import traceback
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -20,15 +22,63 @@ from omegaconf import DictConfig, OmegaConf
 
 from posttrain.config import register
 from posttrain.errors import PosttrainError
+from posttrain.rundir import StageError
 
 register()
-# Hydra's own log folder: inside the run directory, except for a dry run, which writes nothing there.
-OmegaConf.register_new_resolver(
-    "posttrain_logs",
-    lambda run_dir, dry_run, now: (
-        f"{tempfile.gettempdir()}/posttrain-dry-run/{now}" if dry_run else f"{run_dir}/logs/{now}"),
-    replace=True,
-)
+
+
+def refuse_hydra_hooks() -> None:
+    """Check what Hydra itself would run from a recipe before it runs it: `hydra.callbacks` (posttrain uses none)
+    and logging configs whose handlers, formatters or filters are built by a `()` factory or are not classes of
+    the `logging` package. Both run before posttrain's own validation, even for a dry run, and could run any code.
+    A recipe is code: the allowlist stops mistakes and recipes copied from others from running arbitrary callables;
+    it is not a sandbox for hostile Python."""
+    import hydra._internal.hydra as hydra_runner
+    import hydra.core.utils as hydra_utils
+    from hydra._internal.callbacks import Callbacks
+
+    class CheckedCallbacks(Callbacks):
+        def __init__(self, config=None) -> None:
+            hooks = OmegaConf.select(config, "hydra.callbacks") if config is not None else None
+            if hooks:  # Hydra would report an exception with its traceback: end with posttrain's one line instead
+                fail(f"hydra.callbacks: {sorted(hooks)} would run before posttrain checks the recipe; posttrain "
+                     f"runs no Hydra callbacks (remove them from the recipe)")
+            super().__init__(config)
+
+    def checked_configure_log(log_config, verbose_config=False):
+        if log_config is not None:
+            problems = _logging_problems(OmegaConf.to_container(log_config, resolve=False))
+            if problems:
+                fail("hydra logging config: " + "; ".join(problems))
+        return original_configure_log(log_config, verbose_config)
+
+    original_configure_log = hydra_utils.configure_log
+    hydra_runner.Callbacks = CheckedCallbacks
+    hydra_runner.configure_log = hydra_utils.configure_log = checked_configure_log
+
+
+def _logging_problems(node, path: str = "") -> list[str]:
+    problems = []
+    if isinstance(node, dict):
+        for k, v in node.items():
+            where = f"{path}.{k}" if path else str(k)
+            if k == "()":
+                problems.append(f"{where}: a factory ({v!r}) would be called; use `class: logging....`")
+            elif k == "class" and not str(v).startswith("logging."):
+                problems.append(f"{where}: {v!r} is not a class of the logging package")
+            else:
+                problems += _logging_problems(v, where)
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            problems += _logging_problems(v, f"{path}[{i}]")
+    return problems
+
+
+refuse_hydra_hooks()
+# A multirun's sweep folder, where Hydra saves its multirun.yaml (the composed config, keys and all): a private
+# (0700) temporary folder, made once per process, never inside a run directory.
+OmegaConf.register_new_resolver("posttrain_scratch", functools.cache(lambda: tempfile.mkdtemp(prefix="posttrain-")),
+                                replace=True)
 
 
 @hydra.main(version_base="1.3", config_path="pkg://recipes", config_name="config")
@@ -40,10 +90,22 @@ def main(cfg: DictConfig) -> None:
     if hc.mode == RunMode.MULTIRUN:
         run_dir = f"{run_dir}/{hc.job.override_dirname or hc.job.num}"
     try:
-        run(cfg, run_dir=run_dir)
-    except PosttrainError as e:
-        print(f"posttrain: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        run(cfg, run_dir=run_dir, overrides=list(hc.overrides.task))
+    except StageError as e:  # the stage and the cause first; the log's last lines and the traceback's place before
+        first, _, details = str(e).partition("\n")
+        if details:
+            print(details, file=sys.stderr)
+        fail(first)
+    except PosttrainError as e:  # an invalid recipe (its problems listed), a changed stage, a locked run directory
+        fail(str(e))
+    except Exception as e:  # noqa: BLE001 - outside any stage (the report, the lock...): still one closing line
+        traceback.print_exc()
+        fail(f"{type(e).__name__}: {e}")
+
+
+def fail(message: str) -> None:
+    print(f"posttrain: error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ and resuming what did not. This module is the driver: it imports every package b
 from __future__ import annotations
 
 import dataclasses
-import re
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -22,7 +21,7 @@ from evals.report import build_report, terminal_table
 from evals.stage import eval_stage
 from posttrain.config import EvalJob, GenerateJob, Init, SelectJob, Source, TrainJob, round_config, section
 from posttrain.models import resolve_path
-from posttrain.rundir import RunDir, Stage
+from posttrain.rundir import RunDir, Stage, redact
 from posttrain.train.dpo import dpo_stage
 from posttrain.train.rm import rm_stage
 from posttrain.train.sft import sft_stage
@@ -41,18 +40,6 @@ STAGES = [
     Stage("dpo", dpo_stage, resumable=True, module="posttrain.train.dpo"),
     Stage("eval", eval_stage),
 ]
-
-_SECRET = re.compile(r"(^|_)(api_key|apikey|secret|password|passwd|token|auth)$", re.IGNORECASE)
-
-
-def redact(node):
-    """A copy of a plain config container with the values of secret-looking keys replaced."""
-    if isinstance(node, dict):
-        return {k: "<redacted>" if _SECRET.search(str(k)) and v is not None else redact(v) for k, v in node.items()}
-    if isinstance(node, list):
-        return [redact(v) for v in node]
-    return node
-
 
 def _train_job(rc: DictConfig, key: str) -> TrainJob:
     return TrainJob(train=section(rc, key), dtype=rc.model.dtype, seed=rc.seed, launch=section(rc, "launch"))
@@ -144,16 +131,19 @@ def run_eval(rd: RunDir, rc: DictConfig, r: int, policy: str) -> None:
               f"rebuild it with `posttrain-report {rd.root}`")
 
 
-def run(cfg: DictConfig, run_dir: str | None = None, stages: list[Stage] = STAGES) -> RunDir:
+def run(cfg: DictConfig, run_dir: str | None = None, stages: list[Stage] = STAGES,
+        overrides: list[str] = ()) -> RunDir:
     """Bring the run in `run_dir` (default `cfg.run_dir`) up to round `cfg.round`. `stages`: the stage table
-    (tests swap in stub stages with the same names)."""
+    (tests swap in stub stages with the same names); `overrides`: the command line's, kept (redacted) in
+    overrides.yaml beside config.yaml."""
     rounds = validate(cfg)
     rd = RunDir(run_dir or cfg.run_dir, stages, redo=list(cfg.redo), dry_run=cfg.dry_run)
     try:
         if cfg.dry_run:
             print(f"dry run: the plan for {rd.root}, up to round {cfg.round}; nothing is loaded, run or written")
         else:
-            rd.write_config(OmegaConf.to_yaml(OmegaConf.create(redact(OmegaConf.to_container(cfg, resolve=True)))))
+            rd.write_config(OmegaConf.to_yaml(OmegaConf.create(redact(OmegaConf.to_container(cfg, resolve=True)))),
+                            overrides=overrides)
         policy, prompt_start = cfg.model.path, 0
         start = round_config(cfg, 0)
         if start.evals.heldout:

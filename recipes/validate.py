@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from posttrain.config import Source, round_config
 from posttrain.errors import PosttrainError
+from posttrain.rundir import URL_CREDENTIALS
 from posttrain.train.launch import command
 
 ALLOWED_PREFIXES = ("posttrain.", "data_gen.", "reward.", "evals.")
@@ -77,9 +79,47 @@ def _targets(node: Any, path: str = ""):
             yield from _targets(v, f"{path}[{i}]")
 
 
+# Never allowed as `allowed_targets` entries: the standard library (os, shutil, subprocess, builtins...) runs
+# anything; a recipe names classes of posttrain or of the user's own package.
+FORBIDDEN_PREFIXES = frozenset(sys.stdlib_module_names) | {"builtins", "posix", "nt", "hydra", "omegaconf"}
+
+
+def allowed_prefix_problems(prefixes) -> list[str]:
+    """Why entries of `allowed_targets` cannot be used: empty, private, or the standard library (which would let a
+    recipe call os.system or shutil.rmtree)."""
+    problems = []
+    for i, prefix in enumerate(prefixes):
+        top = str(prefix).strip().split(".")[0]
+        if not top or not top.isidentifier():
+            problems.append(f"allowed_targets[{i}]: {prefix!r} is not a module prefix (e.g. 'mypkg.')")
+        elif top in FORBIDDEN_PREFIXES or top.startswith("_"):
+            problems.append(f"allowed_targets[{i}]: {prefix!r} would allow the standard library or private "
+                            f"modules; name your own package (e.g. 'mypkg.')")
+    return problems
+
+
+def _strings(node, path: str):
+    """(key, value) of every string under `node`."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _strings(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _strings(v, f"{path}[{i}]")
+    elif isinstance(node, str):
+        yield path, node
+
+
 def check_target(key: str, node: dict, allowed: tuple[str, ...], injected: tuple[str, ...] = ()) -> str | None:
     """Why the `_target_` at `key` cannot be used, or None. `injected` are arguments posttrain passes itself."""
     target = node["_target_"]
+    allowed = tuple(p if p.endswith(".") else f"{p}." for p in allowed if p)
+    if isinstance(target, str) and any(part.startswith("_") for part in target.split(".")):
+        return f"{key}._target_: {target!r} is private (a name starting with '_'); recipes may name public ones only"
+    for where, value in _strings({k: v for k, v in node.items() if k != "_target_"}, key):
+        if "${" in value:  # an escaped \${...} is text after resolution, and instantiate would resolve it again
+            return (f"{where}: {value[:60]!r} would be resolved again when the object is built (an escaped "
+                    f"interpolation, which could create a new `_target_`); write the value itself")
     if not isinstance(target, str) or not target.startswith(allowed):
         return (
             f"{key}._target_: {target!r} is not allowed; targets must start with one of {list(allowed)} "
@@ -90,7 +130,9 @@ def check_target(key: str, node: dict, allowed: tuple[str, ...], injected: tuple
     except Exception as e:  # noqa: BLE001 - any import failure is reported the same way
         return f"{key}._target_: cannot import {target!r} ({type(e).__name__}: {e})"
     module = getattr(obj, "__module__", None) or ""
-    if not f"{module}.".startswith(allowed):  # e.g. posttrain.rundir.os.system is os.system
+    qualname = getattr(obj, "__qualname__", "")
+    if not f"{module}.".startswith(allowed) or any(p.startswith("_") for p in f"{module}.{qualname}".split(".")):
+        # e.g. posttrain.rundir.os.system is os.system; a public alias of a private helper is still the helper
         name = f"{module}.{getattr(obj, '__qualname__', obj)}"
         return f"{key}._target_: {target!r} resolves to {name}, which is not allowed"
     try:
@@ -111,8 +153,13 @@ def _round_problems(rc: DictConfig, where: str) -> list[str]:
         value = OmegaConf.select(rc, key)
         if value is not None and not ok(value):
             problems.append(f"{where}{key}: {demand}, got {value!r}")
-    allowed = ALLOWED_PREFIXES + tuple(rc.allowed_targets)
+    problems += [where + p for p in allowed_prefix_problems(rc.allowed_targets)]
+    allowed = ALLOWED_PREFIXES + tuple(p for p in rc.allowed_targets if not allowed_prefix_problems([p]))
     container = OmegaConf.to_container(rc, resolve=True)
+    for key, value in _strings(container, ""):
+        if URL_CREDENTIALS.search(value):
+            problems.append(f"{where}{key}: a URL with credentials in it (user:password@); give the key through an "
+                            f"environment variable (api_key_env) instead: it would be written into the run directory")
     for key, node in _targets(container):
         injected = ("model", "journal_dir") if key in ("generate.backend", "evals.backend") else ()
         problem = check_target(key, node, allowed, injected)

@@ -212,3 +212,15 @@ def test_degenerate_samples_are_counted():
             {"prompt_id": "d", "text": "alone"}]  # one sample: cannot be all-identical
     assert degenerate_samples(rows) == {"identical_k_rate": 2 / 3, "empty_rate": 2 / 7}
     assert degenerate_samples([]) == {"identical_k_rate": 0.0, "empty_rate": 0.0}
+
+
+def test_bom_and_crlf_are_accepted_and_invalid_utf8_names_the_line(tmp_path):
+    from data_gen.prompts import PromptError, load_prompts
+
+    good = tmp_path / "windows.jsonl"
+    good.write_bytes(b'\xef\xbb\xbf{"id": "a", "prompt": "caf\xc3\xa9?"}\r\n{"id": "b", "prompt": "two"}\r\n')
+    assert [p["messages"][0]["content"] for p in load_prompts(str(good)).prompts] == ["café?", "two"]
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes(b'{"id": "a", "prompt": "fine"}\n{"id": "b", "prompt": "caf\xe9"}\n')
+    with pytest.raises(PromptError, match=rf"{bad}:2: not UTF-8 text \(byte 0xe9 at column 27\)"):
+        load_prompts(str(bad))

@@ -7,7 +7,7 @@ import pytest
 
 from posttrain import rundir as rundir_mod
 from posttrain.errors import PosttrainError
-from posttrain.rundir import RunDir, Stage, StageChanged, StageResult, stable_hash, tree_hash
+from posttrain.rundir import RunDir, Stage, StageChanged, StageError, StageResult, stable_hash, tree_hash
 
 # The driver's order (recipes/loop.py); the run directory knows only the table it is given.
 NAMES = ["rm", "generate", "score", "filter", "select", "sft", "dpo", "eval"]
@@ -193,8 +193,9 @@ def test_input_changed_by_hand_is_an_error(tmp_path):
 
 def _crash(root, config=None):
     """Run a stage that writes its file and then crashes, leaving round_1/.01_generate.partial behind."""
-    with pytest.raises(RuntimeError, match="stage crashed"):
+    with pytest.raises(StageError, match=r"^stage round_1/generate failed: RuntimeError: stage crashed\n\(traceback: "):
         run(root, config=config, fn=FakeStage("partial", fail=True))
+    assert "RuntimeError: stage crashed" in (Path(root) / "round_1" / ".01_generate.partial" / "error.log").read_text()
     assert (Path(root) / "round_1" / ".01_generate.partial" / "out.txt").exists()
 
 
@@ -313,3 +314,25 @@ def test_typed_config_and_list_inputs(tmp_path):
     data[1].write_text("changed")
     with pytest.raises(StageChanged, match=r"round_1/select .*inputs data"):
         run(root, stage="select", config=job, inputs={"data": [str(p) for p in data]})
+
+
+def test_secrets_reach_no_file_and_change_no_hash(tmp_path):
+    """stage_config.json, overrides.yaml and config.yaml hold no key; a rotated key redoes no stage."""
+    from posttrain.rundir import redact, redact_override
+
+    secret = {"backend": {"api_key": "sk-live-123", "base_url": "https://bob:hunter2@host/v1", "k": 1}}
+    first, _ = run(tmp_path, config=secret)
+    saved = (tmp_path / "round_1" / "01_generate" / "stage_config.json").read_text()
+    assert "sk-live-123" not in saved and "hunter2" not in saved and "<redacted>" in saved
+    rotated = {"backend": {**secret["backend"], "api_key": "sk-live-456"}}
+    _, fn = run(tmp_path, config=rotated)
+    assert fn.calls == 0  # same stage: the key is not part of what it computes
+
+    rd = RunDir(tmp_path, table())
+    rd.write_config("a: 1\n", overrides=["+generate.backend.api_key=sk-live-123", "seed=3",
+                                         "generate.backend.base_url=https://bob:hunter2@host/v1"])
+    rd.close()
+    written = (tmp_path / "overrides.yaml").read_text()
+    assert "sk-live-123" not in written and "hunter2" not in written and "seed=3" in written
+    assert redact_override("~evals.teacher") == "~evals.teacher"
+    assert redact({"token": None, "x": ["http://a:b@c"]}) == {"token": None, "x": ["http://<redacted>@c"]}

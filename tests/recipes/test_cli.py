@@ -245,3 +245,34 @@ def test_failing_training_process_fails_the_stage_with_its_log(tmp_path):
     assert "posttrain.train.sft exited with code" in proc.stderr
     assert "no_such_module" in proc.stderr  # the child's own error, from the end of its log
     assert [e["stage"] for e in manifest(tmp_path / "run")["stages"]] == ["eval"] + BEFORE_SFT
+    last = proc.stderr.strip().splitlines()[-1]  # one closing line naming the stage and the cause
+    assert last.startswith("posttrain: error: stage round_1/sft failed: posttrain.train.sft exited with code"), last
+    assert (tmp_path / "run" / "round_1" / ".05_sft.partial" / "error.log").exists()
+
+
+def test_hydra_hooks_are_refused_before_they_run(tmp_path):
+    """hydra.callbacks and logging factories run before posttrain's validation (even with dry_run=true): they are
+    refused first, with one error line naming the key, and nothing is written anywhere."""
+    marker = tmp_path / "ran"
+    recipes = tmp_path / "my_recipes" / "experiment"
+    recipes.mkdir(parents=True)
+    (recipes / "evil.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - tiny\nhydra:\n  job_logging:\n    handlers:\n      console:\n"
+        f"        (): pathlib.Path.touch\n        self: {marker}\n")
+    run_dir = tmp_path / "run"
+    for args in (["--config-dir", str(tmp_path / "my_recipes"), "experiment=evil"],
+                 ["experiment=tiny", "+hydra.callbacks.evil._target_=pathlib.Path.touch",
+                  f"+hydra.callbacks.evil.self={marker}"]):
+        proc = posttrain(*args, f"run_dir={run_dir}", "dry_run=true", check=False)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith("posttrain: error: hydra") and ("callbacks" in last or "factory" in last), last
+        assert not marker.exists() and not run_dir.exists()
+
+
+def test_a_failed_validation_writes_nothing_and_a_credentialed_url_is_refused(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = posttrain("experiment=tiny", f"run_dir={run_dir}", "+generate.backend.base_url=https://u:hunter2@h/v1",
+                     check=False)
+    assert proc.returncode == 2 and "a URL with credentials in it" in proc.stderr
+    assert not run_dir.exists()

@@ -214,3 +214,24 @@ def test_all_problems_reported_together(tmp_path):
     assert msg.startswith("invalid recipe:") and len(lines) == 5
     for key in ("generate.k", "generate.top_p", "model.path", "data.prompts", "generate.backend._target_"):
         assert any(key in line for line in lines), key
+
+
+@pytest.mark.parametrize("override, expected", [
+    # An escaped interpolation is text after resolution; instantiate would resolve it again and build shutil.copyfile.
+    (r"""+generate.backend.dtype='\${oc.create:"{_target_: shutil.copyfile, src: a, dst: b}"}'""",
+     "generate.backend.dtype: '${oc.create:"),
+    ("reward.rewards.brevity._target_=reward.sandbox._remove", "'reward.sandbox._remove' is private"),
+    ("reward.rewards.brevity._target_=posttrain.models._publish", "'posttrain.models._publish' is private"),
+    ("allowed_targets=['']", "allowed_targets[0]: '' is not a module prefix"),
+    ("allowed_targets=[os.]", "allowed_targets[0]: 'os.' would allow the standard library"),
+    ("allowed_targets=[shutil]", "allowed_targets[0]: 'shutil' would allow the standard library"),
+    ("allowed_targets=[builtins.]", "allowed_targets[0]: 'builtins.' would allow the standard library"),
+    ("+generate.backend.base_url=http://user:hunter2@teacher:8000/v1",
+     "generate.backend.base_url: a URL with credentials in it"),
+])
+def test_allowlist_refuses_what_hydra_would_run(override, expected):
+    assert expected in problems("experiment=tiny", override)
+
+
+def test_allowed_targets_of_your_own_package_pass():
+    validate(recipe("experiment=tiny", "allowed_targets=[mypkg.]"))
