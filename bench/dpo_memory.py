@@ -95,6 +95,7 @@ def run_variant(variant: str, work: Path, opts: argparse.Namespace) -> dict:
     settings = {
         **dataclasses.asdict(DPOConfig(batch_size=opts.batch_size, max_length=1024, lr_scheduler="constant")),
         "seed": 0,
+        "dtype": "float32",  # the comparison is in fp32 on every machine
         "model": str(work / "model"),
     }
     train_ds, _ = build_datasets([str(work / "pairs")], 0.0)

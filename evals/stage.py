@@ -163,7 +163,8 @@ def eval_stage(job: EvalJob, inputs: Inputs, out: Path) -> StageResult:
     config) plus `round`, `seed` and `training_prompts` (sources the held-out set must not overlap). `inputs`:
     `policy` (model spec), `heldout` (prompt source), optionally `previous` (the previous round's responses),
     `round0` (round 0's responses: the starting policy), `teacher` (a model spec: its answers are made and saved
-    as `teacher_responses/`) or `teacher_responses` (saved ones).
+    as `teacher_responses/`) or `teacher_responses` (saved ones), and `rm` (the folder of a reward model this run
+    trained: the `model` of the eval reward named `rm`).
     Writes `responses/`, `metrics.json` and, given `teacher`, `teacher_responses/`; returns the metrics."""
     cfg = job.evals
     heldout = load_prompts(inputs["heldout"], split=cfg.split).prompts
@@ -205,7 +206,9 @@ def eval_stage(job: EvalJob, inputs: Inputs, out: Path) -> StageResult:
         previous=load_responses(inputs["previous"]) if inputs.get("previous") else None,
         teacher=teacher,
         round0=load_responses(inputs["round0"]) if inputs.get("round0") else None,
-        rewards={name: build_reward(node) for name, node in cfg.rewards.items()},
+        # A reward model trained by this run arrives as the input `rm`, as in the score stage.
+        rewards={name: build_reward({**node, "model": inputs["rm"]} if name == "rm" and inputs.get("rm") else node)
+                 for name, node in cfg.rewards.items()},
         generate=generate,
         out=out,
         training_prompts=training,

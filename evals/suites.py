@@ -113,6 +113,10 @@ class WinRate:
         self.reward, self.against, self.tie_margin, self.confidence = reward, list(against), tie_margin, confidence
 
     def __call__(self, ctx: EvalContext) -> dict:
+        sides = {"previous": ctx.previous, "round0": ctx.round0, "teacher": ctx.teacher}
+        if all(sides[o] is None for o in self.against if o != "teacher"):
+            if "teacher" not in self.against:
+                return {}  # round 0, or nothing before it: no opponent, so no judge is needed yet
         reward = _judge(ctx, self.reward, ctx.suite)
         ctx.judged_by[ctx.suite] = reward
         mine = dict(zip((r["prompt_id"] for r in ctx.responses), ctx.scores(reward)))
@@ -140,6 +144,12 @@ class IFEvalAccuracy:
     for the accuracy on prompts where answering shorter cannot be what helps."""
 
     def __init__(self, constraints_key: str = "constraints", without: list[str] | None = None):
+        from reward.ifeval import CONSTRAINT_PARAMS
+
+        unknown = sorted(set(without or []) - set(CONSTRAINT_PARAMS))
+        if unknown:
+            raise PosttrainError(f"IFEvalAccuracy.without: unknown constraint types {unknown}; known: "
+                                 f"{sorted(CONSTRAINT_PARAMS)}")
         self.constraints_key, self.without = constraints_key, set(without or [])
 
     def __call__(self, ctx: EvalContext) -> dict:
@@ -225,8 +235,8 @@ class Drift:
     grow longer every round): `mean_words`, `mean_tokens`, `truncated_rate` (stopped by max_new_tokens),
     `distinct_1` / `distinct_2`, `refusal_rate` (answers holding a phrase of `refusal_phrases`), `empty_rate`
     (blank answers, which every IFEval constraint fails) and
-    `corr_reward_length`, the Pearson correlation of the reward (`reward`, default the first) with length in
-    tokens: a reward that grows with length invites the drift."""
+    `corr_reward_length`, the Pearson correlation of the reward (`reward`, default the recipe's primary reward,
+    else the first) with length in tokens: a reward that grows with length invites the drift."""
 
     def __init__(self, reward: str | None = None, refusal_phrases: list[str] | None = None):
         self.reward = reward

@@ -220,23 +220,39 @@ def formatting_mask(tokenizer, input_ids: list[int], tokens: FormatTokens | None
 # ---- message content is text --------------------------------------------------------------------------------
 
 
+class ContentAsText:
+    """Mixin: `apply_chat_template(..., tokenize=True)` defaults to `sanitize_control_tokens=True`."""
+
+    def apply_chat_template(self, conversation, *args, **kwargs):
+        if kwargs.get("tokenize", True) and not kwargs.get("return_assistant_tokens_mask"):
+            kwargs.setdefault("sanitize_control_tokens", True)
+        return super().apply_chat_template(conversation, *args, **kwargs)
+
+
+def _content_as_text_class(base: type) -> type:
+    name = f"ContentAsText{base.__name__}"
+    if name not in globals():  # one class per tokenizer class, importable by name, so tokenizers still pickle
+        globals()[name] = type(name, (ContentAsText, base), {"__module__": __name__, "__qualname__": name})
+    return globals()[name]
+
+
+def __getattr__(name: str):
+    """`ContentAsText<TokenizerClass>` for unpickling in a process that has not made that class yet."""
+    if name.startswith("ContentAsText") and name != "ContentAsText":
+        import transformers
+
+        return _content_as_text_class(getattr(transformers, name.removeprefix("ContentAsText")))
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def content_as_text(tokenizer):
     """Make `tokenizer.apply_chat_template(..., tokenize=True)` encode message content as plain text for every caller
     (TRL's SFT and DPO trainers, the generation backends, the reward model), as Meta's ChatFormat does: content that
     spells a control token ("<|eot_id|>", "<|start_header_id|>", "<|im_end|>") stays those characters and never
     becomes the token, so it can neither end a turn early nor open a header that the DPO format mask would then
-    take out of the log-ratio. transformers does the work (`sanitize_control_tokens=True`); this only makes it the
-    default. Rendering to text (`tokenize=False`) and the assistant-token mask, which transformers cannot combine
-    with it, are left as they were. Returns the tokenizer."""
-    if getattr(tokenizer, "_posttrain_content_as_text", False) or not getattr(tokenizer, "chat_template", None):
-        return tokenizer
-    original = tokenizer.apply_chat_template
-
-    def apply_chat_template(conversation, *args, **kwargs):
-        if kwargs.get("tokenize", True) and not kwargs.get("return_assistant_tokens_mask"):
-            kwargs.setdefault("sanitize_control_tokens", True)
-        return original(conversation, *args, **kwargs)
-
-    tokenizer.apply_chat_template = apply_chat_template
-    tokenizer._posttrain_content_as_text = True
+    take out of the log-ratio. transformers does the work (`sanitize_control_tokens=True`); this makes it the
+    default by giving the tokenizer a subclass of its own class. Rendering to text (`tokenize=False`) and the
+    assistant-token mask, which transformers cannot combine with it, are left as they were. Returns the tokenizer."""
+    if not isinstance(tokenizer, ContentAsText):
+        tokenizer.__class__ = _content_as_text_class(type(tokenizer))
     return tokenizer

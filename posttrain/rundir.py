@@ -40,6 +40,8 @@ from typing import Any
 
 from posttrain.errors import PosttrainError
 
+# 2: typed stage configs and list inputs (`plain`, `Inputs`); 1 (no "format" key): untyped dict configs.
+MANIFEST_FORMAT = 2
 # Settings that say how a stage runs, not what it computes: a run resumes on other hardware with other values.
 UNHASHED = ("launch",)
 _VERSIONED = ("posttrain", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "deepspeed",
@@ -199,13 +201,32 @@ class RunDir:
                 raise PosttrainError(f"run directory {self.root} is in use by another posttrain process") from None
         self.redo = set(redo)
         self.manifest_path = self.root / "manifest.json"
-        self.manifest = (
-            json.loads(self.manifest_path.read_text()) if self.manifest_path.exists() else {"stages": []}
-        )
-        self.manifest.setdefault("superseded", [])
+        self.manifest = self._read_manifest()
         # Output hashes of stages (re)made by this invocation: stages fed by them may be redone automatically.
         self._fresh_outputs: set[str] = set()
         self.ran: list[str] = []  # stage ids that did work in this invocation
+
+    def _read_manifest(self) -> dict:
+        if not self.manifest_path.exists():
+            return {"format": MANIFEST_FORMAT, "stages": [], "superseded": []}
+        try:
+            manifest = json.loads(self.manifest_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            self.close()
+            raise PosttrainError(
+                f"{self.manifest_path} is not valid JSON ({e}): it is written atomically, so it was edited or "
+                f"truncated by hand. Restore it from a backup, or start a new run_dir; the stage folders are kept"
+            ) from None
+        if manifest.get("stages") and manifest.get("format", 1) < MANIFEST_FORMAT:
+            self.close()
+            raise PosttrainError(
+                f"{self.root} was started by an older posttrain (manifest format {manifest.get('format', 1)}; this "
+                f"one records typed stage configs, format {MANIFEST_FORMAT}): its finished stages cannot be matched "
+                f"to this version's. Finish it with the version that started it, or start a new run_dir"
+            )
+        manifest.setdefault("superseded", [])
+        manifest["format"] = MANIFEST_FORMAT
+        return manifest
 
     def close(self) -> None:
         if self._lock is not None:
@@ -328,9 +349,11 @@ class RunDir:
 
     def _remade(self, old: str | list[str] | None, new: str | list[str]) -> bool:
         """Whether an input that changed did so only because stages redone in this invocation remade it."""
-        if isinstance(new, list):
-            before = set(old) if isinstance(old, list) else set()
-            return all(h in before or h in self._fresh_outputs for h in new)
+        if isinstance(new, list):  # e.g. every round's SFT data: may grow, each element kept or remade
+            before = list(old) if isinstance(old, list) else []
+            return len(new) >= len(before) and all(
+                h == b or h in self._fresh_outputs for h, b in zip(new, before)) and all(
+                h in before or h in self._fresh_outputs for h in new[len(before):])
         return new in self._fresh_outputs
 
     def _plan(self, round_idx: int, stage: str, config: Any, inputs: Inputs) -> dict:

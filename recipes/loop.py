@@ -108,6 +108,10 @@ def run_eval(rd: RunDir, rc: DictConfig, r: int, policy: str) -> None:
     evals = section(rc, "evals")
     evals = dataclasses.replace(evals, rewards=evals.rewards or section(rc, "reward").rewards)
     inputs = {"policy": policy, "heldout": str(resolve_path(rc.evals.heldout))}
+    rm = rd.entry(r, "rm") if rc.rm.enabled else None
+    if rm is not None and "rm" not in evals.rewards:  # this round's reward model judges the eval too
+        evals.rewards["rm"] = {"_target_": "reward.rm_scorer.RewardModelScorer"}
+        inputs["rm"] = rd.output(rm, "model")
     if r == 0 and rc.evals.teacher and rc.teacher is not None:
         inputs["teacher"] = rc.teacher.path
     if r > 0:
@@ -121,7 +125,10 @@ def run_eval(rd: RunDir, rc: DictConfig, r: int, policy: str) -> None:
         if first is not None and wants_round0:  # only then: an input added to every eval would redo old runs' evals
             inputs["round0"] = rd.output(first, "responses")
     primary = rc.reward.primary or next(iter(rc.reward.rewards), None)
-    rd.run_stage(r, "eval", EvalJob(evals=evals, round=r, seed=rc.seed, primary=primary), inputs)
+    # The prompts every round trains on: the eval stage checks again that none is in the held-out set.
+    training = sorted({str(resolve_path(rc.data.prompts))})
+    rd.run_stage(r, "eval", EvalJob(evals=evals, round=r, seed=rc.seed, primary=primary, training_prompts=training),
+                 inputs)
     if rd.dry_run:
         return
     try:

@@ -177,6 +177,12 @@ def _round_problems(rc: DictConfig, where: str) -> list[str]:
             if rc.teacher is None or not rc.evals.teacher:
                 problems.append(f"{where}evals.suites.{name}: compares against the teacher, but there is no teacher "
                                 f"(or evals.teacher=false); set `against: [previous, round0]`")
+    has_reward = bool(rc.evals.rewards or rc.reward.rewards or rc.rm.enabled)
+    for name, node in (rc.evals.suites.items() if rc.evals.heldout else []):
+        judge = node.get("reward")
+        if node.get("_target_") == "evals.suites.WinRate" and not has_reward and judge is None:
+            problems.append(f"{where}evals.suites.{name}: a win rate needs a reward to judge with; set evals.rewards, "
+                            f"reward.rewards or rm.enabled")
     for key in ("generate.backend", "evals.backend"):
         node = OmegaConf.select(rc, key)
         if node is not None and node.get("_target_") == "data_gen.openai_backend.OpenAIBackend":

@@ -27,7 +27,7 @@ type (IFEval instruction): definition
   "Surely" does not start with "Sure"
 
 Where posttrain differs on purpose: keywords are literal text (IFEval hands them to `re` as patterns, so "C++"
-raises there); starts_with has no IFEval counterpart.
+raises there, and its `\b` never matches after a "+"); starts_with has no IFEval counterpart.
 """
 
 from __future__ import annotations
@@ -152,7 +152,8 @@ _CHECKS = {
     "uppercase": lambda r: r.isupper() and _english(r),
     "num_bullets": lambda r, n: count_bullets(r) == n,
     "keyword_present": lambda r, keyword: re.search(re.escape(keyword), r, re.IGNORECASE) is not None,
-    "keyword_absent": lambda r, keyword: re.search(rf"\b{re.escape(keyword)}\b", r, re.IGNORECASE) is None,
+    # IFEval's \b...\b, as look-arounds so a keyword that starts or ends with punctuation ("C++") is still found.
+    "keyword_absent": lambda r, keyword: re.search(rf"(?<!\w){re.escape(keyword)}(?!\w)", r, re.IGNORECASE) is None,
     "ends_with": lambda r, phrase: r.strip().strip('"').lower().endswith(phrase.strip().lower()),
     "starts_with": _starts_with,
     "json": _is_json,

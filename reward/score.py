@@ -68,6 +68,9 @@ def score_rows(name: str, fn, prompts: list[dict], responses: list[str], batch_s
                 quarantine.append({"reward": name, "row": start + i, "reason": f"not a finite number: {s!r}"})
                 batch[i] = None
         scores.extend(None if s is None else float(s) for s in batch)
+    reasons = {q["reason"] for q in quarantine}
+    if len(responses) > 1 and len(quarantine) == len(responses) and len(reasons) == 1:  # batches of one row too
+        raise PosttrainError(f"reward {name!r} fails on every row with the same error: {reasons.pop()}")
     return scores, quarantine
 
 

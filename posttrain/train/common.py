@@ -139,7 +139,7 @@ def _merge_adapter(adapter_dir: Path, model_dir: Path, tokenizer, dtype: str) ->
 
     # Training is over: load the base model whole in this process, not partitioned across ranks by ZeRO-3.
     unset_hf_deepspeed_config()
-    weights, _ = precision(dtype)
+    weights, _ = precision(dtype, deepspeed=True)  # the merged model is saved as ZeRO-3 trained it
     merged = AutoPeftModelForCausalLM.from_pretrained(str(adapter_dir), dtype=weights).merge_and_unload()
     merged.save_pretrained(str(model_dir), safe_serialization=True)
     tokenizer.save_pretrained(str(model_dir))
@@ -167,18 +167,19 @@ def load_datasets(paths: list[str]):
     return datasets.concatenate_datasets([datasets.load_from_disk(p, keep_in_memory=True) for p in paths])
 
 
-def precision(dtype: str):
+def precision(dtype: str, deepspeed: bool = False):
     """(dtype to load the weights in, TrainingArguments precision flags) for a recipe's `model.dtype`
-    (posttrain.models.torch_dtype: "auto" is bf16 on a GPU that has it, fp32 elsewhere). bfloat16 loads bf16
-    weights and trains with bf16=True (under ZeRO-3 DeepSpeed keeps fp32 master weights); float16 keeps fp32
-    weights under fp16 autocast, since the Trainer's gradient scaler cannot unscale fp16 gradients."""
+    (posttrain.models.torch_dtype: "auto" is bf16 on a GPU that has it, fp32 elsewhere). bfloat16 trains with
+    bf16=True: under DeepSpeed the weights load in bf16 (ZeRO keeps the fp32 master copy and optimizer state);
+    without it they stay fp32 under bf16 autocast, since AdamW steps of lr 1e-5 vanish in bf16 weights. float16
+    likewise keeps fp32 weights under fp16 autocast (the gradient scaler cannot unscale fp16 gradients)."""
     import torch
 
     from posttrain.models import torch_dtype
 
     chosen = torch_dtype(dtype)
     flags = {"bf16": chosen == torch.bfloat16, "fp16": chosen == torch.float16}
-    return (torch.bfloat16 if flags["bf16"] else torch.float32), flags
+    return (torch.bfloat16 if flags["bf16"] and deepspeed else torch.float32), flags
 
 
 def load_policy(settings: dict):
@@ -189,7 +190,7 @@ def load_policy(settings: dict):
     from posttrain.models import load_causal_lm, load_tokenizer
 
     tokenizer = load_tokenizer(settings["model"])
-    weights, _ = precision(settings.get("dtype", "auto"))
+    weights, _ = precision(settings.get("dtype", "auto"), deepspeed=bool(settings.get("deepspeed")))
     model = load_causal_lm(settings["model"], dtype=weights)
     lora = settings["lora"]
     peft_config = None
@@ -212,7 +213,7 @@ def trainer_args(settings: dict, output_dir: str | Path) -> dict:
 
     gpu = torch.cuda.is_available()
     dtype = settings.get("dtype", "auto")
-    weights, flags = precision(dtype)
+    weights, flags = precision(dtype, deepspeed=bool(settings.get("deepspeed")))
     if is_main():
         mode = "bf16" if flags["bf16"] else "fp16 autocast" if flags["fp16"] else "fp32"
         print(f"posttrain: training in {mode} on {'GPU' if gpu else 'CPU'} (model.dtype={dtype}, "

@@ -188,12 +188,13 @@ def build_trainer(settings: dict, train_ds, tokenizer, distributed: dict | None 
     TrainingArguments fields from `common.setup`."""
     from trl import RewardConfig, RewardTrainer
 
+    weights, _ = common.precision(settings.get("dtype", "auto"), deepspeed=bool(settings.get("deepspeed")))
     args = RewardConfig(
         **common.trainer_args(settings, Path(settings["output_dir"]) / "trainer"),
         max_length=None,  # rm_inputs already cut every input to max_length
         center_rewards_coefficient=None,
         remove_unused_columns=False,  # keep the segment-id columns for PairCollator
-        model_init_kwargs={"dtype": common.precision(settings.get("dtype", "auto"))[0]},
+        model_init_kwargs={"dtype": weights},
         disable_tqdm=False,
         **(distributed or {}),
     )

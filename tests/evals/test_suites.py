@@ -181,3 +181,7 @@ def test_ifeval_prompt_and_instruction_level_accuracy(tmp_path):
     rows.append({**_row("e", "Sure, fine"), "meta": json.dumps({"constraints": [{"type": "no_commas"}]})})
     brevity_free = IFEvalAccuracy(without=["max_words"])(_ctx(tmp_path, rows))
     assert brevity_free == {"prompt_level": 0.0, "instruction_level": 0.0, "prompts": 1, "instructions": 1}
+
+
+def test_win_rate_needs_no_judge_when_there_is_no_opponent(tmp_path):
+    assert WinRate(against=["previous", "round0"])(_ctx(tmp_path, [_row("a", "x")], rewards={})) == {}

@@ -216,3 +216,9 @@ def test_loaded_tokenizers_encode_message_content_as_text(tiny_model_dir):
         [{"role": "user", "content": "x"}], add_generation_prompt=True)["input_ids"]))  # only the real ones
     batch = tok.apply_chat_template([chat, chat[:1]], padding=True, return_tensors="pt")
     assert batch["input_ids"].shape[0] == 2
+    # Still a tokenizer that pickles and copies (datasets and multiprocessing need it), keeping the behaviour.
+    import copy
+    import pickle
+
+    for again in (pickle.loads(pickle.dumps(tok)), copy.deepcopy(tok)):
+        assert again.apply_chat_template(chat, add_generation_prompt=True)["input_ids"] == ids

@@ -204,15 +204,17 @@ def test_launch_stage_trains_one_model_per_seed_and_averages_them(tmp_path, monk
 
 
 def test_precision_follows_model_dtype():
-    """`model.dtype`: auto is fp32 on this CPU machine; bfloat16 loads bf16 weights and trains with bf16=True;
-    float16 keeps fp32 weights under fp16 autocast. The policy loads in the chosen dtype."""
+    """`model.dtype`: auto is fp32 on this CPU machine; bfloat16 trains with bf16=True, with bf16 weights under
+    DeepSpeed (which keeps fp32 master weights) and fp32 weights under autocast without it; float16 keeps fp32
+    weights under fp16 autocast. The policy loads in the chosen dtype."""
     import torch
 
     from posttrain.train import common
 
     assert common.precision("auto") == (torch.float32, {"bf16": False, "fp16": False})
     assert common.precision("float32") == (torch.float32, {"bf16": False, "fp16": False})
-    assert common.precision("bfloat16") == (torch.bfloat16, {"bf16": True, "fp16": False})
+    assert common.precision("bfloat16") == (torch.float32, {"bf16": True, "fp16": False})
+    assert common.precision("bfloat16", deepspeed=True) == (torch.bfloat16, {"bf16": True, "fp16": False})
     assert common.precision("float16") == (torch.float32, {"bf16": False, "fp16": True})
     args = common.trainer_args({"learning_rate": 1e-5, "epochs": 1, "batch_size": 1, "grad_accum": 1,
                                 "lr_scheduler": "constant", "warmup_ratio": 0.0, "weight_decay": 0.0,
@@ -221,7 +223,7 @@ def test_precision_follows_model_dtype():
     assert args["bf16"] is True and args["fp16"] is False
     lora = {"enabled": False}
     model, tokenizer, _ = common.load_policy({"model": "tiny://layers=2,hidden=64,seed=0", "dtype": "bfloat16",
-                                              "lora": lora})
+                                              "lora": lora, "deepspeed": {"zero_optimization": {"stage": 3}}})
     assert next(model.parameters()).dtype == torch.bfloat16 and tokenizer.pad_token is not None
     model, _, _ = common.load_policy({"model": "tiny://layers=2,hidden=64,seed=0", "dtype": "auto", "lora": lora})
     assert next(model.parameters()).dtype == torch.float32

@@ -96,7 +96,7 @@ def test_stage_runs_once_and_records_entry(tmp_path):
     assert isinstance(entry["seconds"], float) and entry["seconds"] >= 0
     assert entry["output_hash"] == stable_hash({"out": tree_hash(final / "out.txt")})  # declared outputs only
     assert entry["versions"]["python"] and "torch" in entry["versions"]
-    assert manifest(root) == {"stages": [entry], "superseded": []}
+    assert manifest(root) == {"format": 2, "stages": [entry], "superseded": []}
 
 
 def test_same_config_and_inputs_skip(tmp_path):
@@ -336,3 +336,28 @@ def test_secrets_reach_no_file_and_change_no_hash(tmp_path):
     assert "sk-live-123" not in written and "hunter2" not in written and "seed=3" in written
     assert redact_override("~evals.teacher") == "~evals.teacher"
     assert redact({"token": None, "x": ["http://a:b@c"]}) == {"token": None, "x": ["http://<redacted>@c"]}
+
+
+def test_a_list_input_that_lost_an_element_is_not_taken_for_remade(tmp_path):
+    """Redone stages may remake list elements; a list that shrank is a change the user must confirm."""
+    rd = RunDir(tmp_path, table())
+    rd._fresh_outputs = {"h2"}
+    assert rd._remade(["h1"], ["h1", "h2"])  # grew by a fresh element
+    assert rd._remade(["h1", "h0"], ["h1", "h2"])  # an element remade
+    assert not rd._remade(["h1", "h3"], ["h1"])  # lost one
+    assert not rd._remade(["h1", "h3"], ["h3", "h1"])  # reordered
+    rd.close()
+
+
+def test_a_truncated_or_older_manifest_is_named_and_nothing_is_touched(tmp_path):
+    run(tmp_path)
+    text = (tmp_path / "manifest.json").read_text()
+    (tmp_path / "manifest.json").write_text(text[: len(text) // 2])
+    with pytest.raises(PosttrainError, match=r"manifest.json is not valid JSON .*truncated by hand"):
+        RunDir(tmp_path, table())
+    old = json.loads(text)
+    del old["format"]  # what a run started before typed stage configs has
+    (tmp_path / "manifest.json").write_text(json.dumps(old))
+    with pytest.raises(PosttrainError, match="started by an older posttrain"):
+        RunDir(tmp_path, table())
+    assert (tmp_path / "round_1" / "01_generate" / "out.txt").read_text() == "hello 1"

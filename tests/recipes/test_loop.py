@@ -109,6 +109,9 @@ def test_stages_run_in_order_with_their_inputs_handed_on(tmp_path):
         f"{folder[1, 'dpo']}/model"
     assert rec.call(2, "filter")[1]["previous_sft"] == [f"{folder[1, 'select']}/sft"]
     assert rec.call(2, "sft")[1]["data"] == [f"{folder[1, 'select']}/sft", f"{folder[2, 'select']}/sft"]
+    eval2, eval2_in = rec.call(2, "eval")  # the eval is judged by this round's reward model too
+    assert eval2_in["rm"] == f"{folder[2, 'rm']}/model" and "rm" in eval2.evals.rewards
+    assert "rm" not in rec.call(1, "eval")[1] and eval2.training_prompts[0].endswith("tiny.jsonl")
     assert [(e["round"], e["stage"]) for e in rd.manifest["stages"]] == rec.called()
 
 

@@ -235,3 +235,8 @@ def test_allowlist_refuses_what_hydra_would_run(override, expected):
 
 def test_allowed_targets_of_your_own_package_pass():
     validate(recipe("experiment=tiny", "allowed_targets=[mypkg.]"))
+
+
+def test_a_win_rate_with_no_reward_to_judge_is_refused():
+    msg = problems("experiment=tiny", "~reward.rewards.brevity", "dpo.enabled=false")
+    assert "evals.suites.win_rate: a win rate needs a reward to judge with" in msg

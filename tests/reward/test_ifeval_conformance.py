@@ -183,6 +183,8 @@ def test_an_empty_answer_meets_no_constraint(kind, answer):
     ({"type": "json"}, '```json{"a": 1}```', True),
     ({"type": "keyword_present", "keyword": "C++"}, "I write c++ daily", True),
     ({"type": "keyword_absent", "keyword": "cat"}, "concatenate", True),
+    ({"type": "keyword_absent", "keyword": "C++"}, "I love C++ a lot", False),
+    ({"type": "keyword_absent", "keyword": "U.S."}, "Made in the U.S. of A", False),
 ])
 def test_listed_cases(constraint, answer, verdict):
     assert check_constraint(constraint, answer) is verdict

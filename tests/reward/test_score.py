@@ -105,3 +105,8 @@ def test_score_stage_stops_on_a_scalar_reward_naming_it(tmp_path):
     with pytest.raises(PosttrainError, match="reward 'judge' returned float"):
         score(cfg, {"generations": str(tmp_path / "gen")}, tmp_path / "out")
     assert not (tmp_path / "out" / "scored").exists()
+
+
+def test_a_reward_failing_every_row_stops_even_in_batches_of_one():
+    with pytest.raises(PosttrainError, match="reward 'judge' fails on every row with the same error: KeyError"):
+        score_rows("judge", broken_reward, [{}] * 3, ["a", "b", "c"], batch_size=1)
