@@ -81,6 +81,9 @@ class DataConfig:
     on_empty: OnEmpty = OnEmpty.error
     # Split to read when `prompts` is a DatasetDict on disk.
     split: str = "train"
+    # The longest prompt (chat template included, in the policy's tokens) any round may draw; a longer one stops the
+    # run before the first stage, naming it. None: the policy's context length minus generate.max_new_tokens.
+    max_prompt_tokens: Optional[int] = None
 
 
 @dataclass

@@ -142,6 +142,16 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def _output_sizes(folder: Path, outputs: dict[str, str]) -> dict[str, list[int]]:
+    """name -> [files, bytes] of each declared output under `folder` ([0, 0] when it is gone)."""
+    sizes = {}
+    for name, rel in sorted(outputs.items()):
+        path = folder / rel
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()) if path.exists() else []
+        sizes[name] = [len(files), sum(f.stat().st_size for f in files)]
+    return sizes
+
+
 def _write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
@@ -208,6 +218,14 @@ class RunDir:
 
     def _read_manifest(self) -> dict:
         if not self.manifest_path.exists():
+            finished = sorted(str(p.relative_to(self.root)) for p in self.root.glob("round_*/[0-9][0-9]_*")
+                              if (p / ".stage.json").exists())
+            if len(finished) > 1:  # one folder is a stage whose entry a kill cut off; more, a lost manifest
+                self.close()
+                raise PosttrainError(
+                    f"{self.manifest_path} is missing, but {self.root} holds finished stage folders ({finished[:3]}"
+                    f"{' ...' if len(finished) > 3 else ''}): restore manifest.json, or start a new run_dir. Nothing "
+                    f"was changed")
             return {"format": MANIFEST_FORMAT, "stages": [], "superseded": []}
         try:
             manifest = json.loads(self.manifest_path.read_text())
@@ -282,6 +300,7 @@ class RunDir:
             if old["config_hash"] == config_hash and old["input_hashes"] == input_hashes and not self._is_redo(
                 round_idx, stage
             ):
+                self._check_outputs(old, stage_id)
                 return old
             # Redone automatically only when the config is the same and every changed input was remade by a
             # stage redone in this invocation; a hand-edited input or a new setting is the user's call.
@@ -297,9 +316,8 @@ class RunDir:
 
         work = final.with_name(f".{final.name}.partial")
         marker = {"config_hash": config_hash, "input_hashes": input_hashes}
-        stale = final.exists()  # renamed into place but no manifest entry: the driver died in between
-        if stale:
-            shutil.rmtree(final)
+        if final.exists():  # renamed into place but no manifest entry: the driver died in between. Kept, not wiped.
+            self._set_aside(final, "orphan")
         if work.exists():
             keep = self.stages[stage].resumable and (work / ".stage.json").exists() and json.loads(
                 (work / ".stage.json").read_text()
@@ -335,6 +353,7 @@ class RunDir:
             "input_hashes": input_hashes,
             "outputs": {k: str((final / v).relative_to(self.root)) for k, v in result.outputs.items()},
             "output_hash": output_hash,
+            "output_sizes": _output_sizes(final, result.outputs),
             "rows": result.rows,
             "seconds": round(time.time() - start, 3),
             "metrics": result.metrics,
@@ -398,14 +417,35 @@ class RunDir:
     def output(self, entry: dict, name: str) -> str:
         return str(self.root / entry["outputs"][name])
 
-    def _supersede(self, old: dict, final: Path) -> None:
+    def _set_aside(self, final: Path, suffix: str = "") -> Path:
+        """Move a stage folder to round_N/superseded/<name>.<time>[.suffix]; nothing finished is deleted."""
         base = final.parent / "superseded" / f"{final.name}.{time.strftime('%Y%m%d-%H%M%S')}"
+        base = base.with_name(f"{base.name}.{suffix}") if suffix else base
         dest, n = base, 1
         while dest.exists():  # two redos within one second
             dest, n = base.with_name(f"{base.name}.{n}"), n + 1
         dest.parent.mkdir(parents=True, exist_ok=True)
         if final.exists():
             os.replace(final, dest)
+        return dest
+
+    def _check_outputs(self, entry: dict, stage_id: str) -> None:
+        """A finished stage about to be skipped still has its outputs as they were written (file count and bytes:
+        a stat, not a read, so a 140 GB checkpoint costs nothing); else the run stops naming the stage."""
+        recorded = entry.get("output_sizes")
+        if recorded is None:
+            return
+        relative = {name: str(Path(path).relative_to(entry["dir"])) for name, path in entry["outputs"].items()}
+        now = _output_sizes(self.root / entry["dir"], relative)
+        changed = sorted(name for name in recorded if now.get(name) != recorded[name])
+        if changed:
+            raise PosttrainError(
+                f"stage {stage_id} finished, but its output(s) {changed} in {self.root / entry['dir']} were deleted or "
+                f"changed since (files and bytes differ from the manifest). Restore them, or add redo=[{stage_id}] to "
+                f"make them again (what is left moves to round_{entry['round']}/superseded/)")
+
+    def _supersede(self, old: dict, final: Path) -> None:
+        dest = self._set_aside(final)
         self.manifest["stages"].remove(old)
         self.manifest["superseded"].append({**old, "dir": str(dest.relative_to(self.root))})
         _write_json_atomic(self.manifest_path, self.manifest)

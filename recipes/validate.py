@@ -197,6 +197,43 @@ def _round_problems(rc: DictConfig, where: str) -> list[str]:
     return problems
 
 
+def _prompt_limit(model: str, max_prompt_tokens: int | None, max_new_tokens: int) -> int | None:
+    """data.max_prompt_tokens, or the model's context (config.json's max_position_embeddings) minus the answer."""
+    if max_prompt_tokens is not None:
+        return max_prompt_tokens
+    from posttrain.models import resolve_model
+
+    config = os.path.join(resolve_model(model), "config.json")
+    if not os.path.isfile(config):
+        return None  # a hub id not downloaded yet
+    import json
+
+    with open(config) as f:
+        context = json.load(f).get("max_position_embeddings")
+    return context - max_new_tokens if context else None
+
+
+def _long_prompts(model: str, prompts: list[dict], limit: int | None, source: str) -> list[str]:
+    """Prompts whose chat-templated tokens exceed `limit`, named (a 50 MB prompt would otherwise be allocated)."""
+    if limit is None or not prompts:
+        return []
+    from posttrain.models import load_tokenizer
+
+    tokenizer = load_tokenizer(model)
+    chars_per_token_floor = 32  # no tokenizer makes a token of more characters: longer text needs no encoding
+    long = []
+    for p in prompts:
+        text = sum(len(m["content"]) for m in p["messages"])
+        if text > limit * chars_per_token_floor or len(
+                tokenizer.apply_chat_template(p["messages"], add_generation_prompt=True)["input_ids"]) > limit:
+            long.append(p["prompt_id"])
+    if not long:
+        return []
+    return [f"data.prompts: {len(long)} prompt(s) of {source} are longer than {limit} tokens with the chat template "
+            f"(the model's context minus generate.max_new_tokens, or data.max_prompt_tokens): "
+            f"{long[:5]}{' ...' if len(long) > 5 else ''}; remove them or raise data.max_prompt_tokens"]
+
+
 def _heldout_problems(rounds: list[DictConfig]) -> list[str]:
     """Held-out prompt sets (evals.heldout and suites' own `prompts`) must exist and share nothing with the
     prompts of any round."""
@@ -268,9 +305,14 @@ def validate(cfg: DictConfig) -> list[DictConfig]:
                 problems.append(str(e))
     for data in {(rc.data.prompts, rc.data.on_empty, rc.data.split) for rc in rounds}:
         try:
-            load_prompts(*data)
+            pool = load_prompts(*data)
         except PromptError as e:
             problems.append(f"data.prompts: {e}")
+            continue
+        if not cfg.dry_run:  # a dry run loads nothing, tokenizers included
+            limit = min(_prompt_limit(cfg.model.path, rc.data.max_prompt_tokens, rc.generate.max_new_tokens)
+                        for rc in rounds if rc.data.prompts == data[0])
+            problems += _long_prompts(cfg.model.path, pool.prompts, limit, data[0])
     for key, path in sorted({(f"rm.data[{i}]", p) for rc in rounds if rc.rm.enabled for i, p in enumerate(rc.rm.data)}):
         try:
             if not resolve_path(path).exists():

@@ -65,15 +65,36 @@ def setup(settings: dict) -> dict:
     return {"deepspeed": copy.deepcopy(ds_config), "accelerator_config": {"use_configured_state": True}}
 
 
-def train_resuming(trainer, trainer_dir: Path) -> dict:
-    """`trainer.train()`, resumed from the last checkpoint in `trainer_dir` when there is one. Returns the metrics
-    every training stage records: resumed_from (the checkpoint's folder name or None), train_loss, steps."""
-    from transformers.trainer_utils import get_last_checkpoint
+def last_complete_checkpoint(trainer_dir: Path) -> Path | None:
+    """The newest `checkpoint-N` folder the Trainer finished writing (its trainer_state.json, written last, is there
+    and parses), or None. A process killed while a checkpoint was being written leaves a newer folder without it:
+    resuming from that one would fail every rerun."""
+    found = []
+    for folder in trainer_dir.glob("checkpoint-*") if trainer_dir.exists() else []:
+        step = folder.name.removeprefix("checkpoint-")
+        if folder.is_dir() and step.isdigit():
+            found.append((int(step), folder))
+    for _, folder in sorted(found, reverse=True):
+        try:
+            json.loads((folder / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            continue
+        return folder
+    return None
 
-    last = get_last_checkpoint(str(trainer_dir)) if trainer_dir.exists() else None
-    result = trainer.train(resume_from_checkpoint=last)
-    return {"resumed_from": Path(last).name if last else None, "train_loss": result.training_loss,
-            "steps": result.global_step}
+
+def train_resuming(trainer, trainer_dir: Path) -> dict:
+    """`trainer.train()`, resumed from the last complete checkpoint in `trainer_dir` when there is one. Returns the
+    metrics every training stage records: resumed_from (the checkpoint's folder name or None), train_loss (the mean
+    of every logged training loss when resumed: the Trainer's own figure then covers only the steps after the
+    checkpoint, and is 0.0 when none were left), steps."""
+    last = last_complete_checkpoint(trainer_dir)
+    result = trainer.train(resume_from_checkpoint=str(last) if last else None)
+    loss = result.training_loss
+    logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    if last is not None and logged:
+        loss = sum(logged) / len(logged)
+    return {"resumed_from": last.name if last else None, "train_loss": loss, "steps": result.global_step}
 
 
 def is_main() -> bool:

@@ -229,6 +229,8 @@ def test_dpo_stage_trains_resumes_and_reuses_reference(tiny_model_dir, pairs_dir
     result = dpo_stage(job, inputs, out)
     m = result.metrics
     assert m["resumed_from"] == "checkpoint-2" and m["steps"] == 6
+    # The whole run's loss, not only the steps after the checkpoint.
+    assert m["train_loss"] == pytest.approx(sum(c["loss"] for c in m["loss_curve"]) / len(m["loss_curve"]))
     assert m["ref_logps"] == {"train": "stored", "eval": "stored"}
     assert result.rows == {"train_pairs": m["train_rows"], "eval_pairs": m["eval_rows"]}
     assert m["train_rows"] + m["eval_rows"] == len(TOPICS) and m["eval_rows"] > 0

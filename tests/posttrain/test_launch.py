@@ -227,3 +227,17 @@ def test_precision_follows_model_dtype():
     assert next(model.parameters()).dtype == torch.bfloat16 and tokenizer.pad_token is not None
     model, _, _ = common.load_policy({"model": "tiny://layers=2,hidden=64,seed=0", "dtype": "auto", "lora": lora})
     assert next(model.parameters()).dtype == torch.float32
+
+
+def test_a_checkpoint_cut_short_is_passed_over(tmp_path):
+    """A kill while `checkpoint-6` was written leaves it without trainer_state.json: resume from checkpoint-4."""
+    from posttrain.train.common import last_complete_checkpoint
+
+    assert last_complete_checkpoint(tmp_path / "none") is None
+    for step, state in ((2, "{}"), (4, '{"global_step": 4}'), (6, None), (8, '{"global_st')):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        if state is not None:
+            (folder / "trainer_state.json").write_text(state)
+    (tmp_path / "checkpoint-x").mkdir()
+    assert last_complete_checkpoint(tmp_path) == tmp_path / "checkpoint-4"

@@ -361,3 +361,36 @@ def test_a_truncated_or_older_manifest_is_named_and_nothing_is_touched(tmp_path)
     with pytest.raises(PosttrainError, match="started by an older posttrain"):
         RunDir(tmp_path, table())
     assert (tmp_path / "round_1" / "01_generate" / "out.txt").read_text() == "hello 1"
+
+
+def test_a_deleted_or_changed_output_is_named_on_resume(tmp_path):
+    run(tmp_path)
+    out = tmp_path / "round_1" / "01_generate" / "out.txt"
+    out.write_text("edited by hand, longer")
+    with pytest.raises(PosttrainError, match=r"stage round_1/generate finished, but its output\(s\) \['out'\] .*"
+                                             r"redo=\[round_1/generate\]"):
+        run(tmp_path)
+    out.unlink()
+    with pytest.raises(PosttrainError, match=r"output\(s\) \['out'\]"):
+        run(tmp_path)
+    _, fn = run(tmp_path, redo=["round_1/generate"])
+    assert fn.calls == 1 and out.read_text() == "hello 1"
+
+
+def test_a_missing_manifest_never_wipes_finished_stages(tmp_path):
+    run(tmp_path, stage="generate")
+    run(tmp_path, stage="score")
+    (tmp_path / "manifest.json").unlink()
+    with pytest.raises(PosttrainError, match=r"manifest.json is missing, but .* holds finished stage folders"):
+        RunDir(tmp_path, table())
+    assert (tmp_path / "round_1" / "01_generate" / "out.txt").exists()
+    assert (tmp_path / "round_1" / "02_score" / "out.txt").exists()
+
+
+def test_a_stage_folder_without_its_entry_is_set_aside_not_deleted(tmp_path):
+    run(tmp_path)
+    (tmp_path / "manifest.json").unlink()  # as if the driver died between the rename and the manifest write
+    _, fn = run(tmp_path)
+    assert fn.calls == 1
+    (kept,) = (tmp_path / "round_1" / "superseded").iterdir()
+    assert kept.name.endswith(".orphan") and (kept / "out.txt").read_text() == "hello 1"

@@ -240,3 +240,13 @@ def test_allowed_targets_of_your_own_package_pass():
 def test_a_win_rate_with_no_reward_to_judge_is_refused():
     msg = problems("experiment=tiny", "~reward.rewards.brevity", "dpo.enabled=false")
     assert "evals.suites.win_rate: a win rate needs a reward to judge with" in msg
+
+
+def test_a_prompt_longer_than_the_limit_stops_the_run_before_any_stage(tmp_path):
+    long = tmp_path / "prompts.jsonl"
+    long.write_text('{"id": "short", "prompt": "Hi."}\n' + '{"id": "huge", "prompt": "' + "word " * 40_000 + '"}\n')
+    msg = problems("experiment=tiny", f"data.prompts={long}", "data.num_prompts=1", "dpo.enabled=false")
+    assert "1 prompt(s) of" in msg and "['huge']" in msg and "longer than" in msg  # the model's context: 2048 - 24
+    tight = problems("experiment=tiny", f"data.prompts={long}", "data.max_prompt_tokens=2", "data.num_prompts=1",
+                     "dpo.enabled=false")
+    assert "2 prompt(s) of" in tight and "['short', 'huge']" in tight and "longer than 2 tokens" in tight
