@@ -228,11 +228,20 @@ class ContentAsText:
             kwargs.setdefault("sanitize_control_tokens", True)
         return super().apply_chat_template(conversation, *args, **kwargs)
 
+    def save_pretrained(self, *args, **kwargs):
+        """Saved as the tokenizer class it wraps: tokenizer_config.json names a class transformers knows."""
+        wrapper, self.__class__ = self.__class__, self.__class__.posttrain_base
+        try:
+            return self.save_pretrained(*args, **kwargs)
+        finally:
+            self.__class__ = wrapper
+
 
 def _content_as_text_class(base: type) -> type:
     name = f"ContentAsText{base.__name__}"
     if name not in globals():  # one class per tokenizer class, importable by name, so tokenizers still pickle
-        globals()[name] = type(name, (ContentAsText, base), {"__module__": __name__, "__qualname__": name})
+        globals()[name] = type(name, (ContentAsText, base),
+                               {"__module__": __name__, "__qualname__": name, "posttrain_base": base})
     return globals()[name]
 
 

@@ -310,9 +310,13 @@ def validate(cfg: DictConfig) -> list[DictConfig]:
             problems.append(f"data.prompts: {e}")
             continue
         if not cfg.dry_run:  # a dry run loads nothing, tokenizers included
-            limit = min(_prompt_limit(cfg.model.path, rc.data.max_prompt_tokens, rc.generate.max_new_tokens)
-                        for rc in rounds if rc.data.prompts == data[0])
-            problems += _long_prompts(cfg.model.path, pool.prompts, limit, data[0])
+            try:
+                limits = [_prompt_limit(cfg.model.path, rc.data.max_prompt_tokens, rc.generate.max_new_tokens)
+                          for rc in rounds if rc.data.prompts == data[0]]
+                problems += _long_prompts(cfg.model.path, pool.prompts, min(limits, key=lambda x: x or 1 << 62),
+                                          data[0])
+            except (ValueError, OSError):
+                pass  # an unusable model.path is reported as such below; prompts are measured once it loads
     for key, path in sorted({(f"rm.data[{i}]", p) for rc in rounds if rc.rm.enabled for i, p in enumerate(rc.rm.data)}):
         try:
             if not resolve_path(path).exists():

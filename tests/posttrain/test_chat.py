@@ -222,3 +222,9 @@ def test_loaded_tokenizers_encode_message_content_as_text(tiny_model_dir):
 
     for again in (pickle.loads(pickle.dumps(tok)), copy.deepcopy(tok)):
         assert again.apply_chat_template(chat, add_generation_prompt=True)["input_ids"] == ids
+    # Saved under the class it wraps, so any transformers loads it as before (a BERT keeps its segment ids).
+    import json
+
+    tok.save_pretrained(tiny_model_dir.parent / "saved_tok")
+    saved = json.loads((tiny_model_dir.parent / "saved_tok" / "tokenizer_config.json").read_text())
+    assert saved["tokenizer_class"] == type(raw).__name__ and type(tok).__name__ != type(raw).__name__
