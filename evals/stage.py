@@ -32,7 +32,7 @@ from data_gen.prompts import load_prompts
 from posttrain.config import EvalJob
 from posttrain.errors import PosttrainError
 from posttrain.rundir import Inputs, StageResult
-from reward.protocol import build_reward
+from reward.protocol import build_reward, with_trained_model
 from reward.score import reward_prompt, score_rows
 
 
@@ -206,9 +206,7 @@ def eval_stage(job: EvalJob, inputs: Inputs, out: Path) -> StageResult:
         previous=load_responses(inputs["previous"]) if inputs.get("previous") else None,
         teacher=teacher,
         round0=load_responses(inputs["round0"]) if inputs.get("round0") else None,
-        # A reward model trained by this run arrives as the input `rm`, as in the score stage.
-        rewards={name: build_reward({**node, "model": inputs["rm"]} if name == "rm" and inputs.get("rm") else node)
-                 for name, node in cfg.rewards.items()},
+        rewards={name: build_reward(with_trained_model(name, node, inputs)) for name, node in cfg.rewards.items()},
         generate=generate,
         out=out,
         training_prompts=training,

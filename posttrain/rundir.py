@@ -118,7 +118,12 @@ def stable_hash(obj: Any) -> str:
 
 
 def config_hash_of(config: Any) -> str:
-    return stable_hash({k: v for k, v in plain(config).items() if k not in UNHASHED})
+    return _hash_recorded(plain(config))
+
+
+def _hash_recorded(recorded: dict) -> str:
+    """The config hash of a stage config as `plain` records it: all but the settings of how the stage runs."""
+    return stable_hash({k: v for k, v in recorded.items() if k not in UNHASHED})
 
 
 def tree_hash(path: Path) -> str:
@@ -133,13 +138,18 @@ def tree_hash(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
+def _write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` to a temporary file, flush it to disk, then rename it over `path`: readers see old or new."""
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=False, default=str)
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    _write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=str))
 
 
 def _output_sizes(folder: Path, outputs: dict[str, str]) -> dict[str, list[int]]:
@@ -147,15 +157,12 @@ def _output_sizes(folder: Path, outputs: dict[str, str]) -> dict[str, list[int]]
     sizes = {}
     for name, rel in sorted(outputs.items()):
         path = folder / rel
-        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file()) if path.exists() else []
+        if path.is_file():
+            files = [path]
+        else:  # a folder, or nothing when it was deleted (rglob of a missing path yields nothing)
+            files = [p for p in path.rglob("*") if p.is_file()]
         sizes[name] = [len(files), sum(f.stat().st_size for f in files)]
     return sizes
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def versions() -> dict[str, str]:
@@ -294,7 +301,8 @@ class RunDir:
         if self.dry_run:
             return self._plan(round_idx, stage, config, inputs)
         input_hashes = self.fingerprints(inputs)
-        config_hash = config_hash_of(config)
+        recorded = plain(config)  # what stage_config.json holds: secrets redacted
+        config_hash = _hash_recorded(recorded)
         old = self.entry(round_idx, stage)
         if old is not None:
             if old["config_hash"] == config_hash and old["input_hashes"] == input_hashes and not self._is_redo(
@@ -311,7 +319,7 @@ class RunDir:
                 and all(self._remade(old["input_hashes"].get(k), input_hashes[k]) for k in changed)
             )
             if not (self._is_redo(round_idx, stage) or inputs_remade):
-                raise StageChanged(self._changed_message(stage_id, final, old, config, input_hashes))
+                raise StageChanged(self._changed_message(stage_id, final, old, recorded, input_hashes))
             self._supersede(old, final)
 
         work = final.with_name(f".{final.name}.partial")
@@ -325,7 +333,7 @@ class RunDir:
             if not keep:
                 shutil.rmtree(work)
         work.mkdir(parents=True, exist_ok=True)
-        (work / "stage_config.json").write_text(json.dumps(plain(config), indent=2, sort_keys=True))
+        (work / "stage_config.json").write_text(json.dumps(recorded, indent=2, sort_keys=True))
         _write_json_atomic(work / ".stage.json", marker)
 
         start = time.time()
@@ -450,10 +458,10 @@ class RunDir:
         self.manifest["superseded"].append({**old, "dir": str(dest.relative_to(self.root))})
         _write_json_atomic(self.manifest_path, self.manifest)
 
-    def _changed_message(self, stage_id: str, final: Path, old: dict, config: Any, input_hashes: dict) -> str:
+    def _changed_message(self, stage_id: str, final: Path, old: dict, recorded: dict, input_hashes: dict) -> str:
         old_cfg_path = final / "stage_config.json"
         old_cfg = json.loads(old_cfg_path.read_text()) if old_cfg_path.exists() else {}
-        keys = [k for k in _diff_keys(old_cfg, plain(config))
+        keys = [k for k in _diff_keys(old_cfg, recorded)
                 if k.split(".")[0] not in UNHASHED]
         changed_inputs = [k for k in input_hashes if old["input_hashes"].get(k) != input_hashes[k]]
         what = []

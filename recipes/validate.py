@@ -213,9 +213,9 @@ def _prompt_limit(model: str, max_prompt_tokens: int | None, max_new_tokens: int
     return context - max_new_tokens if context else None
 
 
-def _long_prompts(model: str, prompts: list[dict], limit: int | None, source: str) -> list[str]:
+def _long_prompts(model: str, prompts: list[dict], limit: int, source: str) -> list[str]:
     """Prompts whose chat-templated tokens exceed `limit`, named (a 50 MB prompt would otherwise be allocated)."""
-    if limit is None or not prompts:
+    if not prompts:
         return []
     from posttrain.models import load_tokenizer
 
@@ -294,10 +294,12 @@ def validate(cfg: DictConfig) -> list[DictConfig]:
               if rc.teacher and rc.generate.source == Source.teacher and rc.generate.backend.get("_target_") != remote}
     if rounds[0].teacher and rounds[0].evals.heldout and rounds[0].evals.teacher:  # round 0's eval answers with it
         specs.add(("teacher.path", rounds[0].teacher.path))
+    unusable = set()  # specs already reported: nothing more is measured with them
     for key, spec in sorted(specs):
         try:
             check_model_spec(spec, key)
         except ValueError as e:
+            unusable.add(spec)
             hub_id = not spec.startswith(("/", ".", "~", "pkg://", "tiny://")) and not os.path.exists(spec)
             if cfg.dry_run and hub_id:  # a dry run plans on a machine that need not hold the weights
                 print(f"note: {key}={spec!r} is a hub id not in the local cache; a real run downloads it")
@@ -309,14 +311,15 @@ def validate(cfg: DictConfig) -> list[DictConfig]:
         except PromptError as e:
             problems.append(f"data.prompts: {e}")
             continue
-        if not cfg.dry_run:  # a dry run loads nothing, tokenizers included
-            try:
-                limits = [_prompt_limit(cfg.model.path, rc.data.max_prompt_tokens, rc.generate.max_new_tokens)
-                          for rc in rounds if rc.data.prompts == data[0]]
-                problems += _long_prompts(cfg.model.path, pool.prompts, min(limits, key=lambda x: x or 1 << 62),
-                                          data[0])
-            except (ValueError, OSError):
-                pass  # an unusable model.path is reported as such below; prompts are measured once it loads
+        # A dry run loads nothing, tokenizers included; an unusable model.path is reported above on its own.
+        if not cfg.dry_run and cfg.model.path not in unusable:
+            limits = [limit for rc in rounds if rc.data.prompts == data[0] if (limit := _prompt_limit(
+                cfg.model.path, rc.data.max_prompt_tokens, rc.generate.max_new_tokens)) is not None]
+            if limits:
+                try:
+                    problems += _long_prompts(cfg.model.path, pool.prompts, min(limits), data[0])
+                except OSError as e:  # the folder resolves but its tokenizer does not load
+                    problems.append(f"model.path: {cfg.model.path!r}: its tokenizer does not load ({e})")
     for key, path in sorted({(f"rm.data[{i}]", p) for rc in rounds if rc.rm.enabled for i, p in enumerate(rc.rm.data)}):
         try:
             if not resolve_path(path).exists():

@@ -31,6 +31,13 @@ class Reward(Protocol):
     def __call__(self, prompts: list[dict], responses: list[str]) -> list[float | None]: ...
 
 
+def with_trained_model(name: str, node: dict, inputs: dict) -> dict:
+    """A reward's config with `model` set to the reward model this run trained, for the reward named `rm` when the
+    stage got that model as its input `rm` (score and eval stages): the stage config then does not depend on
+    where the run directory lives. Other rewards' configs are returned as they are."""
+    return {**node, "model": inputs["rm"]} if name == "rm" and inputs.get("rm") else node
+
+
 def build_reward(node: dict) -> Reward:
     """A reward from its recipe config: a class `_target_` is built with the other keys as arguments; a
     function `_target_` is the reward itself (other keys are bound as keyword arguments)."""

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from posttrain.config import RewardConfig
 from posttrain.errors import PosttrainError
 from posttrain.rundir import Inputs, StageResult
-from reward.protocol import build_reward
+from reward.protocol import build_reward, with_trained_model
 
 
 def reward_prompt(row: dict) -> dict:
@@ -104,11 +104,7 @@ def score(cfg: RewardConfig, inputs: Inputs, out: Path) -> StageResult:
     summary: dict[str, dict] = {}
     quarantine: list[dict] = []
     for name, node in cfg.rewards.items():
-        if name == "rm" and inputs.get("rm"):
-            # A reward model trained earlier in this run arrives as an input, so this stage's config does not
-            # depend on where the run directory lives.
-            node = {**node, "model": inputs["rm"]}
-        fn = build_reward(node)
+        fn = build_reward(with_trained_model(name, node, inputs))
         scores, q = score_rows(name, fn, prompts, responses, cfg.batch_size)
         columns[f"reward.{name}"] = scores
         summary[name] = summarize(scores, lengths, q)

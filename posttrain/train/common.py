@@ -203,6 +203,11 @@ def precision(dtype: str, deepspeed: bool = False):
     return (torch.bfloat16 if flags["bf16"] and deepspeed else torch.float32), flags
 
 
+def precision_of(settings: dict):
+    """`precision` for a training process's frozen settings (`dtype`, and `deepspeed` when the launcher froze one)."""
+    return precision(settings.get("dtype", "auto"), deepspeed=bool(settings.get("deepspeed")))
+
+
 def load_policy(settings: dict):
     """(causal LM in the stage's precision, its tokenizer with a pad token, a peft LoraConfig or None) from a
     training process's frozen settings (`model`, `dtype`, `lora`)."""
@@ -211,7 +216,7 @@ def load_policy(settings: dict):
     from posttrain.models import load_causal_lm, load_tokenizer
 
     tokenizer = load_tokenizer(settings["model"])
-    weights, _ = precision(settings.get("dtype", "auto"), deepspeed=bool(settings.get("deepspeed")))
+    weights, _ = precision_of(settings)
     model = load_causal_lm(settings["model"], dtype=weights)
     lora = settings["lora"]
     peft_config = None
@@ -234,7 +239,7 @@ def trainer_args(settings: dict, output_dir: str | Path) -> dict:
 
     gpu = torch.cuda.is_available()
     dtype = settings.get("dtype", "auto")
-    weights, flags = precision(dtype, deepspeed=bool(settings.get("deepspeed")))
+    weights, flags = precision_of(settings)
     if is_main():
         mode = "bf16" if flags["bf16"] else "fp16 autocast" if flags["fp16"] else "fp32"
         print(f"posttrain: training in {mode} on {'GPU' if gpu else 'CPU'} (model.dtype={dtype}, "

@@ -188,7 +188,7 @@ def build_trainer(settings: dict, train_ds, tokenizer, distributed: dict | None 
     TrainingArguments fields from `common.setup`."""
     from trl import RewardConfig, RewardTrainer
 
-    weights, _ = common.precision(settings.get("dtype", "auto"), deepspeed=bool(settings.get("deepspeed")))
+    weights, _ = common.precision_of(settings)
     args = RewardConfig(
         **common.trainer_args(settings, Path(settings["output_dir"]) / "trainer"),
         max_length=None,  # rm_inputs already cut every input to max_length
