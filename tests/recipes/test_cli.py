@@ -154,18 +154,27 @@ def test_sigkill_during_generation_then_rerun_matches_uninterrupted(finished, tm
     assert stage(run_dir, 1, "generate")["output_hash"] == stage(finished[0], 1, "generate")["output_hash"]
 
 
-def test_sigkill_during_sft_then_rerun_resumes_from_checkpoint(finished, tmp_path):
+def _checkpoints(trainer) -> tuple[list[str], list[str]]:
+    """(complete, incomplete) checkpoint folder names: a complete one has its trainer_state.json, written last."""
+    folders = sorted(trainer.glob("checkpoint-*"), key=lambda c: int(c.name.split("-")[1]))
+    return ([c.name for c in folders if (c / "trainer_state.json").exists()],
+            [c.name for c in folders if not (c / "trainer_state.json").exists()])
+
+
+def test_sigkill_as_a_checkpoint_appears_then_rerun_resumes_from_the_last_complete_one(finished, tmp_path):
     run_dir = tmp_path / "run"
     trainer = run_dir / "round_1" / ".05_sft.partial" / "trainer"
-    _kill_when([*FAST, f"run_dir={run_dir}"], run_dir,
-               lambda: any((c / "trainer_state.json").exists() for c in trainer.glob("checkpoint-*")))
+    # Killed the moment a second checkpoint folder appears, before the Trainer has written its trainer_state.json.
+    _kill_when([*FAST, f"run_dir={run_dir}"], run_dir, lambda: all(_checkpoints(trainer)))
     assert [e["stage"] for e in manifest(run_dir)["stages"]] == ["eval"] + BEFORE_SFT
+    complete, incomplete = _checkpoints(trainer)
+    assert complete and incomplete, "the kill did not land while a checkpoint was being written"
 
     posttrain(*FAST, f"run_dir={run_dir}")
     assert stage_keys(run_dir) == stage_keys(finished[0])
     assert texts(run_dir) == texts(finished[0])
     resumed = stage(run_dir, 1, "sft")["metrics"]
-    assert resumed["resumed_from"] and resumed["resumed_from"].startswith("checkpoint-")
+    assert resumed["resumed_from"] == complete[-1]
     baseline = stage(finished[0], 1, "sft")["metrics"]
     assert resumed["steps"] == baseline["steps"]
     assert resumed["eval_loss_after"] == pytest.approx(baseline["eval_loss_after"], abs=1e-3)
