@@ -4,6 +4,11 @@ The local `hf` backend (data_gen/hf_backend.py), vLLM (data_gen/vllm_backend.py)
 (data_gen/openai_backend.py) all follow this Protocol; so can a user's own class, named by `_target_` in a
 recipe (`generate.backend`, `evals.backend`, a judge's `backend`) and built with `model=<spec>`. This module imports
 nothing heavy, so a reward that drives a backend (reward/judge.py) does not load torch to name its sampling.
+
+Two optional class attributes: `remote = True` says `model` is a name a server knows, not a local spec (validation
+does not look for it on disk); `unhashed` names constructor arguments that say where and how to reach the model,
+not what it computes (URLs, keys, retries, concurrency): they are left out of the stage's hash, so changing them
+keeps a stage's finished work.
 """
 
 from __future__ import annotations
@@ -20,6 +25,31 @@ class Sampling:
     top_p: float = 1.0
     max_new_tokens: int = 256
     seed: int = 0
+
+
+class PromptsRejected(RuntimeError):
+    """Raised by `generate` when the model's server refused some prompts for themselves (too long, filtered) and
+    answered every other one: `results` has None at the refused prompts, `rejected` maps their index to the
+    reason. The generate stage quarantines those prompts and goes on."""
+
+    def __init__(self, results: list, rejected: dict[int, str]):
+        self.results, self.rejected = results, rejected
+        first = min(rejected)
+        super().__init__(f"{len(rejected)} of {len(results)} prompts rejected by the server; prompt {first}: "
+                         f"{rejected[first]}")
+
+
+def build_backend(cfg: dict, model: str, journal_dir: str | None = None) -> Backend:
+    """A backend from its `_target_` config, built with `model` (and `journal_dir`, for a class that takes one:
+    paid endpoints journal every finished prompt there, so a crash redoes none)."""
+    import inspect
+
+    from hydra.utils import get_object, instantiate
+
+    extra = {}
+    if journal_dir is not None and "journal_dir" in inspect.signature(get_object(cfg["_target_"])).parameters:
+        extra["journal_dir"] = journal_dir
+    return instantiate(cfg, model=model, _convert_="all", **extra)
 
 
 @runtime_checkable

@@ -1,14 +1,16 @@
 """The generate stage: this round's prompts, K completions each, saved as a `datasets` folder.
 
-Work is cut into shards of the backend's `batch_size` prompts (8 when it names none), each written (atomically)
-as soon as it is done and seeded by
-(seed, round, shard index): a stage killed halfway resumes from its finished shards and ends with exactly the
-texts an uninterrupted run would have produced.
+Work is cut into shards of `generate.shard_size` prompts (default: the backend's `batch_size`, else its class's
+`default_shard_size`, else 8), each written (atomically) as soon as it is done and seeded by (seed, round, shard
+index): a stage killed halfway resumes from its finished shards and ends with exactly the texts an uninterrupted
+run would have produced. A shard is one backend call: an endpoint backend keeps `max_concurrency` requests in
+flight within it, so shards of an endpoint should be several times its concurrency. Prompts the backend's
+server refuses for themselves (PromptsRejected) are quarantined with their `prompt_id` and the reason, counted
+in the manifest, and the stage goes on.
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import shutil
@@ -17,10 +19,10 @@ from collections import Counter
 from pathlib import Path
 
 import datasets
-from hydra.utils import get_object, instantiate
+from hydra.utils import get_object
 from tqdm.auto import tqdm
 
-from data_gen.backend import Sampling
+from data_gen.backend import PromptsRejected, Sampling, build_backend
 from data_gen.prompts import load_prompts, sample_round
 from posttrain.config import GenerateJob
 from posttrain.rundir import Inputs, StageResult, stable_hash
@@ -59,6 +61,24 @@ def degenerate_samples(rows: list[dict]) -> dict[str, float]:
     }
 
 
+def shard_size(cfg) -> int:
+    """Prompts per shard: `generate.shard_size`, else the backend's `batch_size`, else its class's
+    `default_shard_size`, else 8. Only hashed settings decide it, so a rerun cuts the same shards."""
+    if cfg.shard_size:
+        return cfg.shard_size
+    if cfg.backend.get("batch_size"):
+        return cfg.backend["batch_size"]
+    return getattr(get_object(cfg.backend["_target_"]), "default_shard_size", 8)
+
+
+def _write_lines(path: Path, rows: list[dict]) -> None:
+    """JSON lines written atomically (a temp file renamed into place)."""
+    with open(path.with_suffix(".tmp"), "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    os.replace(path.with_suffix(".tmp"), path)
+
+
 def generate(job: GenerateJob, inputs: Inputs, out: Path) -> StageResult:
     """Stage function. `job`: the round's `generate` section (k, sampling, the backend's `_target_` config), the
     `data` section, round, seed and `prompt_start` (where this round starts reading the prompt stream: the
@@ -75,18 +95,14 @@ def generate(job: GenerateJob, inputs: Inputs, out: Path) -> StageResult:
 
     shard_dir = out / "shards"
     shard_dir.mkdir(exist_ok=True)
-    size = cfg.backend.get("batch_size", 8)
+    size = shard_size(cfg)
     todo = [i for i in range(0, len(prompts), size) if not (shard_dir / f"{i // size:05d}.jsonl").exists()]
     backend = None
     bar = tqdm(total=len(prompts), desc=f"round {job.round} generate", unit="prompt")
     bar.update(len(prompts) - sum(len(prompts[i : i + size]) for i in todo))
     for start in todo:
         if backend is None:  # load the model only when there is work left
-            extra = {}
-            if "journal_dir" in inspect.signature(get_object(cfg.backend["_target_"])).parameters:
-                # Paid endpoints journal every finished prompt inside the partial folder: a crash redoes none.
-                extra["journal_dir"] = str(out / "journal")
-            backend = instantiate(cfg.backend, model=inputs["model"], _convert_="all", **extra)
+            backend = build_backend(cfg.backend, inputs["model"], journal_dir=str(out / "journal"))
         batch = prompts[start : start + size]
         sampling = Sampling(
             temperature=cfg.temperature,
@@ -94,25 +110,38 @@ def generate(job: GenerateJob, inputs: Inputs, out: Path) -> StageResult:
             max_new_tokens=cfg.max_new_tokens,
             seed=int(stable_hash([job.seed, job.round, start // size]), 16) % (2**31),
         )
-        completions = backend.generate([p["messages"] for p in batch], cfg.k, sampling)
         path = shard_dir / f"{start // size:05d}.jsonl"
-        with open(path.with_suffix(".tmp"), "w") as f:
-            for p, samples in zip(batch, completions):
-                for j, c in enumerate(samples):
-                    row = {
-                        "prompt_id": p["prompt_id"],
-                        "messages": p["messages"],
-                        "meta": json.dumps(p["meta"], sort_keys=True, default=str),
-                        "sample_idx": j,
-                        **c,
-                        "model": inputs["model"],
-                        "round": job.round,
-                    }
-                    f.write(json.dumps(row) + "\n")
-        os.replace(path.with_suffix(".tmp"), path)
+        try:
+            completions = backend.generate([p["messages"] for p in batch], cfg.k, sampling)
+        except PromptsRejected as e:
+            completions = e.results
+            _write_lines(path.with_suffix(".rejected"), [
+                {"where": f"round {job.round} generate", "prompt_id": batch[i]["prompt_id"],
+                 "reason": f"rejected by the backend: {why}"} for i, why in sorted(e.rejected.items())])
+        rows = []
+        for p, samples in zip(batch, completions):
+            for j, c in enumerate(samples or []):
+                rows.append({
+                    "prompt_id": p["prompt_id"],
+                    "messages": p["messages"],
+                    "meta": json.dumps(p["meta"], sort_keys=True, default=str),
+                    "sample_idx": j,
+                    **c,
+                    "model": c.get("model") or inputs["model"],  # the name a server answered with, if any
+                    "round": job.round,
+                })
+        _write_lines(path, rows)
         bar.update(len(batch))
     bar.close()
 
+    rejected = [json.loads(line) for s in sorted(shard_dir.glob("*.rejected")) for line in open(s)]
+    if rejected:
+        with open(out / "quarantine.jsonl", "a") as f:
+            for q in rejected:
+                f.write(json.dumps(q) + "\n")
+        print(f"posttrain: warning: round {job.round} generate: {len(rejected)} prompts rejected by the backend, "
+              f"quarantined (quarantine.jsonl); first: {rejected[0]['prompt_id']}: {rejected[0]['reason'][:200]}",
+              file=sys.stderr)
     rows = [json.loads(line) for s in sorted(shard_dir.glob("*.jsonl")) for line in open(s)]
     datasets.Dataset.from_list(rows, features=GENERATION_FEATURES).save_to_disk(str(out / "generations"))
     shutil.rmtree(shard_dir)
@@ -129,7 +158,7 @@ def generate(job: GenerateJob, inputs: Inputs, out: Path) -> StageResult:
         rows=len(rows),
         metrics={
             "prompts": len(prompts),
-            "quarantined": {"empty_prompt": len(pool.quarantined)},
+            "quarantined": {"empty_prompt": len(pool.quarantined), "rejected_by_backend": len(rejected)},
             "finish_reason": dict(sorted(finish.items())),
             "mean_completion_tokens": sum(r["completion_tokens"] for r in rows) / max(len(rows), 1),
             **degenerate,

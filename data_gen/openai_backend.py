@@ -1,11 +1,16 @@
 """The `openai` generation backend: any OpenAI-compatible `/v1/chat/completions` server (vLLM serve, SGLang,
 TGI, hosted APIs), for teachers too large to run in-process (a 405B teacher served elsewhere).
 
-One request per prompt asks for all `n` samples at once. Requests run on `max_concurrency` threads, spread over
-several base URLs (least busy first), and are retried with exponential backoff and jitter on 429, 5xx, timeouts
-and dropped connections, honouring Retry-After. Paid work is not thrown away: with `journal_dir`, each prompt's
-completions are appended (fsync'd) to a JSONL journal the moment they arrive, and a rerun answers journaled
-prompts from it instead of sending them again.
+One request per prompt asks for all `n` samples at once (and again for the rest when a server returns fewer).
+Requests run on `max_concurrency` threads, spread over several base URLs (least busy healthy one first: an
+endpoint that fails is left alone for a backoff that doubles with each consecutive failure), and are retried with
+exponential backoff and jitter on 429, 5xx, timeouts, dropped connections and malformed or empty replies,
+honouring Retry-After. A prompt the server rejects for itself (400, 413, 422: too long, filtered) is reported in
+`PromptsRejected` after the others finish, for the stage to quarantine; most prompts rejected means a
+misconfigured request, and fails. Paid work is not thrown away: with `journal_dir`, each reply's completions are
+appended (fsync'd) to a JSONL journal the moment they arrive (a partial reply too), and a rerun answers journaled
+prompts from it instead of sending them again. The journal is keyed by what is asked (model, messages, sampling),
+not by where: base URLs, keys, retries, timeouts and concurrency can change between runs (`unhashed`).
 
 The API key is read from the environment variable `api_key_env` on each `generate` call and goes only into the
 Authorization header: it is never an attribute, never in the journal, never in an error message.
@@ -27,7 +32,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from data_gen.backend import Sampling
+from data_gen.backend import PromptsRejected, Sampling
 
 JOURNAL_NAME = "openai_journal.jsonl"
 _RETRY_STATUS = {408, 409, 425, 429} | set(range(500, 600))
@@ -40,15 +45,32 @@ class RequestFailed(RuntimeError):
     """A prompt's request failed for good (a non-retryable status, or retries used up)."""
 
 
+class Rejected(RequestFailed):
+    """The server refused this prompt itself (400, 413, 422): sending it again will not help."""
+
+
+_REJECTED_STATUS = {400, 413, 422}
+
+
 class OpenAIBackend:
     """Chat completions from OpenAI-compatible servers. `model` is the name the server knows the model by
     (`served_model` overrides it, e.g. when the recipe's model spec is a local path but the server was started
     with `--served-model-name`). `base_urls` are one or more roots such as `http://host:8000/v1` (a bare
     `http://host:8000` gets `/v1`). `api_key_env` names the environment variable holding the key (None for
-    servers that need none). `timeout` is seconds without a byte from the server; `max_retries` is retries per
-    request after the first attempt; `backoff` the first retry's base delay in seconds (doubling each time).
+    servers that need none). `timeout` is seconds to wait for a reply on top of `max_tokens / min_tokens_per_s`
+    (a non-streamed reply arrives whole, after the server generated all of it: a 2048-token answer at 20
+    tokens/s is 100 s of silence that is not a failure); `max_retries` is retries per request after the first
+    attempt; `backoff` the first retry's base delay in seconds (doubling each time).
     `journal_dir` holds the per-prompt journal; `extra_body` is merged into every request body (e.g.
     `{"top_k": 20}` for vLLM)."""
+
+    # The model is a name the server knows, not a local spec (validation does not look for it on disk).
+    remote = True
+    # Where and how to reach the servers, not what they compute: left out of the stage's hash, so a rerun with
+    # other URLs, keys, retries or concurrency keeps its finished shards and journal.
+    default_shard_size = 256  # prompts per generate shard unless the recipe says (generate.shard_size)
+    unhashed = ("base_urls", "api_key_env", "max_concurrency", "timeout", "max_retries", "backoff",
+                "min_tokens_per_s")
 
     def __init__(
         self,
@@ -62,6 +84,7 @@ class OpenAIBackend:
         journal_dir: str | None = None,
         extra_body: dict | None = None,
         served_model: str | None = None,
+        min_tokens_per_s: float = 10.0,
     ):
         urls = [base_urls] if isinstance(base_urls, str) else list(base_urls)
         if not urls:
@@ -75,12 +98,15 @@ class OpenAIBackend:
         self.backoff = backoff
         self.journal_path = Path(journal_dir) / JOURNAL_NAME if journal_dir else None
         self.extra_body = dict(extra_body or {})
+        self.min_tokens_per_s = float(min_tokens_per_s)
         self.requests_sent = 0  # HTTP attempts, retries included
         self.prompts_sent = 0  # prompts that needed the server (not answered from the journal)
         self.prompts_from_journal = 0
         self.retries = 0
         self._lock = threading.Lock()
         self._busy = [0] * len(self.endpoints)
+        self._failures = [0] * len(self.endpoints)  # consecutive failures per endpoint
+        self._resting_until = [0.0] * len(self.endpoints)  # monotonic time before which a failing one is avoided
         self._next = 0  # round-robin among equally busy endpoints
         self._done: dict[str, list[dict]] | None = None  # the journal, read on first use
 
@@ -94,16 +120,17 @@ class OpenAIBackend:
                 "prompts_from_journal": self.prompts_from_journal, "retries": self.retries}
 
     def generate(self, prompts: list[list[dict]], n: int, sampling: Sampling) -> list[list[dict]]:
-        """`n` completions for each chat prompt, as dicts with text, prompt_tokens, completion_tokens and
-        finish_reason ("stop", "length", or the server's own word such as "content_filter"). Prompt i is sent
-        with seed derived from (sampling.seed, i), so a rerun asks for the same samples. If some prompts fail
-        for good, the others still finish (and are journaled) before RequestFailed is raised."""
+        """`n` completions for each chat prompt, as dicts with text, prompt_tokens, completion_tokens,
+        finish_reason ("stop", "length", or the server's own word such as "content_filter") and model (the name
+        the server answered with). Prompt i is sent with a seed derived from (sampling.seed, i), so a rerun asks
+        for the same samples. If some prompts fail for good, the others still finish (and are journaled) before
+        PromptsRejected (only prompts the server refused for themselves) or RequestFailed is raised."""
         bodies = [self._body(messages, n, sampling, i) for i, messages in enumerate(prompts)]
         keys = [hashlib.sha256(json.dumps(b, sort_keys=True).encode()).hexdigest() for b in bodies]
         if self._done is None:
             self._done = self._read_journal()
         done = self._done
-        results: list[list[dict] | None] = [done.get(k) for k in keys]
+        results: list[list[dict] | None] = [done[k] if len(done.get(k, ())) >= n else None for k in keys]
         todo = [i for i, r in enumerate(results) if r is None]
         with self._lock:
             self.prompts_from_journal += len(prompts) - len(todo)
@@ -117,21 +144,21 @@ class OpenAIBackend:
                                    f"not set; export it with the API key, or set api_key_env: null for a server "
                                    f"that needs no key")
             headers["Authorization"] = f"Bearer {key}"
-        stop = threading.Event()  # after a permanent failure: start nothing new, let running prompts finish
+        stop = threading.Event()  # after a failure that is not one prompt's: start nothing new, let the rest finish
         errors: list[str] = []
+        rejected: dict[int, str] = {}
 
         def run(i: int) -> None:
             if stop.is_set():
                 return
             try:
-                samples = self._complete(bodies[i], headers, sampling.max_new_tokens)
+                results[i] = self._complete(bodies[i], keys[i], headers, sampling.max_new_tokens)
+            except Rejected as err:
+                rejected[i] = str(err)
             except Exception as err:  # noqa: BLE001 - reported below, after the other prompts finish
                 stop.set()
                 errors.append(f"prompt {i}: {err}" if isinstance(err, RequestFailed) else
                               f"prompt {i}: {type(err).__name__}: {err}")
-                return
-            self._journal(keys[i], samples)
-            results[i] = samples
 
         with self._lock:
             self.prompts_sent += len(todo)
@@ -141,6 +168,13 @@ class OpenAIBackend:
             left = sum(r is None for r in results)
             raise RequestFailed(f"{left} of {len(prompts)} prompts unanswered; {errors[0]}"
                                 + (f" (and {len(errors) - 1} more failures)" if len(errors) > 1 else ""))
+        if rejected:
+            if len(rejected) > max(2, len(todo) // 2):  # not the prompts: the request itself is wrong
+                first = min(rejected)
+                raise RequestFailed(f"{len(rejected)} of {len(todo)} prompts rejected, which points at the request "
+                                    f"rather than the prompts (model name, extra_body?); prompt {first}: "
+                                    f"{rejected[first]}")
+            raise PromptsRejected(results, rejected)
         return results
 
     def _body(self, messages: list[dict], n: int, sampling: Sampling, i: int) -> dict:
@@ -148,45 +182,60 @@ class OpenAIBackend:
         return {"model": self.model, "messages": messages, "n": n, "temperature": sampling.temperature,
                 "top_p": sampling.top_p, "max_tokens": sampling.max_new_tokens, "seed": seed, **self.extra_body}
 
-    def _complete(self, body: dict, headers: dict, max_tokens: int) -> list[dict]:
-        """All `body["n"]` samples of one prompt; asks again for the rest if a server returns fewer choices."""
-        samples: list[dict] = []
+    def _complete(self, body: dict, key: str, headers: dict, max_tokens: int) -> list[dict]:
+        """All `body["n"]` samples of one prompt, starting from those journaled earlier; asks again for the rest
+        when a server returns fewer choices, journaling each part as it arrives."""
+        samples: list[dict] = list((self._done or {}).get(key, ()))
         while len(samples) < body["n"]:
             part = dict(body, n=body["n"] - len(samples), seed=(body["seed"] + len(samples)) % 2**31)
-            got = _samples(self._post(part, headers), max_tokens)
-            if not got:
-                raise RequestFailed("the server answered with no choices")
-            samples += got[: part["n"]]
+            samples += self._post(part, headers, max_tokens)[: part["n"]]
+            self._journal(key, samples)
         return samples
 
-    def _post(self, body: dict, headers: dict) -> dict:
-        """One chat completion, retried on 429/5xx/timeouts/connection errors; another endpoint each retry."""
+    def _post(self, body: dict, headers: dict, max_tokens: int) -> list[dict]:
+        """The samples of one chat completion, retried on 429/5xx/timeouts/connection errors and malformed or
+        empty replies; another endpoint each retry, a failing endpoint rested."""
         data = json.dumps(body).encode()
+        # Seconds without a byte: a non-streamed reply comes whole once the server has generated all of it.
+        timeout = self.timeout + body["max_tokens"] / max(self.min_tokens_per_s, 1e-3)  # n samples decode together
         avoid = None
         for attempt in range(self.max_retries + 1):
             url = self._acquire(avoid)
-            wait = None
+            wait, ok = None, False
             try:
                 with self._lock:
                     self.requests_sent += 1
                 req = urllib.request.Request(url, data=data, headers=headers, method="POST")
-                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                    return json.loads(resp.read())
+                with urllib.request.urlopen(req, timeout=timeout) as resp:
+                    raw = resp.read()
+                try:
+                    got = _samples(json.loads(raw), max_tokens)
+                except (ValueError, TypeError, AttributeError, KeyError) as err:
+                    raise _Malformed(f"{err}; body: {raw[:300].decode('utf-8', 'replace')!r}") from None
+                if not got:
+                    raise _Malformed(f"no choices; body: {raw[:300].decode('utf-8', 'replace')!r}")
+                ok = True
+                return got
             except urllib.error.HTTPError as err:
                 try:
                     detail = err.read()[:300].decode("utf-8", "replace")
                 except (OSError, http.client.HTTPException):
                     detail = ""
                 problem = f"HTTP {err.code} from {url}: {detail}"
+                if err.code in _REJECTED_STATUS:
+                    ok = True  # the endpoint works; this prompt is the problem
+                    raise Rejected(problem) from None
                 if err.code not in _RETRY_STATUS:
                     hint = f" (check {self.api_key_env})" if err.code in (401, 403) and self.api_key_env else ""
                     raise RequestFailed(problem + hint) from None
                 wait = _retry_after(err.headers.get("Retry-After"))
-            except (OSError, http.client.HTTPException, ValueError) as err:  # refused, reset, timeout, bad JSON
+            except _Malformed as err:
+                problem = f"a malformed reply from {url}: {err}"
+            except (OSError, http.client.HTTPException, ValueError) as err:  # refused, reset, timeout
                 reason = getattr(err, "reason", err)
                 problem = f"{type(reason).__name__} from {url}: {reason}"
             finally:
-                self._release(url)
+                self._release(url, ok)
             avoid = url
             if attempt == self.max_retries:
                 break
@@ -198,8 +247,16 @@ class OpenAIBackend:
         raise RequestFailed(f"gave up after {self.max_retries + 1} attempts; last: {problem}")
 
     def _acquire(self, avoid: str | None) -> str:
+        """The endpoint for the next attempt: among those not resting (all, if every one is), not the one that
+        just failed, the least busy; ties go round-robin."""
         with self._lock:
+            now = time.monotonic()
             order = [(self._next + j) % len(self.endpoints) for j in range(len(self.endpoints))]
+            awake = [j for j in order if self._resting_until[j] <= now]
+            if awake:
+                order = awake
+            else:  # all resting: the one that wakes first
+                order = [min(order, key=lambda j: self._resting_until[j])]
             if avoid is not None and len(order) > 1:
                 order = [j for j in order if self.endpoints[j] != avoid]
             j = min(order, key=lambda j: self._busy[j])  # min keeps the first of ties: round-robin
@@ -207,9 +264,22 @@ class OpenAIBackend:
             self._next = (j + 1) % len(self.endpoints)
             return self.endpoints[j]
 
-    def _release(self, url: str) -> None:
+    def _release(self, url: str, ok: bool) -> None:
         with self._lock:
-            self._busy[self.endpoints.index(url)] -= 1
+            j = self.endpoints.index(url)
+            self._busy[j] -= 1
+            if ok:
+                self._failures[j] = 0
+                self._resting_until[j] = 0.0
+            else:
+                self._failures[j] += 1
+                rest = min(self.backoff * 2 ** (self._failures[j] - 1), _MAX_SLEEP)
+                self._resting_until[j] = time.monotonic() + rest
+
+    def endpoint_failures(self) -> dict[str, int]:
+        """Consecutive failures per endpoint now (0: healthy)."""
+        with self._lock:
+            return dict(zip(self.endpoints, self._failures))
 
     def _read_journal(self) -> dict[str, list[dict]]:
         if self.journal_path is None or not self.journal_path.exists():
@@ -218,13 +288,16 @@ class OpenAIBackend:
         for line in self.journal_path.read_text().splitlines():
             try:
                 entry = json.loads(line)
-                done[entry["key"]] = entry["samples"]
+                if len(entry["samples"]) >= len(done.get(entry["key"], ())):  # a later, longer part
+                    done[entry["key"]] = entry["samples"]
             except (ValueError, KeyError, TypeError):  # a line cut short by a crash: that prompt is redone
                 continue
         return done
 
     def _journal(self, key: str, samples: list[dict]) -> None:
         if self.journal_path is None:
+            with self._lock:
+                self._done[key] = samples
             return
         line = json.dumps({"key": key, "samples": samples}) + "\n"
         with self._lock:
@@ -238,6 +311,10 @@ class OpenAIBackend:
                 f.flush()
                 os.fsync(f.fileno())
             self._done[key] = samples
+
+
+class _Malformed(ValueError):
+    """A 200 reply that is not a chat completion with choices."""
 
 
 def _endpoint(base_url: str) -> str:
@@ -270,10 +347,12 @@ def _samples(response: dict, max_tokens: int) -> list[dict]:
     others in proportion to their text length (exact when there is one such choice)."""
     choices = sorted(response.get("choices") or [], key=lambda c: c.get("index", 0))
     usage = response.get("usage") or {}
+    served = str(response.get("model") or "")
     out = [{"text": (c.get("message") or {}).get("content") or "",
             "prompt_tokens": int(usage.get("prompt_tokens") or 0),
             "completion_tokens": 0,
-            "finish_reason": _FINISH.get(c.get("finish_reason"), str(c.get("finish_reason")))} for c in choices]
+            "finish_reason": _FINISH.get(c.get("finish_reason"), str(c.get("finish_reason"))),
+            **({"model": served} if served else {})} for c in choices]
     cut = [s for s in out if s["finish_reason"] == "length"]
     rest = [s for s in out if s["finish_reason"] != "length"]
     for s in cut:

@@ -26,7 +26,7 @@ from typing import Any
 import datasets
 from hydra.utils import instantiate
 
-from data_gen.backend import Sampling
+from data_gen.backend import Sampling, build_backend
 from data_gen.generate import GENERATION_FEATURES
 from data_gen.prompts import load_prompts
 from posttrain.config import EvalJob
@@ -182,7 +182,8 @@ def eval_stage(job: EvalJob, inputs: Inputs, out: Path) -> StageResult:
 
     teacher = None
     if inputs.get("teacher"):
-        backend = instantiate(backend_cfg, model=inputs["teacher"], _convert_="all")
+        backend = build_backend(cfg.teacher_backend or backend_cfg, inputs["teacher"],
+                                journal_dir=str(out / "journal"))  # a paid endpoint's answers survive a crash
         teacher = _answer(_one_each(backend, sampling), heldout, inputs["teacher"], job.round)
         del backend  # free the teacher before the policy loads
         _save(teacher, out / "teacher_responses")

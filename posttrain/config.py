@@ -97,6 +97,10 @@ class GenerateConfig:
     backend: Dict[str, Any] = field(
         default_factory=lambda: {"_target_": "data_gen.hf_backend.HFBackend"}
     )
+    # Prompts per shard: one backend call and the unit of resume. None: the backend's batch_size, else its class's
+    # default_shard_size (256 for OpenAI-compatible endpoints), else 8. For an endpoint, several times its
+    # max_concurrency, so requests in flight do not drain at every shard's end.
+    shard_size: Optional[int] = None
 
 
 @dataclass
@@ -189,6 +193,9 @@ class EvalConfig:
     rewards: Dict[str, Any] = field(default_factory=dict)
     # Round 0 also answers the held-out prompts with the teacher once, for win rates against it.
     teacher: bool = True
+    # The backend that answers as the teacher. None: generate.backend when generate.source is teacher and it is
+    # another kind of backend than `backend` (the teacher's endpoint or vLLM engine), else `backend`.
+    teacher_backend: Optional[Dict[str, Any]] = None
     suites: Dict[str, Any] = field(
         default_factory=lambda: {
             "reward": {"_target_": "evals.suites.RewardSuite"},

@@ -122,8 +122,28 @@ def config_hash_of(config: Any) -> str:
 
 
 def _hash_recorded(recorded: dict) -> str:
-    """The config hash of a stage config as `plain` records it: all but the settings of how the stage runs."""
-    return stable_hash({k: v for k, v in recorded.items() if k not in UNHASHED})
+    """The config hash of a stage config as `plain` records it: all but the settings of how the stage runs (the
+    top-level UNHASHED sections, and the `unhashed` arguments a `_target_` class names, e.g. an endpoint
+    backend's URLs, keys, retries and concurrency)."""
+    return stable_hash(_without_unhashed({k: v for k, v in recorded.items() if k not in UNHASHED}))
+
+
+def _unhashed_arguments(target: Any) -> tuple[str, ...]:
+    try:
+        from hydra.utils import get_object
+
+        return tuple(getattr(get_object(target), "unhashed", ()))
+    except Exception:  # noqa: BLE001 - a class that no longer imports: hash everything
+        return ()
+
+
+def _without_unhashed(node: Any) -> Any:
+    if isinstance(node, dict):
+        drop = _unhashed_arguments(node["_target_"]) if isinstance(node.get("_target_"), str) else ()
+        return {k: _without_unhashed(v) for k, v in node.items() if k not in drop}
+    if isinstance(node, list):
+        return [_without_unhashed(v) for v in node]
+    return node
 
 
 def tree_hash(path: Path) -> str:
@@ -461,8 +481,8 @@ class RunDir:
     def _changed_message(self, stage_id: str, final: Path, old: dict, recorded: dict, input_hashes: dict) -> str:
         old_cfg_path = final / "stage_config.json"
         old_cfg = json.loads(old_cfg_path.read_text()) if old_cfg_path.exists() else {}
-        keys = [k for k in _diff_keys(old_cfg, recorded)
-                if k.split(".")[0] not in UNHASHED]
+        keys = _diff_keys(_without_unhashed({k: v for k, v in old_cfg.items() if k not in UNHASHED}),
+                          _without_unhashed({k: v for k, v in recorded.items() if k not in UNHASHED}))
         changed_inputs = [k for k in input_hashes if old["input_hashes"].get(k) != input_hashes[k]]
         what = []
         if keys:

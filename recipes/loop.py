@@ -25,7 +25,7 @@ from posttrain.rundir import RunDir, Stage, redact
 from posttrain.train.dpo import dpo_stage
 from posttrain.train.rm import rm_stage
 from posttrain.train.sft import sft_stage
-from recipes.validate import validate
+from recipes.validate import teacher_backend, validate
 from reward.filters import filter_stage
 from reward.score import score
 from reward.select import select
@@ -114,6 +114,7 @@ def run_eval(rd: RunDir, rc: DictConfig, r: int, policy: str) -> None:
         inputs["rm"] = rd.output(rm, "model")
     if r == 0 and rc.evals.teacher and rc.teacher is not None:
         inputs["teacher"] = rc.teacher.path
+        evals = dataclasses.replace(evals, teacher_backend=OmegaConf.to_object(teacher_backend(rc)))
     if r > 0:
         previous, first = rd.entry(r - 1, "eval"), rd.entry(0, "eval")
         if previous is not None:

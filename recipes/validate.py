@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -45,6 +46,7 @@ _TRAINING = {
 CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "round": _positive,
     "data.num_prompts": _positive,
+    "generate.shard_size": _positive,
     "generate.k": _positive,
     "generate.max_new_tokens": _positive,
     "generate.temperature": _non_negative,
@@ -144,7 +146,47 @@ def check_target(key: str, node: dict, allowed: tuple[str, ...], injected: tuple
     unknown = sorted(set(node) - _HYDRA_KEYS - set(params))
     if unknown:
         return f"{key}: {target} takes no argument(s) {unknown} (it takes {sorted(set(params) - set(injected))})"
+    required = {name for name, p in params.items() if p.default is p.empty
+                and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
+    missing = sorted(required - set(node) - set(injected))
+    if missing and not node.get("_partial_"):
+        return f"{key}: {target} needs argument(s) {missing}, which nothing sets"
     return None
+
+
+def _injected(container: dict, key: str) -> tuple[str, ...]:
+    """The arguments posttrain passes itself to the `_target_` at `key`: a stage's backend gets the model (and a
+    journal folder); a nested `backend` its parent's `model` (reward.protocol.with_backend_models); the reward
+    named `rm` the reward model this run trains."""
+    if key in ("generate.backend", "evals.backend", "evals.teacher_backend"):
+        return ("model", "journal_dir")
+    if key.endswith(".backend"):
+        parent: Any = container
+        for part in re.findall(r"[^.\[\]]+|\[\d+\]", key.rsplit(".", 1)[0]):  # as _targets wrote the key
+            parent = parent[int(part[1:-1])] if part.startswith("[") else parent.get(part)
+        return ("model",) if isinstance(parent, dict) and parent.get("model") else ()
+    if key in ("reward.rewards.rm", "evals.rewards.rm"):
+        return ("model",)
+    return ()
+
+
+def teacher_backend(rc: DictConfig) -> Any:
+    """The backend config that answers as the teacher in round 0's eval: `evals.teacher_backend`, else the
+    generate stage's backend when it serves the teacher (its endpoint, say), else `evals.backend`."""
+    if rc.evals.get("teacher_backend") is not None:
+        return rc.evals.teacher_backend
+    own = rc.generate.backend
+    if rc.generate.source == Source.teacher and own.get("_target_") != rc.evals.backend.get("_target_"):
+        return own  # e.g. the teacher's endpoint, where evals.backend would load it in process
+    return rc.evals.backend
+
+
+def _remote(backend: Any) -> bool:
+    """Whether a backend's `model` is a name a server knows (class attribute `remote`), not a local spec."""
+    try:
+        return bool(getattr(get_object(backend["_target_"]), "remote", False))
+    except Exception:  # noqa: BLE001 - an unimportable target is reported on its own
+        return False
 
 
 def _round_problems(rc: DictConfig, where: str) -> list[str]:
@@ -161,7 +203,7 @@ def _round_problems(rc: DictConfig, where: str) -> list[str]:
             problems.append(f"{where}{key}: a URL with credentials in it (user:password@); give the key through an "
                             f"environment variable (api_key_env) instead: it would be written into the run directory")
     for key, node in _targets(container):
-        injected = ("model", "journal_dir") if key in ("generate.backend", "evals.backend") else ()
+        injected = _injected(container, key)
         problem = check_target(key, node, allowed, injected)
         if problem:
             problems.append(where + problem)
@@ -296,11 +338,11 @@ def validate(cfg: DictConfig) -> list[DictConfig]:
 
     specs = {("model.path", cfg.model.path)}
     specs |= {("rm.model", rc.rm.model) for rc in rounds if rc.rm.enabled and rc.rm.model}
-    remote = "data_gen.openai_backend.OpenAIBackend"  # the model is a name the server knows, not a local spec
     specs |= {("teacher.path", rc.teacher.path) for rc in rounds
-              if rc.teacher and rc.generate.source == Source.teacher and rc.generate.backend.get("_target_") != remote}
-    if rounds[0].teacher and rounds[0].evals.heldout and rounds[0].evals.teacher:  # round 0's eval answers with it
-        specs.add(("teacher.path", rounds[0].teacher.path))
+              if rc.teacher and rc.generate.source == Source.teacher and not _remote(rc.generate.backend)}
+    first = rounds[0]
+    if first.teacher and first.evals.heldout and first.evals.teacher and not _remote(teacher_backend(first)):
+        specs.add(("teacher.path", first.teacher.path))  # round 0's eval answers with it
     unusable = set()  # specs already reported: nothing more is measured with them
     for key, spec in sorted(specs):
         try:

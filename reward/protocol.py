@@ -23,7 +23,7 @@ arguments (tests/test_hygiene.py checks that this example composes):
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 
 @runtime_checkable
@@ -38,6 +38,20 @@ def with_trained_model(name: str, node: dict, inputs: dict) -> dict:
     return {**node, "model": inputs["rm"]} if name == "rm" and inputs.get("rm") else node
 
 
+def with_backend_models(node: Any) -> Any:
+    """`node` with every nested `backend` config that names no `model` given its parent's `model` (a judge's
+    backend serves the judge's model), as the generate stage gives its backend the generating model."""
+    if isinstance(node, list):
+        return [with_backend_models(v) for v in node]
+    if not isinstance(node, dict):
+        return node
+    node = {k: with_backend_models(v) for k, v in node.items()}
+    backend = node.get("backend")
+    if isinstance(backend, dict) and "_target_" in backend and "model" not in backend and node.get("model"):
+        node["backend"] = {**backend, "model": node["model"]}
+    return node
+
+
 def build_reward(node: dict) -> Reward:
     """A reward from its recipe config: a class `_target_` is built with the other keys as arguments; a
     function `_target_` is the reward itself (other keys are bound as keyword arguments)."""
@@ -47,6 +61,7 @@ def build_reward(node: dict) -> Reward:
     from hydra.utils import get_object, instantiate
 
     target = get_object(node["_target_"])
+    node = with_backend_models(node)
     if inspect.isclass(target):
         return instantiate(node, _convert_="all")
     kwargs = {k: v for k, v in node.items() if not k.startswith("_")}

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from data_gen.backend import Sampling
+from data_gen.backend import PromptsRejected, Sampling
 from data_gen.hf_backend import HFBackend
 from data_gen.openai_backend import JOURNAL_NAME, OpenAIBackend, RequestFailed
 
@@ -88,7 +88,9 @@ def test_n_completions_match_the_model_with_the_seed_sent(server):
     # One sample per prompt: counts are exact.
     one = backend.generate(PROMPTS[3:4], n=1, sampling=Sampling(max_new_tokens=6, seed=2))
     seed = backend._body(PROMPTS[3], 1, Sampling(max_new_tokens=6, seed=2), 0)["seed"]
-    assert one[0] == hf.generate(PROMPTS[3:4], 1, Sampling(max_new_tokens=6, seed=seed))[0]
+    assert one[0] == [{**s, "model": TINY} for s in hf.generate(PROMPTS[3:4], 1, Sampling(max_new_tokens=6,
+                                                                                        seed=seed))[0]]
+    # Rows record the name the server answered with (the reference server answers with the model it serves).
 
 
 def test_key_problems_fail_at_once_naming_the_variable(server, monkeypatch):
@@ -163,11 +165,14 @@ def test_killed_server_rerun_sends_only_unfinished_prompts_and_no_key_is_written
 
 
 class Scripted:
-    """A 127.0.0.1 server that plays `script` (an HTTP status, ("sleep", seconds), or "ok") one request at a
-    time, then answers "ok": n choices of "hi"."""
+    """A 127.0.0.1 server that plays `script` one request at a time, then `then` for every later request. A step
+    is an HTTP status, ("sleep", seconds) then ok, "ok" (n choices of "hi"), "few" (one choice whatever n),
+    "empty" (no choices), or "garbage" (a 200 that is not JSON). A request whose messages contain `poison` gets
+    400 whatever the script says. `bodies` keeps every request body."""
 
-    def __init__(self, script=()):
-        self.script, self.count, self.lock = list(script), 0, threading.Lock()
+    def __init__(self, script=(), then="ok", poison=None, model=None):
+        self.script, self.then, self.count, self.lock = list(script), then, 0, threading.Lock()
+        self.bodies, self.in_flight, self.peak = [], 0, 0
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -178,15 +183,32 @@ class Scripted:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with outer.lock:
                     outer.count += 1
-                    step = outer.script.pop(0) if outer.script else "ok"
+                    outer.bodies.append(body)
+                    step = outer.script.pop(0) if outer.script else outer.then
+                    outer.in_flight += 1
+                    outer.peak = max(outer.peak, outer.in_flight)
+                try:
+                    self.answer(body, step)
+                finally:
+                    with outer.lock:
+                        outer.in_flight -= 1
+
+            def answer(self, body, step):
+                if poison and poison in json.dumps(body["messages"]):
+                    step = 400
                 if isinstance(step, tuple):
                     time.sleep(step[1])
                     step = "ok"
-                if step == "ok":
+                if step in ("ok", "few", "empty"):
+                    n = {"ok": body["n"], "few": 1, "empty": 0}[step]
                     payload = {"choices": [{"index": j, "message": {"role": "assistant", "content": "hi"},
-                                            "finish_reason": "stop"} for j in range(body["n"])],
-                               "usage": {"prompt_tokens": 4, "completion_tokens": 2 * body["n"]}}
+                                            "finish_reason": "stop"} for j in range(n)],
+                               "usage": {"prompt_tokens": 4, "completion_tokens": 2 * n}}
+                    if model:
+                        payload["model"] = model
                     data, status = json.dumps(payload).encode(), 200
+                elif step == "garbage":
+                    data, status = b"<html>502 Bad Gateway</html>", 200
                 else:
                     data, status = b'{"error": {"message": "busy"}}', step
                 try:
@@ -199,7 +221,10 @@ class Scripted:
                 except OSError:  # the client gave up waiting (timeout test)
                     pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(ThreadingHTTPServer):
+            request_queue_size = 128  # the listen backlog: 5 by default, fewer than the clients of a busy test
+
+        self.httpd = Server(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
         threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
 
@@ -212,8 +237,8 @@ class Scripted:
 def scripted():
     made = []
 
-    def make(script=()):
-        made.append(Scripted(script))
+    def make(script=(), **kwargs):
+        made.append(Scripted(script, **kwargs))
         return made[-1]
 
     yield make
@@ -223,7 +248,8 @@ def scripted():
 
 def test_retries_429_5xx_and_timeouts_then_succeeds(scripted):
     srv = scripted([429, 500, ("sleep", 1.0), 503])
-    backend = OpenAIBackend("m", srv.url, api_key_env=None, timeout=0.3, max_retries=4, backoff=0.01)
+    backend = OpenAIBackend("m", srv.url, api_key_env=None, timeout=0.3, max_retries=4, backoff=0.01,
+                            min_tokens_per_s=1e9)
     out = backend.generate(PROMPTS[:1], n=2, sampling=Sampling())
     assert out == [[{"text": "hi", "prompt_tokens": 4, "completion_tokens": 2, "finish_reason": "stop"}] * 2]
     assert backend.retries == 4 and backend.requests_sent == 5 and srv.count == 5
@@ -266,3 +292,139 @@ def test_journal_survives_a_torn_last_line(scripted, tmp_path):
     # A different sampling setting is a different request: not answered from the journal.
     third.generate(PROMPTS[:1], 1, Sampling(seed=1))
     assert third.prompts_sent == 1
+
+
+def test_fewer_choices_than_asked_are_journaled_and_only_the_rest_asked_again(scripted, tmp_path):
+    first = scripted(["few"], then=503)
+    backend = OpenAIBackend("m", first.url, api_key_env=None, max_retries=0, journal_dir=str(tmp_path))
+    with pytest.raises(RequestFailed, match="HTTP 503"):
+        backend.generate(PROMPTS[:1], n=3, sampling=Sampling())
+    second = scripted()
+    again = OpenAIBackend("m", second.url, api_key_env=None, journal_dir=str(tmp_path))
+    out = again.generate(PROMPTS[:1], n=3, sampling=Sampling())
+    assert len(out[0]) == 3
+    assert [b["n"] for b in second.bodies] == [2]  # the one journaled sample is not paid for twice
+    assert second.bodies[0]["seed"] == first.bodies[0]["seed"] + 1
+
+
+def test_a_poison_prompt_is_rejected_alone_and_most_rejected_fails(scripted):
+    srv = scripted(poison="number 2:")
+    backend = OpenAIBackend("m", srv.url, api_key_env=None, max_retries=3, backoff=0.01)
+    with pytest.raises(PromptsRejected) as caught:
+        backend.generate(PROMPTS[:6], n=2, sampling=Sampling())
+    assert list(caught.value.rejected) == [2] and "HTTP 400" in caught.value.rejected[2]
+    assert caught.value.results[2] is None and all(len(r) == 2 for i, r in enumerate(caught.value.results) if i != 2)
+    assert srv.count == 6  # a rejection is not retried
+    everything = scripted(poison="Question")
+    with pytest.raises(RequestFailed, match="6 of 6 prompts rejected, which points at the request"):
+        OpenAIBackend("m", everything.url, api_key_env=None).generate(PROMPTS[:6], n=1, sampling=Sampling())
+
+
+def test_malformed_and_empty_replies_are_retried_and_shown(scripted):
+    srv = scripted(["empty", "garbage"])
+    backend = OpenAIBackend("m", srv.url, api_key_env=None, max_retries=2, backoff=0.01)
+    assert len(backend.generate(PROMPTS[:1], n=2, sampling=Sampling())[0]) == 2
+    assert backend.retries == 2
+    bad = scripted(then="garbage")
+    with pytest.raises(RequestFailed, match=r"gave up after 2 attempts; last: a malformed reply .*502 Bad Gateway"):
+        OpenAIBackend("m", bad.url, api_key_env=None, max_retries=1, backoff=0.01).generate(
+            PROMPTS[:1], n=1, sampling=Sampling())
+
+
+def test_a_dead_endpoint_is_rested_so_the_live_one_does_the_work(scripted):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on: connections are refused at once
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    live = scripted()
+    backend = OpenAIBackend("m", [dead, live.url], api_key_env=None, max_concurrency=2, backoff=5.0)
+    out = backend.generate(PROMPTS, n=1, sampling=Sampling())
+    assert len(out) == 12 and live.count == 12
+    wasted = backend.requests_sent - live.count
+    assert wasted <= 2, wasted  # at most one refused attempt per worker before the dead one rests
+    assert backend.endpoint_failures()[dead.rstrip("/") + "/chat/completions"] >= 1
+
+
+def test_the_timeout_counts_the_tokens_asked_for(scripted):
+    srv = scripted([("sleep", 1.0)])
+    # 0.3 s of silence is allowed on top of 20 tokens at 10 tokens/s: the 1 s reply is not cut off and resent.
+    backend = OpenAIBackend("m", srv.url, api_key_env=None, timeout=0.3, min_tokens_per_s=10, backoff=0.01)
+    backend.generate(PROMPTS[:1], n=1, sampling=Sampling(max_new_tokens=20))
+    assert backend.retries == 0 and srv.count == 1
+
+
+def test_rows_record_the_served_model(scripted):
+    srv = scripted(model="llama-3.1-405b-instruct-fp8")
+    out = OpenAIBackend("meta-llama/Llama-3.1-405B-Instruct", srv.url, api_key_env=None).generate(
+        PROMPTS[:1], n=1, sampling=Sampling())
+    assert out[0][0]["model"] == "llama-3.1-405b-instruct-fp8"
+
+
+# --- the generate stage on an endpoint ------------------------------------------------------------------------
+
+
+def run_generate(tmp_path, backend: dict, num_prompts: int = 20, poison_row: bool = False):
+    """The real generate stage, through a RunDir, on `num_prompts` prompts of a file of 24, with `backend`."""
+    from data_gen.generate import generate
+    from posttrain.config import DataConfig, GenerateConfig, GenerateJob
+    from posttrain.rundir import RunDir, Stage
+
+    prompts = tmp_path / "prompts.jsonl"
+    if not prompts.exists():
+        with open(prompts, "w") as f:
+            for i in range(24):
+                text = "POISON: this one is always refused" if poison_row and i == 5 else f"Question {i}: hello?"
+                f.write(json.dumps({"id": f"p{i}", "prompt": text}) + "\n")
+    rd = RunDir(tmp_path / "run", [Stage("generate", generate, True, None)])
+    try:
+        job = GenerateJob(generate=GenerateConfig(k=2, backend=backend), data=DataConfig(
+            prompts=str(prompts), num_prompts=num_prompts), round=1, seed=0)
+        return rd.run_stage(1, "generate", job, {"prompts": str(prompts), "model": "teacher-405b"})
+    finally:
+        rd.close()
+
+
+def test_a_stage_cut_short_reruns_on_other_servers_sending_only_unfinished_prompts(scripted, tmp_path):
+    from posttrain.rundir import StageError
+
+    first = scripted(["ok"] * 7, then=503)  # answers 7 prompts, then fails for good
+    endpoint = {"_target_": "data_gen.openai_backend.OpenAIBackend", "api_key_env": None, "max_concurrency": 4}
+    with pytest.raises(StageError, match="HTTP 503"):
+        run_generate(tmp_path, {**endpoint, "base_urls": [first.url], "max_retries": 0})
+    second = scripted()
+    # Another base URL, more retries, more concurrency: the same stage, resumed from its journal.
+    entry = run_generate(tmp_path, {**endpoint, "base_urls": [second.url], "max_retries": 5, "max_concurrency": 8})
+    assert second.count == 20 - 7
+    assert entry["metrics"]["backend"]["prompts_from_journal"] == 7
+    third = scripted()
+    again = run_generate(tmp_path, {**endpoint, "base_urls": [third.url, second.url], "timeout": 600})
+    assert third.count == 0 and again == entry  # finished: skipped, no StageChanged
+
+
+def test_a_poison_prompt_is_quarantined_with_its_id_and_the_stage_goes_on(scripted, tmp_path):
+    srv = scripted(poison="POISON")
+    endpoint = {"_target_": "data_gen.openai_backend.OpenAIBackend", "api_key_env": None, "base_urls": [srv.url]}
+    entry = run_generate(tmp_path, endpoint, num_prompts=24, poison_row=True)
+    assert entry["metrics"]["quarantined"] == {"empty_prompt": 0, "rejected_by_backend": 1}
+    assert entry["rows"] == 23 * 2
+    (record,) = [json.loads(line) for line in open(tmp_path / "run" / entry["dir"] / "quarantine.jsonl")]
+    assert record["prompt_id"] == "p5" and "HTTP 400" in record["reason"]
+    import datasets
+
+    rows = datasets.load_from_disk(str(tmp_path / "run" / entry["dir"] / "generations"))
+    assert "p5" not in set(rows["prompt_id"]) and set(rows["model"]) == {"teacher-405b"}
+
+
+def test_requests_in_flight_reach_max_concurrency_within_one_shard(scripted):
+    from data_gen.generate import shard_size
+    from posttrain.config import GenerateConfig
+
+    srv = scripted(then=("sleep", 0.5))
+    prompts = [[{"role": "user", "content": f"q{i}"}] for i in range(64)]
+    OpenAIBackend("m", srv.url, api_key_env=None, max_concurrency=32).generate(prompts, 1, Sampling())
+    assert srv.peak == 32
+    endpoint = {"_target_": "data_gen.openai_backend.OpenAIBackend", "base_urls": [srv.url]}
+    assert shard_size(GenerateConfig(backend=endpoint)) == 256  # not the 8 of a local batch
+    assert shard_size(GenerateConfig(backend=endpoint, shard_size=1000)) == 1000
+    assert shard_size(GenerateConfig()) == 8

@@ -262,3 +262,25 @@ def test_a_prompt_longer_than_the_limit_stops_the_run_before_any_stage(tmp_path)
     tight = problems("experiment=tiny", f"data.prompts={long}", "data.max_prompt_tokens=2", "data.num_prompts=1",
                      "dpo.enabled=false")
     assert "2 prompt(s) of" in tight and "['short', 'huge']" in tight and "longer than 2 tokens" in tight
+
+
+def test_the_distillation_recipe_judges_and_evaluates_with_the_teachers_endpoint():
+    from omegaconf import OmegaConf
+
+    from posttrain.config import round_config
+    from recipes.validate import teacher_backend
+    from reward.protocol import build_reward
+
+    rc = round_config(recipe("experiment=llama3_8b_distill_405b"), 1)
+    assert teacher_backend(rc)["_target_"] == "data_gen.openai_backend.OpenAIBackend"  # no 405B loaded in process
+    judge = build_reward(OmegaConf.to_container(rc.reward.rewards.judge, resolve=True))
+    assert type(judge.backend).__name__ == "OpenAIBackend" and judge.backend.model == rc.teacher.path
+
+
+def test_a_nested_backend_without_a_model_is_refused_by_key():
+    judge = ["+reward.rewards.judge._target_=reward.judge.LLMJudge",
+             "+reward.rewards.judge.backend._target_=data_gen.openai_backend.OpenAIBackend",
+             "+reward.rewards.judge.backend.base_urls=[http://127.0.0.1:9/v1]"]
+    msg = problems(*judge)
+    assert "reward.rewards.judge.backend: data_gen.openai_backend.OpenAIBackend needs argument(s) ['model']" in msg
+    validate(recipe(*judge, "+reward.rewards.judge.model=served-judge"))
