@@ -157,6 +157,7 @@ class TrainingConfig:
     weight_decay: float = 0.0
     logging_steps: int = 10
     save_steps: int = 200
+    max_steps: int = -1  # > 0 stops after this many optimizer steps (smoke runs, rehearsals), epochs or not
     # Share of prompts held out to measure the stage's loss or accuracy before and after training.
     eval_fraction: float = 0.1
     keep_checkpoints: bool = False
@@ -234,7 +235,6 @@ class DPOConfig(TrainingConfig):
     nll_weight: float = 0.2  # NLL on the chosen response, Llama 3 (RPO-style regulariser)
     # Header and termination tokens out of the DPO log-ratios of chosen and rejected (Llama 3); kept in the NLL term.
     mask_format_tokens: bool = True
-    max_steps: int = -1  # > 0 stops after this many optimizer steps (smoke runs)
     warmup_ratio: float = 0.1
     lora: LoraConfig = field(default_factory=LoraConfig)
 
@@ -285,6 +285,10 @@ class PosttrainConfig:
     dpo: DPOConfig = field(default_factory=DPOConfig)
     evals: EvalConfig = field(default_factory=EvalConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    # A backend class name -> the config that replaces every backend naming it (generate, evals, judges), e.g.
+    # vLLM -> hf in rehearsals on machines without CUDA (recipes/rehearsal/cpu.yaml). Stage configs record the
+    # backend that actually runs.
+    backend_swaps: Dict[str, Any] = field(default_factory=dict)
     # Per-round overrides: rounds[i] is merged over the recipe for round i+1, e.g. `- {generate: {k: 8}}`.
     # Rounds past the end of the list use the recipe as it is.
     rounds: List[Any] = field(default_factory=list)
@@ -309,7 +313,22 @@ def round_config(cfg: DictConfig, round_idx: int) -> DictConfig:
         override = cfg.rounds[round_idx - 1]
         if override is not None:
             base = OmegaConf.merge(base, override)
+    if base.backend_swaps:
+        swaps = OmegaConf.to_container(base.backend_swaps, resolve=True)
+        swapped = _swap_backends(OmegaConf.to_container(base, resolve=False), swaps)
+        base = OmegaConf.merge(OmegaConf.structured(PosttrainConfig), swapped)
     return base
+
+
+def _swap_backends(node: Any, swaps: dict) -> Any:
+    """`node` with every mapping whose `_target_` is a key of `swaps` replaced by that key's config."""
+    if isinstance(node, dict):
+        if node.get("_target_") in swaps:
+            return dict(swaps[node["_target_"]])
+        return {k: v if k == "backend_swaps" else _swap_backends(v, swaps) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_swap_backends(v, swaps) for v in node]
+    return node
 
 
 _TYPED_KEYS = [k for k in PosttrainConfig.__dataclass_fields__ if k != "rounds"]

@@ -149,7 +149,7 @@ def check_target(key: str, node: dict, allowed: tuple[str, ...], injected: tuple
     required = {name for name, p in params.items() if p.default is p.empty
                 and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
     missing = sorted(required - set(node) - set(injected))
-    if missing and not node.get("_partial_"):
+    if missing and inspect.isclass(obj) and not node.get("_partial_"):  # a function reward is called, not built
         return f"{key}: {target} needs argument(s) {missing}, which nothing sets"
     return None
 
@@ -158,7 +158,7 @@ def _injected(container: dict, key: str) -> tuple[str, ...]:
     """The arguments posttrain passes itself to the `_target_` at `key`: a stage's backend gets the model (and a
     journal folder); a nested `backend` its parent's `model` (reward.protocol.with_backend_models); the reward
     named `rm` the reward model this run trains."""
-    if key in ("generate.backend", "evals.backend", "evals.teacher_backend"):
+    if key in ("generate.backend", "evals.backend", "evals.teacher_backend") or key.startswith("backend_swaps."):
         return ("model", "journal_dir")
     if key.endswith(".backend"):
         parent: Any = container

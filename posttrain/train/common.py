@@ -248,6 +248,7 @@ def trainer_args(settings: dict, output_dir: str | Path) -> dict:
         output_dir=str(output_dir),
         learning_rate=settings["learning_rate"],
         num_train_epochs=settings["epochs"],
+        max_steps=settings.get("max_steps", -1),
         per_device_train_batch_size=settings["batch_size"],
         per_device_eval_batch_size=settings["batch_size"],
         gradient_accumulation_steps=settings["grad_accum"],

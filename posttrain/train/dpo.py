@@ -321,7 +321,6 @@ def trl_args(settings: dict, output_dir: str | Path, **overrides):
         loss_type=["sigmoid", "sft"],
         loss_weights=[1.0, settings["nll_weight"]],
         precompute_ref_log_probs=True,
-        max_steps=settings["max_steps"],
         max_length=settings["max_length"],
         dataset_num_proc=None,
         disable_tqdm=False,
