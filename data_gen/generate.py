@@ -1,12 +1,12 @@
 """The generate stage: this round's prompts, K completions each, saved as a `datasets` folder.
 
-Work is cut into shards of `generate.shard_size` prompts (default: the backend's `batch_size`, else its class's
-`default_shard_size`, else 8), each written (atomically) as soon as it is done and seeded by (seed, round, shard
-index): a stage killed halfway resumes from its finished shards and ends with exactly the texts an uninterrupted
-run would have produced. A shard is one backend call: an endpoint backend keeps `max_concurrency` requests in
-flight within it, so shards of an endpoint should be several times its concurrency. Prompts the backend's
-server refuses for themselves (PromptsRejected) are quarantined with their `prompt_id` and the reason, counted
-in the manifest, and the stage goes on.
+Work is cut into shards of `generate.shard_size` prompts (default: the backend class's `default_shard_size`, 2048
+for vLLM and 256 for endpoints, else the backend's `batch_size`, else 8), each written (atomically) as soon as it
+is done and seeded by (seed, round, shard index): a stage killed halfway resumes from its finished shards and ends
+with exactly the texts an uninterrupted run would have produced. A shard is one backend call: an endpoint backend
+keeps `max_concurrency` requests in flight within it, so shards of an endpoint should be several times its
+concurrency. Prompts the backend's server refuses for themselves (PromptsRejected) are quarantined with their
+`prompt_id` and the reason, counted in the manifest, and the stage goes on.
 """
 
 from __future__ import annotations
@@ -62,13 +62,13 @@ def degenerate_samples(rows: list[dict]) -> dict[str, float]:
 
 
 def shard_size(cfg) -> int:
-    """Prompts per shard: `generate.shard_size`, else the backend's `batch_size`, else its class's
-    `default_shard_size`, else 8. Only hashed settings decide it, so a rerun cuts the same shards."""
+    """Prompts per shard: `generate.shard_size`, else the backend class's `default_shard_size` (engines and
+    endpoints that schedule their own batches), else the backend's `batch_size`, else 8. Only hashed settings
+    decide it, so a rerun cuts the same shards."""
     if cfg.shard_size:
         return cfg.shard_size
-    if cfg.backend.get("batch_size"):
-        return cfg.backend["batch_size"]
-    return getattr(get_object(cfg.backend["_target_"]), "default_shard_size", 8)
+    default = getattr(get_object(cfg.backend["_target_"]), "default_shard_size", None)
+    return default or cfg.backend.get("batch_size") or 8
 
 
 def _write_lines(path: Path, rows: list[dict]) -> None:

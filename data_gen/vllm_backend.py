@@ -37,6 +37,10 @@ class VLLMBackend:
     go to `vllm.LLM`; `seed` seeds the engine, `Sampling.seed` each request. `batch_size` is accepted and ignored:
     the recipe schema's default backend dict carries it into any backend, and vLLM's scheduler batches by itself."""
 
+    # Prompts per generate shard unless the recipe says (generate.shard_size): a shard is one call, and the
+    # engine drains at its end, so thousands of prompts (x K sequences) keep it full; resume stays per shard.
+    default_shard_size = 2048
+
     def __init__(
         self,
         model: str,

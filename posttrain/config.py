@@ -97,9 +97,9 @@ class GenerateConfig:
     backend: Dict[str, Any] = field(
         default_factory=lambda: {"_target_": "data_gen.hf_backend.HFBackend"}
     )
-    # Prompts per shard: one backend call and the unit of resume. None: the backend's batch_size, else its class's
-    # default_shard_size (256 for OpenAI-compatible endpoints), else 8. For an endpoint, several times its
-    # max_concurrency, so requests in flight do not drain at every shard's end.
+    # Prompts per shard: one backend call and the unit of resume. None: the backend class's default_shard_size
+    # (2048 for vLLM, 256 for OpenAI-compatible endpoints), else the backend's batch_size, else 8. For an endpoint,
+    # several times its max_concurrency, so requests in flight do not drain at every shard's end.
     shard_size: Optional[int] = None
 
 

@@ -427,4 +427,6 @@ def test_requests_in_flight_reach_max_concurrency_within_one_shard(scripted):
     endpoint = {"_target_": "data_gen.openai_backend.OpenAIBackend", "base_urls": [srv.url]}
     assert shard_size(GenerateConfig(backend=endpoint)) == 256  # not the 8 of a local batch
     assert shard_size(GenerateConfig(backend=endpoint, shard_size=1000)) == 1000
-    assert shard_size(GenerateConfig()) == 8
+    assert shard_size(GenerateConfig()) == 8  # the hf backend's batch
+    vllm = {"_target_": "data_gen.vllm_backend.VLLMBackend", "batch_size": 8}
+    assert shard_size(GenerateConfig(backend=vllm)) == 2048  # thousands of prompts keep the engine full
