@@ -87,10 +87,6 @@ def generate(job: GenerateJob, inputs: Inputs, out: Path) -> StageResult:
     `quarantine.jsonl`."""
     cfg, data = job.generate, job.data
     pool = load_prompts(inputs["prompts"], on_empty=data.on_empty, split=data.split)
-    if pool.quarantined:
-        with open(out / "quarantine.jsonl", "w") as f:
-            for q in pool.quarantined:
-                f.write(json.dumps(q, default=str) + "\n")
     prompts = sample_round(pool.prompts, data.num_prompts, job.prompt_start, job.seed)
 
     shard_dir = out / "shards"
@@ -111,6 +107,7 @@ def generate(job: GenerateJob, inputs: Inputs, out: Path) -> StageResult:
             seed=int(stable_hash([job.seed, job.round, start // size]), 16) % (2**31),
         )
         path = shard_dir / f"{start // size:05d}.jsonl"
+        path.with_suffix(".rejected").unlink(missing_ok=True)  # from an attempt cut short: this one decides
         try:
             completions = backend.generate([p["messages"] for p in batch], cfg.k, sampling)
         except PromptsRejected as e:
@@ -135,10 +132,10 @@ def generate(job: GenerateJob, inputs: Inputs, out: Path) -> StageResult:
     bar.close()
 
     rejected = [json.loads(line) for s in sorted(shard_dir.glob("*.rejected")) for line in open(s)]
+    if pool.quarantined or rejected:  # written whole, so a rerun after a crash here writes no line twice
+        _write_lines(out / "quarantine.jsonl", [json.loads(json.dumps(q, default=str)) for q in pool.quarantined]
+                     + rejected)
     if rejected:
-        with open(out / "quarantine.jsonl", "a") as f:
-            for q in rejected:
-                f.write(json.dumps(q) + "\n")
         print(f"posttrain: warning: round {job.round} generate: {len(rejected)} prompts rejected by the backend, "
               f"quarantined (quarantine.jsonl); first: {rejected[0]['prompt_id']}: {rejected[0]['reason'][:200]}",
               file=sys.stderr)

@@ -90,7 +90,7 @@ class OpenAIBackend:
         if not urls:
             raise ValueError("OpenAIBackend: base_urls is empty; give at least one server, e.g. http://host:8000/v1")
         self.model = served_model or model
-        self.endpoints = [_endpoint(u) for u in urls]
+        self.endpoints = list(dict.fromkeys(_endpoint(u) for u in urls))  # a URL listed twice is one endpoint
         self.api_key_env = api_key_env
         self.max_concurrency = max(1, int(max_concurrency))
         self.timeout = timeout
@@ -169,9 +169,9 @@ class OpenAIBackend:
             raise RequestFailed(f"{left} of {len(prompts)} prompts unanswered; {errors[0]}"
                                 + (f" (and {len(errors) - 1} more failures)" if len(errors) > 1 else ""))
         if rejected:
-            if len(rejected) > max(2, len(todo) // 2):  # not the prompts: the request itself is wrong
+            if len(rejected) > max(2, len(prompts) // 2):  # not the prompts: the request itself is wrong
                 first = min(rejected)
-                raise RequestFailed(f"{len(rejected)} of {len(todo)} prompts rejected, which points at the request "
+                raise RequestFailed(f"{len(rejected)} of {len(prompts)} prompts rejected, which points at the request "
                                     f"rather than the prompts (model name, extra_body?); prompt {first}: "
                                     f"{rejected[first]}")
             raise PromptsRejected(results, rejected)
@@ -273,7 +273,7 @@ class OpenAIBackend:
                 self._resting_until[j] = 0.0
             else:
                 self._failures[j] += 1
-                rest = min(self.backoff * 2 ** (self._failures[j] - 1), _MAX_SLEEP)
+                rest = min(self.backoff * 2 ** min(self._failures[j] - 1, 16), _MAX_SLEEP)
                 self._resting_until[j] = time.monotonic() + rest
 
     def endpoint_failures(self) -> dict[str, int]:

@@ -18,6 +18,8 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +28,7 @@ from typing import Any
 import datasets
 from hydra.utils import instantiate
 
-from data_gen.backend import Sampling, build_backend
+from data_gen.backend import PromptsRejected, Sampling, build_backend
 from data_gen.generate import GENERATION_FEATURES
 from data_gen.prompts import load_prompts
 from posttrain.config import EvalJob
@@ -133,7 +135,19 @@ def _answer(generate: Callable, prompts: list[dict], model: str, round_idx: int)
 
 
 def _one_each(backend, sampling: Sampling) -> Callable[[list[list[dict]]], list[dict]]:
-    return lambda messages: [samples[0] for samples in backend.generate(messages, 1, sampling)]
+    """One answer per prompt; a prompt the backend's server refuses (PromptsRejected) gets an empty answer with
+    finish_reason "rejected", kept and counted rather than failing the eval."""
+    def answer(messages: list[list[dict]]) -> list[dict]:
+        try:
+            results = backend.generate(messages, 1, sampling)
+        except PromptsRejected as e:
+            print(f"posttrain: warning: eval: {e}; those prompts get an empty answer (finish_reason 'rejected')",
+                  file=sys.stderr)
+            refused = {"text": "", "prompt_tokens": 0, "completion_tokens": 0, "finish_reason": "rejected"}
+            results = [r if r is not None else [refused] for r in e.results]
+        return [samples[0] for samples in results]
+
+    return answer
 
 
 def _save(rows: list[dict], path: Path, scores: dict[str, list] | None = None) -> None:
@@ -141,6 +155,7 @@ def _save(rows: list[dict], path: Path, scores: dict[str, list] | None = None) -
                                     features=GENERATION_FEATURES)
     for name, values in (scores or {}).items():
         ds = ds.add_column(f"reward.{name}", values, feature=datasets.Value("float64"))
+    shutil.rmtree(path, ignore_errors=True)  # left by an attempt cut short (the stage resumes for its journal)
     ds.save_to_disk(str(path))
 
 

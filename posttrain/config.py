@@ -194,8 +194,8 @@ class EvalConfig:
     rewards: Dict[str, Any] = field(default_factory=dict)
     # Round 0 also answers the held-out prompts with the teacher once, for win rates against it.
     teacher: bool = True
-    # The backend that answers as the teacher. None: generate.backend when generate.source is teacher and it is
-    # another kind of backend than `backend` (the teacher's endpoint or vLLM engine), else `backend`.
+    # The backend that answers as the teacher. None: generate.backend when generate.source is teacher and it differs
+    # from `backend` in more than batch_size (the teacher's endpoint, a tensor-parallel engine), else `backend`.
     teacher_backend: Optional[Dict[str, Any]] = None
     suites: Dict[str, Any] = field(
         default_factory=lambda: {
@@ -313,22 +313,9 @@ def round_config(cfg: DictConfig, round_idx: int) -> DictConfig:
         override = cfg.rounds[round_idx - 1]
         if override is not None:
             base = OmegaConf.merge(base, override)
-    if base.backend_swaps:
-        swaps = OmegaConf.to_container(base.backend_swaps, resolve=True)
-        swapped = _swap_backends(OmegaConf.to_container(base, resolve=False), swaps)
-        base = OmegaConf.merge(OmegaConf.structured(PosttrainConfig), swapped)
-    return base
+    from posttrain.swaps import with_backend_swaps
 
-
-def _swap_backends(node: Any, swaps: dict) -> Any:
-    """`node` with every mapping whose `_target_` is a key of `swaps` replaced by that key's config."""
-    if isinstance(node, dict):
-        if node.get("_target_") in swaps:
-            return dict(swaps[node["_target_"]])
-        return {k: v if k == "backend_swaps" else _swap_backends(v, swaps) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_swap_backends(v, swaps) for v in node]
-    return node
+    return with_backend_swaps(base)
 
 
 _TYPED_KEYS = [k for k in PosttrainConfig.__dataclass_fields__ if k != "rounds"]

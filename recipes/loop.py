@@ -38,7 +38,7 @@ STAGES = [
     Stage("select", select),
     Stage("sft", sft_stage, resumable=True, module="posttrain.train.sft"),
     Stage("dpo", dpo_stage, resumable=True, module="posttrain.train.dpo"),
-    Stage("eval", eval_stage),
+    Stage("eval", eval_stage, resumable=True),  # a paid teacher's journal in its partial folder survives
 ]
 
 def _train_job(rc: DictConfig, key: str) -> TrainJob:

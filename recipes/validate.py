@@ -149,7 +149,8 @@ def check_target(key: str, node: dict, allowed: tuple[str, ...], injected: tuple
     required = {name for name, p in params.items() if p.default is p.empty
                 and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)}
     missing = sorted(required - set(node) - set(injected))
-    if missing and inspect.isclass(obj) and not node.get("_partial_"):  # a function reward is called, not built
+    # Only classes: a function reward is called with (prompts, responses), not built.
+    if missing and inspect.isclass(obj) and not node.get("_partial_") and not node.get("_args_"):
         return f"{key}: {target} needs argument(s) {missing}, which nothing sets"
     return None
 
@@ -175,10 +176,13 @@ def teacher_backend(rc: DictConfig) -> Any:
     generate stage's backend when it serves the teacher (its endpoint, say), else `evals.backend`."""
     if rc.evals.get("teacher_backend") is not None:
         return rc.evals.teacher_backend
-    own = rc.generate.backend
-    if rc.generate.source == Source.teacher and own.get("_target_") != rc.evals.backend.get("_target_"):
-        return own  # e.g. the teacher's endpoint, where evals.backend would load it in process
-    return rc.evals.backend
+    own, evals = rc.generate.backend, rc.evals.backend
+
+    def settings(node):
+        return {k: v for k, v in node.items() if k != "batch_size"}
+    if rc.generate.source == Source.teacher and settings(own) != settings(evals):
+        return own  # the teacher's endpoint or engine (e.g. tensor-parallel), which evals.backend would not be
+    return evals
 
 
 def _remote(backend: Any) -> bool:

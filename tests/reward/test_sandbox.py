@@ -126,7 +126,7 @@ CHEATS = {
                            "    __ne__ = __lt__ = __gt__ = __le__ = __ge__ = __eq__\n    def __hash__(self):\n"
                            "        return 0\ndef add(a, b):\n    return Any()",
     "int subclass equal to all": "class Int(int):\n    def __eq__(self, other):\n        return True\n"
-                                 "def add(a, b):\n    return Int(0)",
+                                 "def add(a, b):\n    return Int(7)",
     "builtins.exec replaced": "import builtins\nbuiltins.exec = lambda *a, **k: None\n"
                               "builtins.eval = lambda *a, **k: None\ndef add(a, b):\n    return None",
     "os.write patched": "import os\n_write = os.write\n"
@@ -324,3 +324,25 @@ def test_refused_without_bwrap_unless_allowed(no_bwrap):
     assert unsandboxed(prompts, [ADD, python(CHEATS["always-equal object"])]) == [1.0, 0.0]
     environ = run_python("import os\nprint(sorted(os.environ))", allow_unsandboxed=True).stdout
     assert environ in ("[]\n", "['LC_CTYPE']\n")  # Python's own UTF-8 locale coercion (PEP 538) at most
+
+
+def test_subclasses_of_built_in_types_are_judged_as_their_base_type():
+    code = python("from collections import Counter, OrderedDict, namedtuple\nPoint = namedtuple('Point', 'x y')\n"
+                  "def freq(s):\n    return Counter(s)\ndef ordered():\n    return OrderedDict(a=1)\n"
+                  "def point():\n    return Point(1, 2)")
+    tests = ["assert freq('aab') == {'a': 2, 'b': 1}", "assert ordered() == {'a': 1}", "assert point() == (1, 2)",
+             "assert freq('a') == {'a': 2}"]
+    assert CodeExecution().judge(tests, code).passed == [True, True, True, False]
+
+
+def test_a_loop_of_asserts_in_test_code_counts():
+    tests = "assert f(0) == 0\nfor i in range(5):\n    assert f(i) == i * i\n"
+    assert score(python("def f(x):\n    return 0"), tests)[0] == 0.5
+    assert score(python("def f(x):\n    return x * x"), tests)[0] == 1.0
+
+
+def test_threads_work_in_code_rewards():
+    threaded = python("import threading\ndef add(a, b):\n    out = []\n"
+                      "    t = threading.Thread(target=lambda: out.append(a + b))\n    t.start()\n    t.join()\n"
+                      "    return out[0]")
+    assert score(threaded, ADD_TESTS)[0] == 1.0
