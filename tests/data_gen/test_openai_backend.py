@@ -458,3 +458,37 @@ def test_a_judge_scores_a_refused_answer_none(scripted):
     prompts = [{"prompt_id": str(i), "messages": [{"role": "user", "content": "q"}]} for i in range(4)]
     assert judge(prompts, ["fine", "LONG answer", "fine", "fine"]) == [2 / 3, None, 2 / 3, 2 / 3]
     assert srv.count == 4
+
+
+def test_the_evals_teacher_answers_survive_a_crash_and_a_refused_prompt_gets_an_empty_answer(scripted, tmp_path):
+    """Round 0's eval asks an endpoint teacher for its held-out answers: a crash keeps the journal (the eval stage
+    resumes from its partial folder), and a prompt the server refuses is answered empty, not fatal."""
+    from evals.stage import eval_stage, load_responses
+    from posttrain.config import EvalConfig, EvalJob
+    from posttrain.rundir import RunDir, Stage, StageError
+
+    heldout = ROOT / "evals" / "data" / "tiny_heldout.jsonl"
+    n = sum(1 for _ in open(heldout))
+
+    def run(srv, retries):
+        teacher = {"_target_": "data_gen.openai_backend.OpenAIBackend", "base_urls": [srv.url],
+                   "api_key_env": None, "max_retries": retries, "max_concurrency": 1}
+        evals = EvalConfig(heldout=str(heldout), teacher_backend=teacher, rewards={},
+                           backend={"_target_": "data_gen.hf_backend.HFBackend"}, max_new_tokens=4,
+                           suites={"drift": {"_target_": "evals.suites.Drift"}})
+        rd = RunDir(tmp_path / "run", [Stage("eval", eval_stage, True, None)])
+        try:
+            return rd.run_stage(0, "eval", EvalJob(evals=evals, round=0),
+                                {"policy": TINY, "heldout": str(heldout), "teacher": "teacher-405b"})
+        finally:
+            rd.close()
+
+    first = scripted(["ok"] * 5, then=503)
+    with pytest.raises(StageError, match="HTTP 503"):
+        run(first, retries=0)
+    second = scripted(poison="violin")  # heldout-008 is refused (it was not among the first 5)
+    entry = run(second, retries=2)
+    assert second.count == n - 5  # the 5 journaled answers are not paid for twice
+    teacher = load_responses(str(tmp_path / "run" / entry["dir"] / "teacher_responses"))
+    refused = [r for r in teacher if r["finish_reason"] == "rejected"]
+    assert len(teacher) == n and [r["prompt_id"] for r in refused] == ["heldout-008"] and refused[0]["text"] == ""
