@@ -171,6 +171,24 @@ def _injected(container: dict, key: str) -> tuple[str, ...]:
     return ()
 
 
+def report_to_problems(key: str, names: list[str]) -> list[str]:
+    """Trackers a training stage cannot report to: names transformers does not know, or whose package is not
+    installed (checked before any stage runs, not when the Trainer starts)."""
+    from transformers.integrations.integration_utils import (
+        INTEGRATION_TO_CALLBACK,
+        get_available_reporting_integrations,
+    )
+
+    known = set(INTEGRATION_TO_CALLBACK)
+    unknown = [n for n in names if n not in known | {"none", "all"}]
+    if unknown:
+        return [f"{key}: {unknown} not a tracker transformers knows; use none, all or some of {sorted(known)}"]
+    missing = [n for n in names if n in known and n not in get_available_reporting_integrations()]
+    if missing:
+        return [f"{key}: {missing} not installed here (pip install {' '.join(missing)}), or use report_to=[none]"]
+    return []
+
+
 def teacher_backend(rc: DictConfig) -> Any:
     """The backend config that answers as the teacher in round 0's eval: `evals.teacher_backend`, else the
     generate stage's backend when it serves the teacher (its endpoint, say), else `evals.backend`."""
@@ -200,6 +218,8 @@ def _round_problems(rc: DictConfig, where: str) -> list[str]:
         if value is not None and not ok(value):
             problems.append(f"{where}{key}: {demand}, got {value!r}")
     problems += [where + p for p in allowed_prefix_problems(rc.allowed_targets)]
+    for key in ("sft", "dpo", "rm"):
+        problems += [where + p for p in report_to_problems(f"{key}.report_to", list(rc[key].report_to))]
     allowed = ALLOWED_PREFIXES + tuple(p for p in rc.allowed_targets if not allowed_prefix_problems([p]))
     container = OmegaConf.to_container(rc, resolve=True)
     for key, value in _strings(container, ""):

@@ -261,6 +261,7 @@ def trainer_args(settings: dict, output_dir: str | Path) -> dict:
         save_total_limit=2,  # the last checkpoint survives a crash while the next one is written
         eval_strategy="no",
         report_to=settings["report_to"],
+        run_name=settings.get("run_name"),  # round_N/stage[/seed_S]: how wandb, trackio and mlflow name the run
         seed=settings["seed"],
         use_cpu=not gpu,
         **flags,

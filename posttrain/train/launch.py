@@ -129,6 +129,17 @@ def command(module: str, config_path: Path, launch: dict) -> list[str]:
     return cmd + ["-m", module, *script]
 
 
+def run_names(work_dir: Path) -> tuple[str, str]:
+    """(the run directory's name, `round_N/stage[/seed_S]`) for a training process writing into `work_dir`: a
+    stage folder (`round_1/.05_sft.partial`) or a seed folder in one."""
+    seed = work_dir.name if work_dir.name.startswith("seed_") else None
+    stage_dir = work_dir.parent if seed else work_dir
+    stage = stage_dir.name.lstrip(".").removesuffix(".partial")
+    stage = stage.split("_", 1)[1] if stage[:2].isdigit() and "_" in stage else stage
+    name = "/".join(part for part in (stage_dir.parent.name, stage, seed) if part)
+    return stage_dir.parent.parent.name or "posttrain", name
+
+
 def run_training(module: str, settings: dict, work_dir: Path, launch: dict, log_name: str = "train.log") -> None:
     """Freeze `settings` to `work_dir/train_config.json`, run `module` on it, stream its output into
     `work_dir/<log_name>` (appended, so a resumed stage keeps the first attempt's log) and to stderr."""
@@ -136,9 +147,15 @@ def run_training(module: str, settings: dict, work_dir: Path, launch: dict, log_
     config_path = work_dir / "train_config.json"
     cmd = command(module, config_path, launch)
     ds = launch["deepspeed"]
-    settings = {**settings, "deepspeed": json.loads(deepspeed_config(ds).read_text()) if ds else None}
+    group, name = run_names(work_dir)
+    settings = {**settings, "deepspeed": json.loads(deepspeed_config(ds).read_text()) if ds else None,
+                "run_name": name}
     config_path.write_text(json.dumps(settings, indent=2, sort_keys=True, default=str))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # Trackers: TensorBoard events in the stage's own folder (the same one when it resumes), one wandb group per
+    # run directory; runs are named round_N/stage[/seed_S] (`run_name`). A value the user exported wins.
+    env.setdefault("TENSORBOARD_LOGGING_DIR", str(work_dir / "tensorboard"))
+    env.setdefault("WANDB_RUN_GROUP", group)
     if launch["launcher"] != "direct" and not _has_gpu():
         env.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's CPU accelerator; the trainers then use gloo
     tail: deque[bytes] = deque(maxlen=64)  # last chunks of output, for the error message

@@ -241,3 +241,23 @@ def test_a_checkpoint_cut_short_is_passed_over(tmp_path):
             (folder / "trainer_state.json").write_text(state)
     (tmp_path / "checkpoint-x").mkdir()
     assert last_complete_checkpoint(tmp_path) == tmp_path / "checkpoint-4"
+
+
+def test_training_processes_are_named_for_trackers_and_log_into_their_stage_folder(tmp_path, monkeypatch):
+    from posttrain.config import SFTConfig, TrainJob
+    from posttrain.train.launch import launch_stage, run_names
+
+    assert run_names(tmp_path / "myrun" / "round_2" / ".05_sft.partial") == ("myrun", "round_2/sft")
+    assert run_names(tmp_path / "myrun" / "round_1" / ".00_rm.partial" / "seed_3") == ("myrun", "round_1/rm/seed_3")
+    (tmp_path / "env_trainer.py").write_text(
+        "import json, os, sys\nfrom pathlib import Path\n"
+        "settings = json.loads(Path(sys.argv[1]).read_text())\nout = Path(settings['output_dir'])\n"
+        "(out / 'metrics.json').write_text(json.dumps({'run_name': settings['run_name'],"
+        " 'tensorboard': os.environ['TENSORBOARD_LOGGING_DIR'], 'group': os.environ['WANDB_RUN_GROUP']}))\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
+    monkeypatch.delenv("WANDB_RUN_GROUP", raising=False)
+    out = tmp_path / "myrun" / "round_1" / ".05_sft.partial"
+    out.mkdir(parents=True)
+    metrics, _ = launch_stage("env_trainer", TrainJob(train=SFTConfig(), seed=0), {}, out)
+    assert metrics == {"run_name": "round_1/sft", "tensorboard": str(out / "tensorboard"), "group": "myrun"}

@@ -284,3 +284,14 @@ def test_a_nested_backend_without_a_model_is_refused_by_key():
     msg = problems(*judge)
     assert "reward.rewards.judge.backend: data_gen.openai_backend.OpenAIBackend needs argument(s) ['model']" in msg
     validate(recipe(*judge, "+reward.rewards.judge.model=served-judge"))
+
+
+def test_report_to_is_checked_before_any_stage(monkeypatch):
+    import transformers.integrations.integration_utils as integrations
+
+    msg = problems("sft.report_to=[tensorbord]")
+    assert "sft.report_to: ['tensorbord'] not a tracker transformers knows" in msg and "'tensorboard'" in msg
+    monkeypatch.setattr(integrations, "get_available_reporting_integrations", lambda: [])
+    assert "dpo.report_to: ['wandb'] not installed here (pip install wandb)" in problems("dpo.report_to=[wandb]")
+    monkeypatch.setattr(integrations, "get_available_reporting_integrations", lambda: ["wandb"])
+    validate(recipe("dpo.report_to=[wandb]", "sft.report_to=[none]"))
