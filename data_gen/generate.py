@@ -12,7 +12,6 @@ concurrency. Prompts the backend's server refuses for themselves (PromptsRejecte
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 from collections import Counter
@@ -25,7 +24,7 @@ from tqdm.auto import tqdm
 from data_gen.backend import PromptsRejected, Sampling, build_backend
 from data_gen.prompts import load_prompts, sample_round
 from posttrain.config import GenerateJob
-from posttrain.rundir import Inputs, StageResult, stable_hash
+from posttrain.rundir import Inputs, StageResult, stable_hash, write_text_atomic
 
 GENERATION_FEATURES = datasets.Features(
     {
@@ -72,11 +71,8 @@ def shard_size(cfg) -> int:
 
 
 def _write_lines(path: Path, rows: list[dict]) -> None:
-    """JSON lines written atomically (a temp file renamed into place)."""
-    with open(path.with_suffix(".tmp"), "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    os.replace(path.with_suffix(".tmp"), path)
+    """JSON lines written atomically."""
+    write_text_atomic(path, "".join(json.dumps(row, default=str) + "\n" for row in rows))
 
 
 def generate(job: GenerateJob, inputs: Inputs, out: Path) -> StageResult:
@@ -133,8 +129,7 @@ def generate(job: GenerateJob, inputs: Inputs, out: Path) -> StageResult:
 
     rejected = [json.loads(line) for s in sorted(shard_dir.glob("*.rejected")) for line in open(s)]
     if pool.quarantined or rejected:  # written whole, so a rerun after a crash here writes no line twice
-        _write_lines(out / "quarantine.jsonl", [json.loads(json.dumps(q, default=str)) for q in pool.quarantined]
-                     + rejected)
+        _write_lines(out / "quarantine.jsonl", pool.quarantined + rejected)
     if rejected:
         print(f"posttrain: warning: round {job.round} generate: {len(rejected)} prompts rejected by the backend, "
               f"quarantined (quarantine.jsonl); first: {rejected[0]['prompt_id']}: {rejected[0]['reason'][:200]}",

@@ -113,6 +113,17 @@ def plain(config: Any) -> Any:
     return redact(json.loads(json.dumps(asdict(config) if is_dataclass(config) else config, default=str)))
 
 
+PARTIAL = ".partial"  # a stage runs in round_N/.NN_<stage>.partial/, renamed to round_N/NN_<stage>/ when done
+
+
+def stage_names(folder: Path) -> tuple[str, str, str]:
+    """(run directory name, round folder name, stage name) of a stage's folder, finished or partial:
+    `runs/x/round_1/.05_sft.partial` -> ("x", "round_1", "sft"). A folder not named like one: its own name."""
+    name = folder.name.lstrip(".").removesuffix(PARTIAL)
+    number, _, stage = name.partition("_")
+    return folder.parent.parent.name, folder.parent.name, stage if number.isdigit() and stage else name
+
+
 def stable_hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -125,7 +136,11 @@ def _hash_recorded(recorded: dict) -> str:
     """The config hash of a stage config as `plain` records it: all but the settings of how the stage runs (the
     top-level UNHASHED sections, and the `unhashed` arguments a `_target_` class names, e.g. an endpoint
     backend's URLs, keys, retries and concurrency)."""
-    return stable_hash(_without_unhashed({k: v for k, v in recorded.items() if k not in UNHASHED}))
+    return stable_hash(_hashed_part(recorded))
+
+
+def _hashed_part(recorded: dict) -> dict:
+    return _without_unhashed({k: v for k, v in recorded.items() if k not in UNHASHED})
 
 
 def _unhashed_arguments(target: Any) -> tuple[str, ...]:
@@ -158,7 +173,7 @@ def tree_hash(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
     """Write `text` to a temporary file, flush it to disk, then rename it over `path`: readers see old or new."""
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as f:
@@ -169,7 +184,7 @@ def _write_text_atomic(path: Path, text: str) -> None:
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
-    _write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=str))
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=str))
 
 
 def _output_sizes(folder: Path, outputs: dict[str, str]) -> dict[str, list[int]]:
@@ -342,7 +357,7 @@ class RunDir:
                 raise StageChanged(self._changed_message(stage_id, final, old, recorded, input_hashes))
             self._supersede(old, final)
 
-        work = final.with_name(f".{final.name}.partial")
+        work = final.with_name(f".{final.name}{PARTIAL}")
         marker = {"config_hash": config_hash, "input_hashes": input_hashes}
         if final.exists():  # renamed into place but no manifest entry: the driver died in between. Kept, not wiped.
             self._set_aside(final, "orphan")
@@ -481,8 +496,7 @@ class RunDir:
     def _changed_message(self, stage_id: str, final: Path, old: dict, recorded: dict, input_hashes: dict) -> str:
         old_cfg_path = final / "stage_config.json"
         old_cfg = json.loads(old_cfg_path.read_text()) if old_cfg_path.exists() else {}
-        keys = _diff_keys(_without_unhashed({k: v for k, v in old_cfg.items() if k not in UNHASHED}),
-                          _without_unhashed({k: v for k, v in recorded.items() if k not in UNHASHED}))
+        keys = _diff_keys(_hashed_part(old_cfg), _hashed_part(recorded))
         changed_inputs = [k for k in input_hashes if old["input_hashes"].get(k) != input_hashes[k]]
         what = []
         if keys:
@@ -500,7 +514,7 @@ class RunDir:
         overrides.yaml; an earlier, different config.yaml is kept in config.history/."""
         import yaml
 
-        _write_text_atomic(self.root / "overrides.yaml",
+        write_text_atomic(self.root / "overrides.yaml",
                            yaml.safe_dump([redact_override(o) for o in overrides], default_flow_style=False))
         path = self.root / "config.yaml"
         if path.exists() and path.read_text() != yaml_text:
@@ -508,4 +522,4 @@ class RunDir:
             hist.mkdir(exist_ok=True)
             n = len(list(hist.glob("*.yaml"))) + 1
             os.replace(path, hist / f"{n:03d}.yaml")
-        _write_text_atomic(path, yaml_text)
+        write_text_atomic(path, yaml_text)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import inspect
 import os
-import re
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -69,16 +68,16 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
-def _targets(node: Any, path: str = ""):
-    """Yield (key, dict) for every mapping with a `_target_` under `node`."""
+def _targets(node: Any, path: str = "", parent: Any = None):
+    """Yield (key, dict, the mapping or list holding it) for every mapping with a `_target_` under `node`."""
     if isinstance(node, dict):
         if "_target_" in node:
-            yield path, node
+            yield path, node, parent
         for k, v in node.items():
-            yield from _targets(v, f"{path}.{k}" if path else str(k))
+            yield from _targets(v, f"{path}.{k}" if path else str(k), node)
     elif isinstance(node, list):
         for i, v in enumerate(node):
-            yield from _targets(v, f"{path}[{i}]")
+            yield from _targets(v, f"{path}[{i}]", node)
 
 
 # Never allowed as `allowed_targets` entries: the standard library (os, shutil, subprocess, builtins...) runs
@@ -155,16 +154,13 @@ def check_target(key: str, node: dict, allowed: tuple[str, ...], injected: tuple
     return None
 
 
-def _injected(container: dict, key: str) -> tuple[str, ...]:
+def _injected(key: str, parent: Any) -> tuple[str, ...]:
     """The arguments posttrain passes itself to the `_target_` at `key`: a stage's backend gets the model (and a
     journal folder); a nested `backend` its parent's `model` (reward.protocol.with_backend_models); the reward
     named `rm` the reward model this run trains."""
     if key in ("generate.backend", "evals.backend", "evals.teacher_backend") or key.startswith("backend_swaps."):
         return ("model", "journal_dir")
     if key.endswith(".backend"):
-        parent: Any = container
-        for part in re.findall(r"[^.\[\]]+|\[\d+\]", key.rsplit(".", 1)[0]):  # as _targets wrote the key
-            parent = parent[int(part[1:-1])] if part.startswith("[") else parent.get(part)
         return ("model",) if isinstance(parent, dict) and parent.get("model") else ()
     if key in ("reward.rewards.rm", "evals.rewards.rm"):
         return ("model",)
@@ -226,8 +222,8 @@ def _round_problems(rc: DictConfig, where: str) -> list[str]:
         if URL_CREDENTIALS.search(value):
             problems.append(f"{where}{key}: a URL with credentials in it (user:password@); give the key through an "
                             f"environment variable (api_key_env) instead: it would be written into the run directory")
-    for key, node in _targets(container):
-        injected = _injected(container, key)
+    for key, node, parent in _targets(container):
+        injected = _injected(key, parent)
         problem = check_target(key, node, allowed, injected)
         if problem:
             problems.append(where + problem)

@@ -149,6 +149,14 @@ def _no_fork_filter() -> bytes | None:
         return None
 
 
+def _readable(data: bytes) -> int:
+    """A pipe's read end holding `data` (a seccomp program: a few hundred bytes, within the pipe's buffer)."""
+    read_end, write_end = os.pipe()
+    os.write(write_end, data)
+    os.close(write_end)
+    return read_end
+
+
 def _bwrap_candidates() -> list[str]:
     found = [shutil.which("bwrap")]
     try:
@@ -180,11 +188,8 @@ def _isolation() -> tuple[tuple[str, ...] | None, str]:
         probe = [*_bwrap_prefix(bwrap), "--size", str(1 << 20), "--tmpfs", _WORK_INSIDE, "--chdir", _WORK_INSIDE]
         pass_fds = []
         if bpf is not None:  # the filter every run loads: a bwrap that cannot load it cannot run them
-            read_end, write_end = os.pipe()
-            os.write(write_end, bpf)
-            os.close(write_end)
-            pass_fds.append(read_end)
-            probe += ["--seccomp", str(read_end)]
+            pass_fds.append(_readable(bpf))
+            probe += ["--seccomp", str(pass_fds[-1])]
         probe += ["--", _interpreter(), "-I", "-S", "-B", "-c", "pass"]
         try:
             done = subprocess.run(probe, capture_output=True, text=True, timeout=30, env={}, pass_fds=pass_fds)
@@ -251,9 +256,7 @@ def _execute(job: dict, timeout: float, memory_mb: int, max_file_mb: int, max_pr
             if prefix is not None:
                 cmd = [*prefix, "--size", str(disk_mb << 20), "--tmpfs", _WORK_INSIDE, "--chdir", _WORK_INSIDE]
                 if bpf is not None:
-                    bpf_fd, write_end = os.pipe()
-                    os.write(write_end, bpf)  # a few hundred bytes: fits the pipe's buffer
-                    os.close(write_end)
+                    bpf_fd = _readable(bpf)
                     pass_fds.append(bpf_fd)
                     cmd += ["--seccomp", str(bpf_fd)]
                 cmd += ["--", *python, _HARNESS_INSIDE]

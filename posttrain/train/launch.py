@@ -132,12 +132,11 @@ def command(module: str, config_path: Path, launch: dict) -> list[str]:
 def run_names(work_dir: Path) -> tuple[str, str]:
     """(the run directory's name, `round_N/stage[/seed_S]`) for a training process writing into `work_dir`: a
     stage folder (`round_1/.05_sft.partial`) or a seed folder in one."""
+    from posttrain.rundir import stage_names
+
     seed = work_dir.name if work_dir.name.startswith("seed_") else None
-    stage_dir = work_dir.parent if seed else work_dir
-    stage = stage_dir.name.lstrip(".").removesuffix(".partial")
-    stage = stage.split("_", 1)[1] if stage[:2].isdigit() and "_" in stage else stage
-    name = "/".join(part for part in (stage_dir.parent.name, stage, seed) if part)
-    return stage_dir.parent.parent.name or "posttrain", name
+    run, round_dir, stage = stage_names(work_dir.parent if seed else work_dir)
+    return run or "posttrain", "/".join(part for part in (round_dir, stage, seed) if part)
 
 
 def run_training(module: str, settings: dict, work_dir: Path, launch: dict, log_name: str = "train.log") -> None:
