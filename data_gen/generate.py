@@ -22,7 +22,7 @@ from hydra.utils import get_object
 from tqdm.auto import tqdm
 
 from data_gen.backend import PromptsRejected, Sampling, build_backend
-from data_gen.prompts import load_prompts, sample_round
+from data_gen.prompts import load_pools, sample_mix
 from posttrain.config import GenerateJob
 from posttrain.rundir import Inputs, StageResult, stable_hash, write_text_atomic
 
@@ -78,12 +78,15 @@ def _write_lines(path: Path, rows: list[dict]) -> None:
 def generate(job: GenerateJob, inputs: Inputs, out: Path) -> StageResult:
     """Stage function. `job`: the round's `generate` section (k, sampling, the backend's `_target_` config), the
     `data` section, round, seed and `prompt_start` (where this round starts reading the prompt stream: the
-    prompts drawn by earlier rounds); `inputs`: `prompts` (a prompt source) and `model` (the spec of the model
+    prompts drawn by earlier rounds); `inputs`: `prompts` (the local paths of `data.prompts`' sources, for the
+    run directory's fingerprints) and `model` (the spec of the model
     that generates). Writes `generations/` (one row per completion) and, when rows were set aside,
     `quarantine.jsonl`."""
     cfg, data = job.generate, job.data
-    pool = load_prompts(inputs["prompts"], on_empty=data.on_empty, split=data.split)
-    prompts = sample_round(pool.prompts, data.num_prompts, job.prompt_start, job.seed)
+    pools = load_pools(data.prompts, on_empty=data.on_empty, split=data.split)
+    prompts = sample_mix([pool for _, pool in pools], [s.weight for s, _ in pools], data.num_prompts,
+                         job.prompt_start, job.seed)
+    set_aside = [q for _, pool in pools for q in pool.quarantined]
 
     shard_dir = out / "shards"
     shard_dir.mkdir(exist_ok=True)
@@ -128,8 +131,8 @@ def generate(job: GenerateJob, inputs: Inputs, out: Path) -> StageResult:
     bar.close()
 
     rejected = [json.loads(line) for s in sorted(shard_dir.glob("*.rejected")) for line in open(s)]
-    if pool.quarantined or rejected:  # written whole, so a rerun after a crash here writes no line twice
-        _write_lines(out / "quarantine.jsonl", pool.quarantined + rejected)
+    if set_aside or rejected:  # written whole, so a rerun after a crash here writes no line twice
+        _write_lines(out / "quarantine.jsonl", set_aside + rejected)
     if rejected:
         print(f"posttrain: warning: round {job.round} generate: {len(rejected)} prompts rejected by the backend, "
               f"quarantined (quarantine.jsonl); first: {rejected[0]['prompt_id']}: {rejected[0]['reason'][:200]}",
@@ -150,7 +153,7 @@ def generate(job: GenerateJob, inputs: Inputs, out: Path) -> StageResult:
         rows=len(rows),
         metrics={
             "prompts": len(prompts),
-            "quarantined": {"empty_prompt": len(pool.quarantined), "rejected_by_backend": len(rejected)},
+            "quarantined": {"empty_prompt": len(set_aside), "rejected_by_backend": len(rejected)},
             "finish_reason": dict(sorted(finish.items())),
             "mean_completion_tokens": sum(r["completion_tokens"] for r in rows) / max(len(rows), 1),
             **degenerate,

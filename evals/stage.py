@@ -49,15 +49,19 @@ def prompt_text(messages: list[dict]) -> str:
     return " ".join(re.sub(r"[\W_]+", " ", text.casefold()).split())
 
 
-def check_heldout(heldout_prompts: list[dict], training_sources: list[str], split: str = "train") -> None:
+def check_heldout(heldout_prompts: list[dict], training_sources: list, split: str = "train") -> None:
     """Raise PosttrainError when a held-out prompt (rows as `data_gen.prompts.load_prompts` gives them) shares its
-    id or its normalised text (`prompt_text`) with a prompt of any training source (paths or specs); the message
-    names the overlapping prompts. Training on eval prompts would make every later metric meaningless."""
+    id or its normalised text (`prompt_text`) with a prompt of any training source (paths, specs or source
+    mappings, posttrain.sources; `split` for those that name none); the message names the overlapping prompts.
+    Training on eval prompts would make every later metric meaningless."""
+    from posttrain.sources import parse_sources
+
     by_id = {p["prompt_id"]: p for p in heldout_prompts}
     by_text = {prompt_text(p["messages"]): p for p in heldout_prompts}
     clashes: dict[str, str] = {}  # held-out prompt id -> why
-    for source in dict.fromkeys(str(s) for s in training_sources):
-        for p in load_prompts(source, on_empty="quarantine", split=split).prompts:
+    sources = {repr(s.spec()): s for item in training_sources for s in parse_sources(item, "data.prompts", split)}
+    for source in sources.values():
+        for p in load_prompts(source, on_empty="quarantine").prompts:
             text = prompt_text(p["messages"])
             if p["prompt_id"] in by_id:
                 clashes.setdefault(p["prompt_id"], f"id {p['prompt_id']!r} is also a training prompt id in {source}")
@@ -89,7 +93,7 @@ class EvalContext:
     rewards: dict[str, Any]  # name -> built Reward
     generate: Callable[[list[list[dict]]], list[dict]]  # chat prompts -> one answer dict each, from the policy
     out: Path  # the stage folder
-    training_prompts: list[str] = field(default_factory=list)
+    training_prompts: list = field(default_factory=list)
     round0: list[dict] | None = None
     batch_size: int = 64
     suite: str = ""  # the name of the suite being run; its own files go under out / suite
@@ -183,7 +187,7 @@ def eval_stage(job: EvalJob, inputs: Inputs, out: Path) -> StageResult:
     Writes `responses/`, `metrics.json` and, given `teacher`, `teacher_responses/`; returns the metrics."""
     cfg = job.evals
     heldout = load_prompts(inputs["heldout"], split=cfg.split).prompts
-    training = [str(s) for s in job.training_prompts]
+    training = list(job.training_prompts)
     if training:
         check_heldout(heldout, training, cfg.split)
     # Built before any model loads, so a bad suite config (or a missing extra) costs nothing.

@@ -71,15 +71,18 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    # JSONL file or a `datasets` folder saved with save_to_disk; pkg://<package>/<file> works too.
-    prompts: str = MISSING
+    # The prompt pool: a source or a list of them (posttrain/sources.py): JSONL, JSON, parquet, a `datasets` folder,
+    # pkg://<package>/<file> or a hub id, each a path or {path, columns, weight, split}. TRL's prompt formats
+    # (`prompt`, or `messages` whose trailing answer is dropped); with several, a weight is the source's share of
+    # every round's prompts.
+    prompts: Any = MISSING
     # Prompts drawn for each round. Rounds walk one seeded permutation of the pool, so rounds see disjoint
     # prompts until the pool is used up.
     num_prompts: int = 64
     # What to do with a prompt whose text is empty: "error" stops before any stage runs, "quarantine" sets
     # the row aside, counts it in the manifest and writes it to the stage's quarantine.jsonl.
     on_empty: OnEmpty = OnEmpty.error
-    # Split to read when `prompts` is a DatasetDict on disk.
+    # Split to read when a source is a DatasetDict on disk or a hub dataset, unless the source names its own.
     split: str = "train"
     # The longest prompt (chat template included, in the policy's tokens) any round may draw; a longer one stops the
     # run before the first stage, naming it. None: the policy's context length minus generate.max_new_tokens.
@@ -173,6 +176,10 @@ class SFTConfig(TrainingConfig):
     init: Init = Init.base
     # Train on the SFT data of every round so far (Llama 3), or only on this round's.
     accumulate: bool = True
+    # Your SFT sets, trained on in every round beside the generated data: sources as for data.prompts, in TRL's
+    # language-modeling (`messages`) or prompt-completion formats; a weight scales a source's rows (0.5: a seeded
+    # half, 2: every row twice).
+    data: List[Any] = field(default_factory=list)
     learning_rate: float = 1e-5  # Llama 3, section 4.1.3
     lora: LoraConfig = field(default_factory=LoraConfig)
 
@@ -215,8 +222,9 @@ class RMConfig(TrainingConfig):
     enabled: bool = False
     # Backbone spec (a causal LM or an encoder; gets a fresh 1-output head). None: the policy's base model.
     model: Optional[str] = None
-    # Extra preference datasets (pairs or ranked rows) used in every round, e.g. human-labelled data.
-    data: List[str] = field(default_factory=list)
+    # Your preference sets, used in every round, e.g. human-labelled data: sources as for dpo.data, or ranked rows
+    # (`prompt`/`messages` + `responses`, best first).
+    data: List[Any] = field(default_factory=list)
     # The paper gives no RM learning rate; 1e-5 is its SFT and DPO rate. Tiny test models want ~1e-3.
     # batch_size counts pairs (each pair is two sequences).
     lr_scheduler: str = "linear"
@@ -230,6 +238,10 @@ class DPOConfig(TrainingConfig):
     """DPO the Llama 3 way (posttrain/train/dpo.py): on this round's SFT model and this round's pairs."""
 
     enabled: bool = True
+    # Your preference sets, trained on in every round beside its pairs: sources as for data.prompts, in TRL's
+    # preference formats (explicit `prompt` + `chosen` + `rejected`, or implicit: whole conversations or texts in
+    # `chosen`/`rejected`); a weight scales a source's rows.
+    data: List[Any] = field(default_factory=list)
     learning_rate: float = 1e-5  # Llama 3, section 4.1.4
     beta: float = 0.1  # Llama 3
     nll_weight: float = 0.2  # NLL on the chosen response, Llama 3 (RPO-style regulariser)
@@ -350,7 +362,7 @@ class EvalJob:
     evals: EvalConfig
     round: int
     seed: int = 0
-    training_prompts: List[str] = field(default_factory=list)
+    training_prompts: List[Any] = field(default_factory=list)  # data.prompts' sources (paths or mappings)
     # The reward that judges win rates when a suite names none: the recipe's reward.primary (or its first reward).
     primary: Optional[str] = None
 

@@ -22,10 +22,11 @@ from evals.stage import eval_stage
 from posttrain.config import EvalJob, GenerateJob, Init, SelectJob, Source, TrainJob, round_config, section
 from posttrain.models import resolve_path
 from posttrain.rundir import RunDir, Stage, redact
+from posttrain.sources import fingerprint_path, parse_sources
 from posttrain.train.dpo import dpo_stage
 from posttrain.train.rm import rm_stage
 from posttrain.train.sft import sft_stage
-from recipes.validate import teacher_backend, validate
+from recipes.validate import teacher_backend, training_prompts, validate
 from reward.filters import filter_stage
 from reward.score import score
 from reward.select import select
@@ -45,6 +46,18 @@ def _train_job(rc: DictConfig, key: str) -> TrainJob:
     return TrainJob(train=section(rc, key), dtype=rc.model.dtype, seed=rc.seed, launch=section(rc, "launch"))
 
 
+def _sources(rc: DictConfig, key: str) -> list[str]:
+    """The local paths (or hub ids) of the sources a recipe key names, for the run directory's fingerprints."""
+    return [fingerprint_path(s) for s in parse_sources(OmegaConf.select(rc, key), key, rc.data.split)]
+
+
+def _with_user_data(inputs: dict, rc: DictConfig, key: str) -> dict:
+    """A training stage's inputs plus `user_data` when the recipe gives `<key>.data`: a recipe without it keeps
+    the inputs (and so the fingerprints) it always had."""
+    user = _sources(rc, f"{key}.data")
+    return {**inputs, "user_data": user} if user else inputs
+
+
 def _earlier(rd: RunDir, r: int, stage: str, output: str) -> list[str]:
     """Output `output` of stage `stage` in every round before `r` that has it, oldest first."""
     return [rd.output(e, output) for i in range(1, r) if (e := rd.entry(i, stage)) is not None]
@@ -56,16 +69,19 @@ def run_round(rd: RunDir, rc: DictConfig, r: int, policy: str, prompt_start: int
     reward = section(rc, "reward")
     score_inputs = {}
     if rc.rm.enabled:  # on all preference pairs so far (Llama 3: the RM sees all of it, DPO the latest)
-        data = _earlier(rd, r, "select", "pairs") + [str(resolve_path(p)) for p in rc.rm.data]
-        if data:
-            rm = rd.run_stage(r, "rm", _train_job(rc, "rm"), {"model": rc.rm.model or rc.model.path, "data": data})
+        data = _earlier(rd, r, "select", "pairs")
+        if data or rc.rm.data:
+            rm = rd.run_stage(r, "rm", _train_job(rc, "rm"),
+                              _with_user_data({"model": rc.rm.model or rc.model.path, "data": data}, rc, "rm"))
             reward.rewards["rm"] = {"_target_": "reward.rm_scorer.RewardModelScorer"}
             score_inputs["rm"] = rd.output(rm, "model")
 
     gen_model = rc.teacher.path if rc.generate.source == Source.teacher else policy
     job = GenerateJob(generate=section(rc, "generate"), data=section(rc, "data"), round=r, seed=rc.seed,
                       prompt_start=prompt_start)
-    gen = rd.run_stage(r, "generate", job, {"prompts": str(resolve_path(rc.data.prompts)), "model": gen_model})
+    prompts = _sources(rc, "data.prompts")
+    gen = rd.run_stage(r, "generate", job, {"prompts": prompts[0] if len(prompts) == 1 else prompts,
+                                            "model": gen_model})
     sft_data, pairs = rd.output(gen, "generations"), None
 
     if reward.rewards:
@@ -80,16 +96,18 @@ def run_round(rd: RunDir, rc: DictConfig, r: int, policy: str, prompt_start: int
                                 {"scored": candidates})
         sft_data, pairs = rd.output(selected, "sft"), rd.output(selected, "pairs")
 
-    if rc.sft.enabled:
+    if rc.sft.enabled:  # with the recipe's own SFT sets (sft.data) beside them
         data = [sft_data]
         if rc.sft.accumulate:  # SFT data of earlier rounds (Llama 3 trains each round on everything so far)
             data = [d for i in range(1, r) if (d := _sft_data(rd, i))] + data
         start = rc.model.path if rc.sft.init == Init.base else policy
-        sft = rd.run_stage(r, "sft", _train_job(rc, "sft"), {"model": start, "data": data})
+        sft = rd.run_stage(r, "sft", _train_job(rc, "sft"), _with_user_data({"model": start, "data": data}, rc, "sft"))
         policy = rd.output(sft, "model")
 
-    if rc.dpo.enabled and pairs is not None:  # on the latest pairs only: they are close to the current policy
-        dpo = rd.run_stage(r, "dpo", _train_job(rc, "dpo"), {"model": policy, "data": [pairs]})
+    # On the latest pairs only (they are close to the current policy), with the recipe's own (dpo.data).
+    if rc.dpo.enabled and (pairs is not None or rc.dpo.data):
+        dpo = rd.run_stage(r, "dpo", _train_job(rc, "dpo"),
+                           _with_user_data({"model": policy, "data": [pairs] if pairs else []}, rc, "dpo"))
         policy = rd.output(dpo, "model")
     return policy
 
@@ -127,7 +145,7 @@ def run_eval(rd: RunDir, rc: DictConfig, r: int, policy: str) -> None:
             inputs["round0"] = rd.output(first, "responses")
     primary = rc.reward.primary or next(iter(rc.reward.rewards), None)
     # The prompts every round trains on: the eval stage checks again that none is in the held-out set.
-    training = sorted({str(resolve_path(rc.data.prompts))})
+    training = training_prompts(rc)
     rd.run_stage(r, "eval", EvalJob(evals=evals, round=r, seed=rc.seed, primary=primary, training_prompts=training),
                  inputs)
     if rd.dry_run:

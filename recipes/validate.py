@@ -17,6 +17,7 @@ from typing import Any
 from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 
+from posttrain import sources
 from posttrain.config import Source, round_config
 from posttrain.errors import PosttrainError
 from posttrain.rundir import URL_CREDENTIALS
@@ -303,20 +304,101 @@ def _long_prompts(model: str, prompts: list[dict], limit: int, source: str) -> l
             f"{long[:5]}{' ...' if len(long) > 5 else ''}; remove them or raise data.max_prompt_tokens"]
 
 
+def training_prompts(rc: DictConfig) -> list:
+    """data.prompts' sources as the eval stage checks them against the held-out set: local paths, and mappings
+    where a source has columns, a weight or its own split."""
+    import dataclasses
+
+    specs = [dataclasses.replace(s, path=sources.fingerprint_path(s)).spec()
+             for s in sources.parse_sources(rc.data.prompts, "data.prompts", rc.data.split)]
+    return sorted({repr(x): x for x in specs}.values(), key=repr)
+
+
+def _prompt_problems(cfg: DictConfig, rounds: list[DictConfig], unusable: set) -> list[str]:
+    """Every round's prompt pool loads and validates row by row, gives each round the prompts it asks for (per
+    source, by weight), and fits the policy's context."""
+    from data_gen.prompts import PromptError, load_pools, shares
+
+    problems, pools, start = [], {}, 0
+    for r, rc in enumerate(rounds, 1):
+        value = OmegaConf.to_container(rc.data, resolve=True)["prompts"]
+        key = repr((value, rc.data.on_empty, rc.data.split))
+        if key not in pools:
+            try:
+                pools[key] = load_pools(value, rc.data.on_empty, rc.data.split)
+            except PromptError as e:
+                pools[key] = None
+                problems.append(f"data.prompts: {e}" if not str(e).startswith("data.prompts") else str(e))
+        found = pools[key]
+        n = rc.data.num_prompts
+        if found is not None and n > 0:
+            weights = [s.weight for s, _ in found]
+            counts = [b - a for a, b in zip(shares(weights, start), shares(weights, start + n))]
+            for (source, pool), count in zip(found, counts):
+                if count > len(pool.prompts):
+                    share = f"its share ({count}) of " if len(found) > 1 else ""
+                    problems.append(f"round {r}: data.num_prompts={n} asks for {share}more prompts than {source} has "
+                                    f"({len(pool.prompts)} usable); lower data.num_prompts or add prompts")
+        start += max(n, 0)
+    for key, found in pools.items():
+        if found is None or cfg.dry_run or cfg.model.path in unusable:
+            continue  # a dry run loads nothing, tokenizers included; an unusable model.path is reported on its own
+        limits = [limit for rc in rounds if repr((OmegaConf.to_container(rc.data, resolve=True)["prompts"],
+                                                  rc.data.on_empty, rc.data.split)) == key
+                  if (limit := _prompt_limit(cfg.model.path, rc.data.max_prompt_tokens,
+                                             rc.generate.max_new_tokens)) is not None]
+        if limits:
+            for source, pool in found:
+                try:
+                    problems += _long_prompts(cfg.model.path, pool.prompts, min(limits), str(source))
+                except OSError as e:  # the folder resolves but its tokenizer does not load
+                    problems.append(f"model.path: {cfg.model.path!r}: its tokenizer does not load ({e})")
+                    break
+    return problems
+
+
+def _user_data_problems(cfg: DictConfig, rounds: list[DictConfig]) -> list[str]:
+    """Every source of sft.data, dpo.data and rm.data (of the rounds whose stage runs) read and checked row by
+    row, so a bad row stops the run before its first stage, named by key, file, row and column."""
+    problems, seen = [], set()
+    for rc in rounds:
+        for stage, kind in (("sft", "sft"), ("dpo", "pairs"), ("rm", "ranked")):
+            if not rc[stage].enabled:
+                continue
+            try:
+                found = sources.parse_sources(rc[stage].data, f"{stage}.data", rc.data.split)
+            except sources.SourceError as e:
+                problems.append(str(e))
+                continue
+            for source in found:
+                if repr((source.spec(), kind)) in seen:
+                    continue
+                seen.add(repr((source.spec(), kind)))
+                if cfg.dry_run:
+                    try:
+                        sources.locate(source)
+                    except sources.SourceError as e:
+                        print(f"note: {e}; a real run needs it")
+                    continue
+                try:
+                    sources.read(source, kind)
+                except sources.SourceError as e:
+                    problems.append(str(e))
+    return problems
+
+
 def _heldout_problems(rounds: list[DictConfig]) -> list[str]:
     """Held-out prompt sets (evals.heldout and suites' own `prompts`) must exist and share nothing with the
     prompts of any round."""
     from data_gen.prompts import PromptError, load_prompts
     from evals.stage import check_heldout
-    from posttrain.models import resolve_path
 
-    training = set()
+    training = []
     for rc in rounds:
         try:
-            training.add(str(resolve_path(rc.data.prompts)))
-        except ValueError:
+            training += [s for s in training_prompts(rc) if os.path.exists(s if isinstance(s, str) else s["path"])]
+        except PosttrainError:
             continue  # reported with data.prompts
-    training = sorted(p for p in training if os.path.exists(p))
     sets = {("evals.heldout", rc.evals.heldout, rc.evals.split) for rc in rounds if rc.evals.heldout}
     sets |= {(f"evals.suites.{n}.prompts", s.prompts, s.get("split", "train"))
              for rc in rounds for n, s in rc.evals.suites.items() if s.get("prompts")}
@@ -332,8 +414,7 @@ def _heldout_problems(rounds: list[DictConfig]) -> list[str]:
 def validate(cfg: DictConfig) -> list[DictConfig]:
     """Validate the recipe for rounds 1..cfg.round. Returns the per-round configs; raises PosttrainError
     listing every problem found."""
-    from data_gen.prompts import PromptError, load_prompts
-    from posttrain.models import check_model_spec, resolve_path
+    from posttrain.models import check_model_spec
 
     problems: list[str] = []
     rounds: list[DictConfig] = []
@@ -374,30 +455,8 @@ def validate(cfg: DictConfig) -> list[DictConfig]:
                 print(f"note: {key}={spec!r} is a hub id not in the local cache; a real run downloads it")
             else:
                 problems.append(str(e))
-    for data in {(rc.data.prompts, rc.data.on_empty, rc.data.split) for rc in rounds}:
-        try:
-            pool = load_prompts(*data)
-        except PromptError as e:
-            problems.append(f"data.prompts: {e}")
-            continue
-        # A dry run loads nothing, tokenizers included; an unusable model.path is reported above on its own.
-        if not cfg.dry_run and cfg.model.path not in unusable:
-            limits = [limit for rc in rounds if rc.data.prompts == data[0] if (limit := _prompt_limit(
-                cfg.model.path, rc.data.max_prompt_tokens, rc.generate.max_new_tokens)) is not None]
-            if limits:
-                try:
-                    problems += _long_prompts(cfg.model.path, pool.prompts, min(limits), data[0])
-                except OSError as e:  # the folder resolves but its tokenizer does not load
-                    problems.append(f"model.path: {cfg.model.path!r}: its tokenizer does not load ({e})")
-    for key, path in sorted({(f"rm.data[{i}]", p) for rc in rounds if rc.rm.enabled for i, p in enumerate(rc.rm.data)}):
-        try:
-            if not resolve_path(path).exists():
-                if cfg.dry_run:
-                    print(f"note: {key}: preference data {path} does not exist here; a real run needs it")
-                else:
-                    problems.append(f"{key}: preference data {path} does not exist")
-        except ValueError as e:
-            problems.append(f"{key}: {e}")
+    problems += _prompt_problems(cfg, rounds, unusable)
+    problems += _user_data_problems(cfg, rounds)
     first = rounds[0]
     if first.rm.enabled and first.reward.primary == "rm" and not first.reward.rewards and not first.rm.data:
         problems.append("rm.data: round 1 has nothing to score its samples with (its reward model trains on earlier "

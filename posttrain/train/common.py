@@ -180,12 +180,43 @@ def held_out(keys: list[str], fraction: float) -> list[bool]:
     return held
 
 
-def load_datasets(paths: list[str]):
+def load_datasets(paths: list[str], columns: tuple[str, ...] | None = None):
     """The `datasets` folders in `paths`, concatenated, in memory: a map on a dataset loaded from disk would write
-    its cache files into the input stage's finished folder."""
+    its cache files into the input stage's finished folder. `columns`: keep only these (stage outputs and a
+    user's data carry different extra columns), cast to the first folder's types. A folder lacking one raises
+    ValueError naming it."""
     import datasets
 
-    return datasets.concatenate_datasets([datasets.load_from_disk(p, keep_in_memory=True) for p in paths])
+    parts = []
+    for p in paths:
+        ds = datasets.load_from_disk(p, keep_in_memory=True)
+        if columns is not None:
+            missing = sorted(set(columns) - set(ds.column_names))
+            if missing:
+                raise ValueError(f"{p} lacks columns {missing}")
+            ds = ds.select_columns(list(columns))
+            if parts:
+                ds = ds.cast(parts[0].features)
+        parts.append(ds)
+    return datasets.concatenate_datasets(parts)
+
+
+def with_user_data(job, key: str, kind: str, data: list[str], out: Path) -> tuple[list[str], dict]:
+    """Driver side: a stage's data folders plus the recipe's own sources (`<key>.data`, posttrain.sources), read,
+    checked, mixed by weight with the run's seed and saved as `out/user_data/`. Returns the folders to train on
+    and, per source, its counts for the manifest ({} without sources)."""
+    import shutil
+
+    from posttrain.sources import mix, parse_sources, save
+
+    sources = parse_sources(job.train.data, f"{key}.data")
+    if not sources:
+        return list(data), {}
+    rows, report = mix(sources, kind, job.seed)
+    folder = out / "user_data"
+    shutil.rmtree(folder, ignore_errors=True)
+    save(rows, folder)
+    return [*data, str(folder)], report
 
 
 def precision(dtype: str, deepspeed: bool = False):

@@ -51,24 +51,27 @@ TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 
 def dpo_stage(job: TrainJob, inputs: Inputs, out: Path) -> StageResult:
     """Stage function. `job.train`: the recipe's `dpo` section (DPOConfig); `inputs`: `model` (spec of the SFT
-    policy, which is also the reference) and `data` (a list of pairs `datasets` folders with prompt_id, messages,
-    chosen, rejected). Output: `model/` (HF folder); `ref_logps/` keeps the pairs with their reference log-probs.
+    policy, which is also the reference), `data` (a list of pairs `datasets` folders with prompt_id, messages,
+    chosen, rejected) and `user_data` (the local paths of `dpo.data`'s sources, read from `job.train.data`).
+    Output: `model/` (HF folder); `ref_logps/` keeps the pairs with their reference log-probs.
     Rows: train and held-out pairs."""
     import datasets
 
     from posttrain.errors import PosttrainError
     from posttrain.models import resolve_model
 
-    data = list(inputs["data"])
+    data, user_data = common.with_user_data(job, "dpo", "pairs", inputs.get("data", []), out)
     if sum(len(datasets.load_from_disk(p)) for p in data) == 0:
         raise PosttrainError(f"no DPO pairs in {data}: every prompt's responses were tied, identical or "
                              f"too close (the manifest's select entry counts why); set dpo.enabled=false to skip DPO")
     settings = {
-        **{k: v for k, v in asdict(job.train).items() if k not in ("enabled", "seeds")},
+        **{k: v for k, v in asdict(job.train).items() if k not in ("enabled", "seeds", "data")},
         "model": resolve_model(inputs["model"]),
         "data": data,
     }
     first, metrics = launch_stage("posttrain.train.dpo", job, settings, out)
+    if user_data:
+        metrics["user_data"] = user_data
     return StageResult(
         outputs={"model": "model"},
         rows={"train_pairs": first["train_rows"], "eval_pairs": first["eval_rows"]},
@@ -82,10 +85,7 @@ def dpo_stage(job: TrainJob, inputs: Inputs, out: Path) -> StageResult:
 def build_datasets(paths: list[str], eval_fraction: float):
     """Pairs rows -> TRL conversational preference rows (prompt, chosen, rejected as message lists, plus prompt_id),
     split by prompt into train and held-out sets (held-out is None when empty). Other columns are dropped."""
-    ds = common.load_datasets(paths)
-    missing = set(PAIR_COLUMNS) - set(ds.column_names)
-    if missing:
-        raise ValueError(f"DPO pairs {paths} lack columns {sorted(missing)}")
+    ds = common.load_datasets(paths, columns=PAIR_COLUMNS)
     ds = ds.map(
         lambda r: {
             "prompt": r["messages"],

@@ -43,19 +43,23 @@ NORM_SAMPLE = 4096  # training responses scored for the normalisation statistics
 
 def rm_stage(job: TrainJob, inputs: Inputs, out: Path) -> StageResult:
     """Stage function. `job.train`: the recipe's `rm` section (RMConfig); `inputs`: `model` (backbone spec: a
-    causal LM or an encoder, gets a fresh 1-output head) and `data` (a list of preference folders: every earlier
-    round's pairs and `rm.data`). Output: `model/` (HF sequence-classification folder). Rows: training pairs."""
+    causal LM or an encoder, gets a fresh 1-output head), `data` (every earlier round's pairs folders) and
+    `user_data` (the local paths of `rm.data`'s sources, read from `job.train.data`: pairs or ranked rows).
+    Output: `model/` (HF sequence-classification folder). Rows: training pairs."""
     from posttrain.errors import PosttrainError
     from posttrain.models import resolve_model
 
-    if not inputs.get("data"):
-        raise PosttrainError("rm stage: no preference data (inputs['data'] is empty)")
+    data, user_data = common.with_user_data(job, "rm", "ranked", inputs.get("data", []), out)
+    if not data:
+        raise PosttrainError("rm stage: no preference data (no earlier round's pairs and no rm.data)")
     settings = {
         **{k: v for k, v in asdict(job.train).items() if k not in ("enabled", "model", "data", "seeds")},
         "model": resolve_model(inputs["model"]),
-        "data": list(inputs["data"]),
+        "data": data,
     }
     first, metrics = launch_stage("posttrain.train.rm", job, settings, out)
+    if user_data:
+        metrics["user_data"] = user_data
     return StageResult(outputs={"model": "model"}, rows=first["train_pairs"], metrics=metrics)
 
 

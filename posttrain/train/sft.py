@@ -25,24 +25,28 @@ from posttrain.train.launch import launch_stage
 
 def sft_stage(job: TrainJob, inputs: Inputs, out: Path) -> StageResult:
     """Stage function. `job.train`: the recipe's `sft` section (SFTConfig); `inputs`: `model` (spec of the
-    checkpoint to start from) and `data` (a list of datasets in the generations format: this round's best-of-K
-    rows and, with `sft.accumulate`, earlier rounds'). Output: `model/` (HF folder)."""
+    checkpoint to start from), `data` (a list of datasets in the generations format: this round's best-of-K
+    rows and, with `sft.accumulate`, earlier rounds') and `user_data` (the local paths of `sft.data`'s sources, for
+    the run directory's fingerprints; the sources are read from `job.train.data` into `user_data/`).
+    Output: `model/` (HF folder)."""
     import datasets
 
     from posttrain.errors import PosttrainError
     from posttrain.models import resolve_model
 
-    data = list(inputs["data"])
+    data, user_data = common.with_user_data(job, "sft", "sft", inputs.get("data", []), out)
     if sum(len(datasets.load_from_disk(p)) for p in data) == 0:
         raise PosttrainError(f"no SFT rows in {data}: every response was filtered out, unscored or below "
                              f"select.min_score (the manifest's filter and select entries count why)")
     sft = asdict(job.train)
     settings = {
-        **{k: v for k, v in sft.items() if k not in ("enabled", "init", "accumulate", "seeds")},
+        **{k: v for k, v in sft.items() if k not in ("enabled", "init", "accumulate", "seeds", "data")},
         "model": resolve_model(inputs["model"]),
         "data": data,
     }
     first, metrics = launch_stage("posttrain.train.sft", job, settings, out)
+    if user_data:
+        metrics["user_data"] = user_data
     return StageResult(outputs={"model": "model"}, rows=first["train_rows"], metrics=metrics)
 
 
@@ -51,10 +55,7 @@ def sft_stage(job: TrainJob, inputs: Inputs, out: Path) -> StageResult:
 
 def build_datasets(paths: list[str], eval_fraction: float):
     """Generation rows -> TRL conversational prompt-completion rows, split into train and held-out sets."""
-    ds = common.load_datasets(paths)
-    missing = {"prompt_id", "messages", "text"} - set(ds.column_names)
-    if missing:
-        raise ValueError(f"SFT data {paths} lacks columns {sorted(missing)}")
+    ds = common.load_datasets(paths, columns=("prompt_id", "messages", "text"))
     ds = ds.map(
         lambda r: {"prompt": r["messages"], "completion": [{"role": "assistant", "content": r["text"]}]},
         remove_columns=ds.column_names,

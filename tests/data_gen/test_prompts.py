@@ -64,20 +64,17 @@ def test_non_object_line(tmp_path):
 @pytest.mark.parametrize(
     "row, expected",
     [
-        ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0] must be an object with 'role'"),
-        ({"messages": [{"role": "user", "content": 3}]}, "messages[0] must be an object with 'role'"),
-        ({"messages": []}, "'messages' must be a non-empty list"),
-        ({"messages": "hi"}, "'messages' must be a non-empty list"),
-        ({"prompt": ["hi"]}, "'prompt' must be a string"),
-        (
-            {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
-            "the last message is the assistant's",
-        ),
+        ({"messages": [{"role": "robot", "content": "x"}]}, "column 'messages': message 0 must have 'role'"),
+        ({"messages": [{"role": "user", "content": 3}]}, "column 'messages': message 0 must have 'role'"),
+        ({"messages": []}, "column 'messages': must be a non-empty list"),
+        ({"messages": "hi"}, "column 'messages': must be a non-empty list"),
+        ({"prompt": ["hi"]}, "column 'prompt': message 0 must have 'role'"),
+        ({"messages": [{"role": "assistant", "content": "a"}]}, "only assistant turns, no prompt"),
     ],
 )
 def test_bad_rows(tmp_path, row, expected):
     msg = error(jsonl(tmp_path, {"prompt": "ok"}, row))
-    assert "file.jsonl:2: " in msg and expected in msg
+    assert "file.jsonl:2" in msg and expected in msg
 
 
 def test_duplicate_ids(tmp_path):
@@ -149,7 +146,8 @@ def test_dataset_dict_split(tmp_path):
     )
     dd.save_to_disk(str(tmp_path / "dd"))
     assert [p["messages"] for p in load_prompts(str(tmp_path / "dd")).prompts] == msgs[:1]
-    assert "dd row 1: the last message is the assistant's" in error(str(tmp_path / "dd"), split="test")
+    # An SFT set serves as prompts: the answer a row ends with is not part of its prompt.
+    assert [p["messages"] for p in load_prompts(str(tmp_path / "dd"), split="test").prompts] == [msgs[0], msgs[1][:1]]
     assert "no split 'dev'" in error(str(tmp_path / "dd"), split="dev")
 
 
@@ -189,10 +187,11 @@ def test_rounds_of_different_sizes_stay_disjoint():
     assert len(second) == 20 and not set(first) & set(second)
 
 
-def test_n_larger_than_the_pool_is_capped():
+def test_n_larger_than_the_pool_is_an_error_not_a_silent_cap():
     prompts = pool(5)
-    for r in (1, 2, 3):
-        assert sorted(round_of(prompts, 100, r)) == sorted(ids(prompts))
+    assert sorted(round_of(prompts, 5, 2)) == sorted(ids(prompts))
+    with pytest.raises(PromptError, match="asks for 6 prompts from a pool of 5"):
+        round_of(prompts, 6, 1)
 
 
 def test_a_round_never_repeats_a_prompt():
