@@ -120,7 +120,8 @@ def _card(run_dir: Path, entry: dict, what: str, data_file: str, count: int) -> 
             f"Exported with `posttrain-export` from `{entry['dir']}` (TRL's conversational "
             f"{'preference' if what == 'pairs' else 'prompt-completion'} format).\n\n"
             f"| | |\n|---|---|\n{table}\n\n"
-            f"```python\nfrom datasets import load_dataset\n\ndataset = load_dataset(\"path/or/repo\", split=\"train\")\n"
+            f"```python\nfrom datasets import load_dataset\n\n"
+            f"dataset = load_dataset(\"path/or/repo\", split=\"train\")\n"
             f"trainer = {use}\n```\n")
 
 

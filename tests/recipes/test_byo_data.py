@@ -129,7 +129,8 @@ def test_export_trains_with_trls_own_trainers_unchanged(seeded, tmp_path, tiny_m
     assert "| K (generate.k) | 2 |" in card and "brevity (reward.verifiers.LengthPenalty)" in card
     sft = datasets.load_dataset(str(tmp_path / "sft"), split="train")
     pairs = datasets.load_dataset(str(tmp_path / "pairs"), split="train")
-    assert len(sft) == entry(manifest, "select")["rows"]["sft"] and len(pairs) == entry(manifest, "select")["rows"]["pairs"]
+    selected = entry(manifest, "select")["rows"]
+    assert (len(sft), len(pairs)) == (selected["sft"], selected["pairs"])
     assert sft[0]["completion"][0]["role"] == "assistant" and pairs[0]["chosen"][0]["role"] == "assistant"
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
