@@ -411,12 +411,40 @@ def _heldout_problems(rounds: list[DictConfig]) -> list[str]:
     return problems
 
 
+def unresolved(node: Any, path: str = "") -> list[str]:
+    """Every value of the recipe whose interpolation cannot be resolved, above all an environment variable a recipe
+    reads with no default (`${oc.env:POSTTRAIN_PROMPTS}`: real data, never a silent stand-in), named with its key."""
+    import re
+
+    from omegaconf import ListConfig
+    from omegaconf.errors import InterpolationResolutionError
+
+    problems = []
+    keys = node.keys() if isinstance(node, DictConfig) else range(len(node)) if isinstance(node, ListConfig) else []
+    for k in keys:
+        key = f"{path}[{k}]" if isinstance(node, ListConfig) else f"{path}.{k}" if path else str(k)
+        if key == "hydra":
+            continue
+        try:
+            value = node[k]
+        except InterpolationResolutionError as e:
+            env = re.search(r"Environment variable '([^']+)' not found", str(e))
+            problems.append(f"{key}: the environment variable {env.group(1)} is not set; export it (the recipe reads "
+                            f"{key} from it) or pass {key}=..." if env else
+                            f"{key}: {str(e).splitlines()[0]}")
+            continue
+        problems += unresolved(value, key)
+    return problems
+
+
 def validate(cfg: DictConfig) -> list[DictConfig]:
     """Validate the recipe for rounds 1..cfg.round. Returns the per-round configs; raises PosttrainError
     listing every problem found."""
     from posttrain.models import check_model_spec
 
-    problems: list[str] = []
+    problems: list[str] = unresolved(cfg)
+    if problems:
+        raise PosttrainError("invalid recipe:\n  - " + "\n  - ".join(problems))
     rounds: list[DictConfig] = []
     if cfg.round < 1:
         raise PosttrainError(f"round: must be >= 1, got {cfg.round}")

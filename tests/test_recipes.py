@@ -1,5 +1,7 @@
 """Every recipe composes, opens with the command that runs it, and the real-size ones plan cleanly offline."""
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -55,13 +57,31 @@ def test_every_experiment_composes_and_opens_with_its_command(experiment):
     assert "posttrain" in command and f"experiment={experiment}" in command, lines[:3]
 
 
+@pytest.fixture(scope="module")
+def real_size_prompts(tmp_path_factory) -> dict:
+    """A pool as big as the real-size recipes draw from (50,000 prompts a round), given as their recipes ask."""
+    path = tmp_path_factory.mktemp("data") / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"Question {i}: explain item {i}."}) + "\n"
+                            for i in range(100_000)))
+    return {"POSTTRAIN_PROMPTS": str(path), "POSTTRAIN_HELDOUT": "pkg://evals/data/tiny_heldout.jsonl"}
+
+
+def test_real_size_recipes_name_the_environment_variables_they_need(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("POSTTRAIN_PROMPTS", "POSTTRAIN_HELDOUT")}
+    proc = subprocess.run([sys.executable, "-m", "recipes.cli", "experiment=llama3_70b_iterative", "dry_run=true",
+                           f"run_dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode != 0
+    assert "data.prompts: the environment variable POSTTRAIN_PROMPTS is not set" in proc.stderr
+    assert "evals.heldout: the environment variable POSTTRAIN_HELDOUT is not set" in proc.stderr
+
+
 @pytest.mark.parametrize("experiment", REAL_SIZE)
-def test_real_size_recipe_dry_run_prints_the_plan_and_writes_nothing(experiment, tmp_path):
+def test_real_size_recipe_dry_run_prints_the_plan_and_writes_nothing(experiment, tmp_path, real_size_prompts):
     run_dir = tmp_path / "run"
     proc = subprocess.run(
         [sys.executable, "-m", "recipes.cli", f"experiment={experiment}", f"run_dir={run_dir}", "round=2",
          "dry_run=true"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=300, env={**os.environ, **real_size_prompts},
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout

