@@ -74,7 +74,53 @@ def _logging_problems(node, path: str = "") -> list[str]:
     return problems
 
 
+# Groups whose files hold settings for the whole recipe (their own name is not a key of it).
+GLOBAL_GROUPS = ("experiment", "debug", "rehearsal", "train")
+# Keys that map names to configs: written as lists, Hydra only says it cannot merge a ListConfig.
+MAPPINGS = ("reward.rewards", "filter.filters", "evals.rewards", "evals.suites", "backend_swaps")
+
+
+def explain_hydra_error(error: BaseException) -> str | None:
+    """What to write instead, for the Hydra mistakes recipes make most; None for any other error."""
+    text = " ".join(str(e) for e in (error, error.__cause__) if e is not None)
+    for group in GLOBAL_GROUPS:
+        if f"Key '{group}' not in 'PosttrainConfig'" in text:
+            return (f"a recipe of the `{group}` group put its keys under `{group}.`: make `# @package _global_` the "
+                    f"first line of that file (every file in recipes/{group}/ starts with it), so its keys apply to "
+                    f"the whole recipe")
+    if "ListConfig" in text and ("Cannot merge DictConfig with ListConfig" in text or "Dict[str, Any]" in text):
+        key = next((k for k in MAPPINGS if f"full_key: {k}" in text), None)
+        where = f"{key} is" if key else f"one of {', '.join(MAPPINGS)} is"
+        return (f"{where} given as a list, but it maps names to configs: write `rewards: {{brevity: {{_target_: "
+                f"reward.verifiers.LengthPenalty, target_words: 8}}}}`, not `rewards: [{{_target_: ...}}]` "
+                f"(on the command line: 'reward.rewards={{brevity: {{_target_: ...}}}}')")
+    return None
+
+
+def explain_hydra_errors() -> None:
+    """Hydra composes the recipe before posttrain sees it, and reports its own errors: the mistakes
+    `explain_hydra_error` knows end in posttrain's one line with the fix instead."""
+    import hydra._internal.utils as hydra_utils
+
+    original = hydra_utils.run_and_report
+
+    def run_and_report(func):
+        def explained():
+            try:
+                return func()
+            except Exception as e:  # noqa: BLE001 - re-raised unless it is a mistake with a known fix
+                hint = explain_hydra_error(e)
+                if hint is None:
+                    raise
+                fail(hint)
+
+        return original(explained)
+
+    hydra_utils.run_and_report = run_and_report
+
+
 refuse_hydra_hooks()
+explain_hydra_errors()
 # A multirun's sweep folder, where Hydra saves its multirun.yaml (the composed config, keys and all): a private
 # (0700) temporary folder, made once per process, never inside a run directory.
 OmegaConf.register_new_resolver("posttrain_scratch", functools.cache(lambda: tempfile.mkdtemp(prefix="posttrain-")),

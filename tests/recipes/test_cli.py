@@ -285,3 +285,21 @@ def test_a_failed_validation_writes_nothing_and_a_credentialed_url_is_refused(tm
                      check=False)
     assert proc.returncode == 2 and "a URL with credentials in it" in proc.stderr
     assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("recipe, args, expected", [
+    ("# posttrain\ndefaults:\n  - tiny\nname: mine\n", [],
+     "make `# @package _global_` the first line of that file"),
+    ("# @package _global_\ndefaults:\n  - tiny\nreward:\n  rewards:\n    - _target_: reward.verifiers.LengthPenalty\n",
+     [], "is given as a list, but it maps names to configs"),
+    (None, ["experiment=tiny", "reward.rewards=[{_target_:reward.verifiers.LengthPenalty}]"],
+     "reward.rewards is given as a list, but it maps names to configs"),
+])
+def test_common_hydra_mistakes_are_answered_with_what_to_write(tmp_path, recipe, args, expected):
+    if recipe is not None:
+        (tmp_path / "experiment").mkdir()
+        (tmp_path / "experiment" / "mine.yaml").write_text(recipe)
+        args = ["--config-dir", str(tmp_path), "experiment=mine"]
+    proc = posttrain(*args, "dry_run=true", check=False)
+    assert proc.returncode == 2 and "posttrain: error: " in proc.stderr and expected in proc.stderr, proc.stderr
+    assert "HYDRA_FULL_ERROR" not in proc.stderr
