@@ -186,7 +186,7 @@ def eval_stage(job: EvalJob, inputs: Inputs, out: Path) -> StageResult:
     trained: the `model` of the eval reward named `rm`).
     Writes `responses/`, `metrics.json` and, given `teacher`, `teacher_responses/`; returns the metrics."""
     cfg = job.evals
-    heldout = load_prompts(inputs["heldout"], split=cfg.split).prompts
+    heldout = load_prompts(inputs["heldout"], split=cfg.split).prompts[: cfg.num_prompts]
     training = list(job.training_prompts)
     if training:
         check_heldout(heldout, training, cfg.split)

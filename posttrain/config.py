@@ -161,6 +161,17 @@ class TrainingConfig:
     logging_steps: int = 10
     save_steps: int = 200
     max_steps: int = -1  # > 0 stops after this many optimizer steps (smoke runs, rehearsals), epochs or not
+    warmup_steps: int = 0  # > 0: warm up over this many optimizer steps instead of warmup_ratio
+    # The optimizer, by its transformers name (adamw_torch, adamw_torch_fused, adafactor, adamw_8bit, ...); None:
+    # transformers' default.
+    optim: Optional[str] = None
+    max_grad_norm: Optional[float] = None  # gradient clipping norm; None: transformers' default (1.0); 0: none
+    # Activation (gradient) checkpointing: None turns it on with a GPU (long sequences) and off on a CPU.
+    gradient_checkpointing: Optional[bool] = None
+    # The attention kernel the model loads with (eager, sdpa, flash_attention_2, ...); None: transformers' choice.
+    attn_implementation: Optional[str] = None
+    # This stage's training precision; None: model.dtype.
+    dtype: Optional[Dtype] = None
     # Share of prompts held out to measure the stage's loss or accuracy before and after training.
     eval_fraction: float = 0.1
     keep_checkpoints: bool = False
@@ -181,6 +192,8 @@ class SFTConfig(TrainingConfig):
     # half, 2: every row twice).
     data: List[Any] = field(default_factory=list)
     learning_rate: float = 1e-5  # Llama 3, section 4.1.3
+    # Pack several short examples into each max_length sequence (TRL's best-fit decreasing packing).
+    packing: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
@@ -194,6 +207,8 @@ class EvalConfig:
     top_p: float = 1.0
     max_new_tokens: int = 256
     batch_size: int = 64  # reward scoring batch
+    # Answer only the first N held-out prompts (a quicker eval); None: all of them.
+    num_prompts: Optional[int] = None
     backend: Dict[str, Any] = field(
         default_factory=lambda: {"_target_": "data_gen.hf_backend.HFBackend"}
     )
@@ -244,6 +259,10 @@ class DPOConfig(TrainingConfig):
     data: List[Any] = field(default_factory=list)
     learning_rate: float = 1e-5  # Llama 3, section 4.1.4
     beta: float = 0.1  # Llama 3
+    # TRL's preference loss, by name: "sigmoid" (DPO, Llama 3), "ipo", "robust", "hinge", "apo_zero", ...; the NLL
+    # term below is added to any of them.
+    loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0  # the flip probability of loss_type robust (cDPO), in [0, 0.5)
     nll_weight: float = 0.2  # NLL on the chosen response, Llama 3 (RPO-style regulariser)
     # Header and termination tokens out of the DPO log-ratios of chosen and rejected (Llama 3); kept in the NLL term.
     mask_format_tokens: bool = True

@@ -43,7 +43,8 @@ STAGES = [
 ]
 
 def _train_job(rc: DictConfig, key: str) -> TrainJob:
-    return TrainJob(train=section(rc, key), dtype=rc.model.dtype, seed=rc.seed, launch=section(rc, "launch"))
+    return TrainJob(train=section(rc, key), dtype=rc[key].dtype or rc.model.dtype, seed=rc.seed,
+                    launch=section(rc, "launch"))
 
 
 def _sources(rc: DictConfig, key: str) -> list[str]:

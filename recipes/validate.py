@@ -29,6 +29,18 @@ _HYDRA_KEYS = {"_target_", "_partial_", "_convert_", "_recursive_", "_args_"}
 _positive = (lambda v: v > 0, "must be > 0")
 _non_negative = (lambda v: v >= 0, "must be >= 0")
 _fraction = (lambda v: 0 <= v < 1, "must be in [0, 1)")
+ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention", "paged_attention")
+# TRL 1.16's DPOConfig.loss_type values (tests/recipes/test_validate.py reads TRL's own list to keep this in step).
+DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm")
+
+
+def _optimizers() -> set[str]:
+    from transformers.training_args import OptimizerNames
+
+    return {o.value for o in OptimizerNames}
+
+
 # What every training stage (sft, dpo, rm) takes: TrainingConfig's keys, checked alike for the three.
 _TRAINING = {
     "learning_rate": _positive,
@@ -41,7 +53,15 @@ _TRAINING = {
     "weight_decay": _non_negative,
     "warmup_ratio": _fraction,
     "eval_fraction": _fraction,
+    "warmup_steps": _non_negative,
+    "max_grad_norm": _non_negative,
+    "optim": (lambda v: v in _optimizers(), "must be a transformers optimizer name (adamw_torch, adamw_torch_fused, "
+                                            "adafactor, adamw_8bit, ...)"),
+    "attn_implementation": (lambda v: v in ATTENTION or "/" in v,
+                            f"must be one of {list(ATTENTION)} or a kernels-hub repo id"),
 }
+
+
 # key -> (predicate, what the predicate demands). String choices are Enums in the schema: Hydra rejects others.
 CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "round": _positive,
@@ -60,6 +80,9 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "dpo.lora.r": _positive,
     "dpo.lora.alpha": _positive,
     "dpo.beta": _positive,
+    "dpo.loss_type": (lambda v: v in DPO_LOSSES, f"must be one of TRL's preference losses {list(DPO_LOSSES)}"),
+    "dpo.label_smoothing": (lambda v: 0 <= v < 0.5, "must be in [0, 0.5)"),
+    "evals.num_prompts": _positive,
     "dpo.nll_weight": _non_negative,
     "rm.min_difference": _fraction,
     "evals.max_new_tokens": _positive,

@@ -239,6 +239,12 @@ def precision_of(settings: dict):
     return precision(settings.get("dtype", "auto"), deepspeed=bool(settings.get("deepspeed")))
 
 
+def attention(settings: dict) -> dict:
+    """from_pretrained keywords for the stage's `attn_implementation` ({} for transformers' choice)."""
+    chosen = settings.get("attn_implementation")
+    return {"attn_implementation": chosen} if chosen else {}
+
+
 def load_policy(settings: dict):
     """(causal LM in the stage's precision, its tokenizer with a pad token, a peft LoraConfig or None) from a
     training process's frozen settings (`model`, `dtype`, `lora`)."""
@@ -248,7 +254,7 @@ def load_policy(settings: dict):
 
     tokenizer = load_tokenizer(settings["model"])
     weights, _ = precision_of(settings)
-    model = load_causal_lm(settings["model"], dtype=weights)
+    model = load_causal_lm(settings["model"], dtype=weights, **attention(settings))
     lora = settings["lora"]
     peft_config = None
     if lora["enabled"]:
@@ -284,7 +290,8 @@ def trainer_args(settings: dict, output_dir: str | Path) -> dict:
         per_device_eval_batch_size=settings["batch_size"],
         gradient_accumulation_steps=settings["grad_accum"],
         lr_scheduler_type=settings["lr_scheduler"],
-        warmup_steps=settings["warmup_ratio"],  # transformers 5: a value below 1 is a ratio of the steps
+        # transformers 5: a value below 1 is a ratio of the steps
+        warmup_steps=settings.get("warmup_steps") or settings["warmup_ratio"],
         weight_decay=settings["weight_decay"],
         logging_steps=settings["logging_steps"],
         save_strategy="steps",
@@ -296,5 +303,7 @@ def trainer_args(settings: dict, output_dir: str | Path) -> dict:
         seed=settings["seed"],
         use_cpu=not gpu,
         **flags,
-        activation_checkpointing=gpu,
+        activation_checkpointing=gpu if settings.get("gradient_checkpointing") is None
+        else settings["gradient_checkpointing"],
+        **{k: settings[k] for k in ("optim", "max_grad_norm") if settings.get(k) is not None},
     )

@@ -318,7 +318,8 @@ def trl_args(settings: dict, output_dir: str | Path, **overrides):
     kwargs = dict(
         **common.trainer_args(settings, output_dir),
         beta=settings["beta"],
-        loss_type=["sigmoid", "sft"],
+        loss_type=[settings.get("loss_type", "sigmoid"), "sft"],
+        label_smoothing=settings.get("label_smoothing", 0.0),
         loss_weights=[1.0, settings["nll_weight"]],
         precompute_ref_log_probs=True,
         max_length=settings["max_length"],

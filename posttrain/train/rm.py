@@ -198,7 +198,7 @@ def build_trainer(settings: dict, train_ds, tokenizer, distributed: dict | None 
         max_length=None,  # rm_inputs already cut every input to max_length
         center_rewards_coefficient=None,
         remove_unused_columns=False,  # keep the segment-id columns for PairCollator
-        model_init_kwargs={"dtype": weights},
+        model_init_kwargs={"dtype": weights, **common.attention(settings)},
         disable_tqdm=False,
         **(distributed or {}),
     )

@@ -79,6 +79,7 @@ def train(settings: dict) -> dict:
     args = SFTConfig(
         **common.trainer_args(settings, trainer_dir),
         max_length=settings["max_length"],
+        packing=settings.get("packing", False),
         dataset_num_proc=None,
         disable_tqdm=False,
         **distributed,
@@ -92,7 +93,8 @@ def train(settings: dict) -> dict:
         processing_class=tokenizer,
         peft_config=peft_config,
     )
-    metrics: dict = {"train_rows": len(train_ds), "eval_rows": len(eval_ds) if eval_ds is not None else 0}
+    metrics: dict = {"train_rows": len(train_ds), "eval_rows": len(eval_ds) if eval_ds is not None else 0,
+                     "train_sequences": len(trainer.train_dataset)}  # fewer than train_rows when packed
     if eval_ds is not None:
         metrics["eval_loss_before"] = common.evaluate_before_training(trainer)["eval_loss"]
     metrics |= common.train_resuming(trainer, trainer_dir)

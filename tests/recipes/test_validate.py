@@ -295,3 +295,32 @@ def test_report_to_is_checked_before_any_stage(monkeypatch):
     assert "dpo.report_to: ['wandb'] not installed here (pip install wandb)" in problems("dpo.report_to=[wandb]")
     monkeypatch.setattr(integrations, "get_available_reporting_integrations", lambda: ["wandb"])
     validate(recipe("dpo.report_to=[wandb]", "sft.report_to=[none]"))
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("sft.optim=adamw_tourch", "sft.optim: must be a transformers optimizer name"),
+    ("dpo.loss_type=ipoo", "dpo.loss_type: must be one of TRL's preference losses"),
+    ("dpo.label_smoothing=0.7", "dpo.label_smoothing: must be in [0, 0.5)"),
+    ("sft.attn_implementation=fastest", "sft.attn_implementation: must be one of"),
+    ("rm.max_grad_norm=-1", "rm.max_grad_norm: must be >= 0"),
+    ("evals.num_prompts=0", "evals.num_prompts: must be > 0"),
+])
+def test_training_knobs_are_checked_naming_the_key(override, expected):
+    assert expected in problems("experiment=tiny", override)
+
+
+def test_dpo_loss_names_are_trls_own():
+    import re
+
+    from trl import DPOConfig
+
+    from recipes.validate import DPO_LOSSES
+
+    doc = DPOConfig.__doc__.split("loss_type (", 1)[1].split("loss_weights", 1)[0]
+    assert set(DPO_LOSSES) == set(re.findall(r"`'(\w+)'`", doc)) - {"sft"}  # sft: the NLL term posttrain adds
+
+
+def test_a_pool_smaller_than_a_round_is_an_error_not_a_silent_cap():
+    msg = problems("experiment=tiny", "data.num_prompts=500")
+    assert "data.num_prompts=500 asks for more prompts than data.prompts: pkg://data_gen/prompts/tiny.jsonl" in msg
+    assert "(96 usable)" in msg
