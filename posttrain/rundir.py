@@ -361,17 +361,19 @@ class RunDir:
         marker = {"config_hash": config_hash, "input_hashes": input_hashes}
         if final.exists():  # renamed into place but no manifest entry: the driver died in between. Kept, not wiped.
             self._set_aside(final, "orphan")
+        keep_work = False
         if work.exists():
-            keep = self.stages[stage].resumable and (work / ".stage.json").exists() and json.loads(
+            keep_work = self.stages[stage].resumable and (work / ".stage.json").exists() and json.loads(
                 (work / ".stage.json").read_text()
             ) == marker
-            if not keep:
+            if not keep_work:
                 shutil.rmtree(work)
         work.mkdir(parents=True, exist_ok=True)
         (work / "stage_config.json").write_text(json.dumps(recorded, indent=2, sort_keys=True))
         _write_json_atomic(work / ".stage.json", marker)
 
         start = time.time()
+        print(f"== {stage_id}: {'resuming' if keep_work else 'started'} in {work}", flush=True)
         try:
             result = self.stages[stage].fn(config, inputs, work)
         except Exception as e:  # noqa: BLE001 - any failure is reported the same way, its traceback kept
@@ -407,6 +409,7 @@ class RunDir:
         _write_json_atomic(self.manifest_path, self.manifest)
         self._fresh_outputs.add(output_hash)
         self.ran.append(stage_id)
+        print(f"== {stage_id}: finished in {entry['seconds']:.1f} s, rows {json.dumps(result.rows)}", flush=True)
         return entry
 
     def _remade(self, old: str | list[str] | None, new: str | list[str]) -> bool:

@@ -12,7 +12,13 @@ and resuming what did not. This module is the driver: it imports every package b
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -21,7 +27,7 @@ from evals.report import build_report, terminal_table
 from evals.stage import eval_stage
 from posttrain.config import EvalJob, GenerateJob, Init, SelectJob, Source, TrainJob, round_config, section
 from posttrain.models import resolve_path
-from posttrain.rundir import RunDir, Stage, redact
+from posttrain.rundir import RunDir, Stage, redact, redact_override
 from posttrain.sources import fingerprint_path, parse_sources
 from posttrain.train.dpo import dpo_stage
 from posttrain.train.rm import rm_stage
@@ -165,12 +171,14 @@ def run(cfg: DictConfig, run_dir: str | None = None, stages: list[Stage] = STAGE
     overrides.yaml beside config.yaml."""
     rounds = validate(cfg)
     rd = RunDir(run_dir or cfg.run_dir, stages, redo=list(cfg.redo), dry_run=cfg.dry_run)
+    log = contextlib.ExitStack()
     try:
         if cfg.dry_run:
             print(f"dry run: the plan for {rd.root}, up to round {cfg.round}; nothing is loaded, run or written")
         else:
             rd.write_config(OmegaConf.to_yaml(OmegaConf.create(redact(OmegaConf.to_container(cfg, resolve=True)))),
                             overrides=overrides)
+            log.enter_context(driver_log(rd.root / "cli.log", overrides))
         policy, prompt_start = cfg.model.path, 0
         start = round_config(cfg, 0)
         if start.evals.heldout:
@@ -180,15 +188,58 @@ def run(cfg: DictConfig, run_dir: str | None = None, stages: list[Stage] = STAGE
             prompt_start += rc.data.num_prompts
             if rc.evals.heldout:
                 run_eval(rd, rc, r, policy)
+        if not cfg.dry_run:
+            print(summary(rd))
+            if any(e["stage"] == "eval" for e in rd.manifest["stages"]):
+                print(terminal_table(rd.root))
+                print(f"report: {rd.root / 'report.md'}")
+    except BaseException as e:
+        print(f"posttrain: error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", file=_log_only())
+        raise
     finally:
+        log.close()
         rd.close()
-    if cfg.dry_run:
-        return rd
-    print(summary(rd))
-    if any(e["stage"] == "eval" for e in rd.manifest["stages"]):
-        print(terminal_table(rd.root))
-        print(f"report: {rd.root / 'report.md'}")
     return rd
+
+
+class _Tee(io.TextIOBase):
+    """Writes go to the terminal's stream and to the log file."""
+
+    def __init__(self, stream, log):
+        self.stream, self.log = stream, log
+
+    def write(self, text: str) -> int:
+        self.stream.write(text)
+        self.log.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+        self.log.flush()
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+
+@contextlib.contextmanager
+def driver_log(path: Path, overrides) -> Iterator:
+    """The driver's stdout (stage headers, warnings, the summary and the eval table) copied into the run
+    directory's `cli.log`, appended to by every invocation under a line with its time and (redacted) overrides.
+    Progress bars (stderr) and training processes (their own train.log) stay out of it."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(f"\n=== {time.strftime('%Y-%m-%dT%H:%M:%S%z')} posttrain "
+                f"{' '.join(redact_override(o) for o in overrides)}\n")
+        with contextlib.redirect_stdout(_Tee(sys.stdout, f)):
+            yield f
+
+
+def _log_only():
+    """Where the closing error line goes: the log when one is open (the terminal gets it from the command)."""
+    tee = sys.stdout if isinstance(sys.stdout, _Tee) else None
+    return tee.log if tee is not None else io.StringIO()
 
 
 def summary(rd: RunDir) -> str:

@@ -95,6 +95,12 @@ def test_rerunning_a_finished_run_does_no_work(finished):
     assert (run_dir / "manifest.json").read_text() == before
     assert {p: p.stat().st_mtime_ns for p in (run_dir / "round_1").rglob("*")} == mtimes
     assert proc.stdout.count("done earlier") == len(RUN_1) and " ran" not in proc.stdout
+    # cli.log holds each invocation's driver output, the first one's and this one's, one after the other
+    log = (run_dir / "cli.log").read_text()
+    first, second = log.split("\n=== ")[1:]
+    assert "== round_1/sft: started in " in first and "== round_1/sft: finished in " in first
+    assert first.count("  ran") == len(RUN_1)
+    assert second.split("\n", 1)[1] == proc.stdout
 
 
 def test_changed_config_on_finished_stage_errors_then_redo_keeps_old(finished, tmp_path):
@@ -104,6 +110,8 @@ def test_changed_config_on_finished_stage_errors_then_redo_keeps_old(finished, t
     assert proc.returncode == 2
     assert "round_1/generate" in proc.stderr and "temperature" in proc.stderr and "redo=" in proc.stderr
     assert manifest(run_dir) == manifest(finished[0])
+    last = (run_dir / "cli.log").read_text().split("\n=== ")[-1]
+    assert "generate.temperature=0.7" in last.splitlines()[0] and "posttrain: error: StageChanged" in last
 
     posttrain(*FAST, f"run_dir={run_dir}", "generate.temperature=0.7", "redo=[round_1/generate]")
     m = manifest(run_dir)
