@@ -209,6 +209,8 @@ class EvalConfig:
     batch_size: int = 64  # reward scoring batch
     # Answer only the first N held-out prompts (a quicker eval); None: all of them.
     num_prompts: Optional[int] = None
+    # Trackers each round's eval metrics go to (evals/tracking.py: tensorboard, wandb); None: sft.report_to.
+    report_to: Optional[List[str]] = None
     backend: Dict[str, Any] = field(
         default_factory=lambda: {"_target_": "data_gen.hf_backend.HFBackend"}
     )

@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from data_gen.generate import generate
 from evals.report import build_report, terminal_table
 from evals.stage import eval_stage
+from evals.tracking import log_eval
 from posttrain.config import EvalJob, GenerateJob, Init, SelectJob, Source, TrainJob, round_config, section
 from posttrain.models import resolve_path
 from posttrain.rundir import RunDir, Stage, redact, redact_override
@@ -153,10 +154,13 @@ def run_eval(rd: RunDir, rc: DictConfig, r: int, policy: str) -> None:
     primary = rc.reward.primary or next(iter(rc.reward.rewards), None)
     # The prompts every round trains on: the eval stage checks again that none is in the held-out set.
     training = training_prompts(rc)
-    rd.run_stage(r, "eval", EvalJob(evals=evals, round=r, seed=rc.seed, primary=primary, training_prompts=training),
-                 inputs)
+    entry = rd.run_stage(r, "eval", EvalJob(evals=evals, round=r, seed=rc.seed, primary=primary,
+                                            training_prompts=training), inputs)
     if rd.dry_run:
         return
+    if f"round_{r}/eval" in rd.ran:  # the tracker gets each round's results once, when they are made
+        log_eval(list(rc.evals.report_to if rc.evals.report_to is not None else rc.sft.report_to), rd.root, r,
+                 entry["metrics"])
     try:
         build_report(rd.root)
     except Exception as e:  # noqa: BLE001 - a plotting problem must not stop a run whose stages are saved

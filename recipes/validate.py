@@ -240,6 +240,8 @@ def _round_problems(rc: DictConfig, where: str) -> list[str]:
     problems += [where + p for p in allowed_prefix_problems(rc.allowed_targets)]
     for key in ("sft", "dpo", "rm"):
         problems += [where + p for p in report_to_problems(f"{key}.report_to", list(rc[key].report_to))]
+    if rc.evals.report_to is not None:
+        problems += [where + p for p in report_to_problems("evals.report_to", list(rc.evals.report_to))]
     allowed = ALLOWED_PREFIXES + tuple(p for p in rc.allowed_targets if not allowed_prefix_problems([p]))
     container = OmegaConf.to_container(rc, resolve=True)
     for key, value in _strings(container, ""):

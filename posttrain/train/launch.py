@@ -27,6 +27,7 @@ directory.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import json
 import os
 import signal
@@ -155,6 +156,10 @@ def run_training(module: str, settings: dict, work_dir: Path, launch: dict, log_
     # run directory; runs are named round_N/stage[/seed_S] (`run_name`). A value the user exported wins.
     env.setdefault("TENSORBOARD_LOGGING_DIR", str(work_dir / "tensorboard"))
     env.setdefault("WANDB_RUN_GROUP", group)
+    # A resumed stage continues its wandb run: an id stable for this run directory, stage and seed.
+    env.setdefault("WANDB_RUN_ID", hashlib.sha256(str(work_dir.resolve()).replace(".partial", "").encode())
+                   .hexdigest()[:16])
+    env.setdefault("WANDB_RESUME", "allow")
     if launch["launcher"] != "direct" and not _has_gpu():
         env.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's CPU accelerator; the trainers then use gloo
     tail: deque[bytes] = deque(maxlen=64)  # last chunks of output, for the error message

@@ -253,11 +253,18 @@ def test_training_processes_are_named_for_trackers_and_log_into_their_stage_fold
         "import json, os, sys\nfrom pathlib import Path\n"
         "settings = json.loads(Path(sys.argv[1]).read_text())\nout = Path(settings['output_dir'])\n"
         "(out / 'metrics.json').write_text(json.dumps({'run_name': settings['run_name'],"
-        " 'tensorboard': os.environ['TENSORBOARD_LOGGING_DIR'], 'group': os.environ['WANDB_RUN_GROUP']}))\n")
+        " 'tensorboard': os.environ['TENSORBOARD_LOGGING_DIR'], 'group': os.environ['WANDB_RUN_GROUP'],"
+        " 'wandb': [os.environ['WANDB_RUN_ID'], os.environ['WANDB_RESUME']]}))\n")
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    for name in ("WANDB_RUN_ID", "WANDB_RESUME"):
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
     monkeypatch.delenv("WANDB_RUN_GROUP", raising=False)
     out = tmp_path / "myrun" / "round_1" / ".05_sft.partial"
     out.mkdir(parents=True)
     metrics, _ = launch_stage("env_trainer", TrainJob(train=SFTConfig(), seed=0), {}, out)
+    run_id, resume = metrics.pop("wandb")
     assert metrics == {"run_name": "round_1/sft", "tensorboard": str(out / "tensorboard"), "group": "myrun"}
+    assert resume == "allow"  # a resumed stage continues its wandb run: the same id on every attempt
+    again, _ = launch_stage("env_trainer", TrainJob(train=SFTConfig(), seed=0), {}, out)
+    assert again["wandb"][0] == run_id

@@ -311,3 +311,35 @@ def test_common_hydra_mistakes_are_answered_with_what_to_write(tmp_path, recipe,
     proc = posttrain(*args, "dry_run=true", check=False)
     assert proc.returncode == 2 and "posttrain: error: " in proc.stderr and expected in proc.stderr, proc.stderr
     assert "HYDRA_FULL_ERROR" not in proc.stderr
+
+
+def _scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar in the TensorBoard event files of `folder` (all files: one per writer session): tag -> (step,
+    value) pairs."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_tensorboard_events_stay_in_the_run_directory_and_a_resumed_stage_appends(tmp_path):
+    run_dir = tmp_path / "run"
+    args = [*FAST, f"run_dir={run_dir}", "sft.report_to=[tensorboard]", "dpo.enabled=false", "sft.logging_steps=1"]
+    trainer = run_dir / "round_1" / ".05_sft.partial" / "trainer"
+    # killed once a checkpoint is complete, so the rerun resumes the stage
+    _kill_when(args, run_dir, lambda: _checkpoints(trainer)[0] != [])
+    posttrain(*args, "round=2")
+    sft = run_dir / "round_1" / "05_sft" / "tensorboard"
+    writers = {p.name.split(".")[-2] for p in sft.glob("events.out.tfevents.*")}  # events.out.tfevents.T.HOST.PID.N
+    assert len(writers) == 2  # the first attempt's process and the resumed one's wrote into the same folder
+    steps = sorted({s for s, _ in _scalars(sft)["train/loss"]})
+    total = stage(run_dir, 1, "sft")["metrics"]["steps"]
+    assert steps == list(range(1, total + 1))  # every step: before the kill, then on from the checkpoint
+    evals = _scalars(run_dir / "tensorboard" / "evals")
+    assert [s for s, _ in evals["eval/reward/brevity.mean"]] == [0, 1, 2]  # one point a round, one series
+    means = [e["metrics"]["reward"]["brevity.mean"] for e in manifest(run_dir)["stages"] if e["stage"] == "eval"]
+    assert [v for _, v in evals["eval/reward/brevity.mean"]] == pytest.approx(means)
+    folders = {str(p.parent.relative_to(run_dir)) for p in run_dir.rglob("events.out.tfevents.*")}
+    assert folders == {"round_1/05_sft/tensorboard", "round_2/05_sft/tensorboard", "tensorboard/evals"}
+    assert not (tmp_path / "runs").exists() and not (Path.cwd() / "runs").exists()
