@@ -333,12 +333,13 @@ def register() -> None:
     ConfigStore.instance().store(name="posttrain_schema", node=PosttrainConfig)
 
 
-def round_config(cfg: DictConfig, round_idx: int) -> DictConfig:
+def round_config(cfg: DictConfig, round_idx: int, notes: list[str] | None = None) -> DictConfig:
     """The recipe as it applies to round `round_idx` (1-based): `rounds[round_idx-1]` merged over the base.
 
     The merge goes through the typed schema as plain data, so a misspelt key fails here with its name, in
     `rounds` and also in the recipe itself (Hydra lets `+key=value` add keys a schema does not have).
-    Round 0 is the recipe with no override.
+    Round 0 is the recipe with no override. Backend swaps are applied, and backend settings that belong to another
+    backend class left out (posttrain.swaps; `notes` collects what was).
     """
     plain = OmegaConf.to_container(OmegaConf.masked_copy(cfg, _TYPED_KEYS), resolve=False)
     base = OmegaConf.merge(OmegaConf.structured(PosttrainConfig), plain)
@@ -346,9 +347,9 @@ def round_config(cfg: DictConfig, round_idx: int) -> DictConfig:
         override = cfg.rounds[round_idx - 1]
         if override is not None:
             base = OmegaConf.merge(base, override)
-    from posttrain.swaps import with_backend_swaps
+    from posttrain.swaps import with_backend_swaps, with_own_settings
 
-    return with_backend_swaps(base)
+    return with_own_settings(with_backend_swaps(base), notes)
 
 
 _TYPED_KEYS = [k for k in PosttrainConfig.__dataclass_fields__ if k != "rounds"]

@@ -471,11 +471,12 @@ def validate(cfg: DictConfig) -> list[DictConfig]:
     if problems:
         raise PosttrainError("invalid recipe:\n  - " + "\n  - ".join(problems))
     rounds: list[DictConfig] = []
+    notes: list[str] = []
     if cfg.round < 1:
         raise PosttrainError(f"round: must be >= 1, got {cfg.round}")
     for r in range(0, cfg.round + 1):  # round 0: the recipe without any `rounds` override
         try:
-            rc = round_config(cfg, r)
+            rc = round_config(cfg, r, notes)
         except Exception as e:  # noqa: BLE001 - OmegaConf's message names the key
             problems.append(f"{f'rounds[{r - 1}]' if r else 'recipe'}: {e}".replace("\n", " "))
             if r == 0:
@@ -485,6 +486,8 @@ def validate(cfg: DictConfig) -> list[DictConfig]:
             rounds.append(rc)
     if problems:
         raise PosttrainError("invalid recipe:\n  - " + "\n  - ".join(problems))
+    for note in dict.fromkeys(notes):
+        print(f"note: {note}")
 
     for r, rc in enumerate(rounds, 1):
         where = f"round {r}: " if r <= len(cfg.rounds) else ""

@@ -324,3 +324,14 @@ def test_a_pool_smaller_than_a_round_is_an_error_not_a_silent_cap():
     msg = problems("experiment=tiny", "data.num_prompts=500")
     assert "data.num_prompts=500 asks for more prompts than data.prompts: pkg://data_gen/prompts/tiny.jsonl" in msg
     assert "(96 usable)" in msg
+
+
+def test_switching_backend_leaves_the_other_backends_settings_behind(capsys):
+    switch = ["experiment=tiny", "generate.backend._target_=data_gen.openai_backend.OpenAIBackend",
+              "+generate.backend.base_urls=[http://127.0.0.1:9/v1]", "+generate.backend.api_key_env=null"]
+    rounds = validate(recipe(*switch))  # tiny's hf batch_size: 8 is not the endpoint's to take
+    assert "batch_size" not in rounds[0].generate.backend and rounds[0].evals.backend.batch_size == 12
+    assert "generate.backend.batch_size is a setting of HFBackend, not of OpenAIBackend: left out" in \
+        capsys.readouterr().out
+    msg = problems(*switch, "+generate.backend.batchsize=3")  # a key no backend takes is still an error
+    assert "OpenAIBackend takes no argument(s) ['batchsize']" in msg
