@@ -382,10 +382,13 @@ def _prompt_problems(cfg: DictConfig, rounds: list[DictConfig], unusable: set) -
     return problems
 
 
-def _user_data_problems(cfg: DictConfig, rounds: list[DictConfig]) -> list[str]:
+def _user_data_problems(cfg: DictConfig, rounds: list[DictConfig]) -> tuple[list[str], dict[str, str]]:
     """Every source of sft.data, dpo.data and rm.data (of the rounds whose stage runs) read and checked row by
-    row, so a bad row stops the run before its first stage, named by key, file, row and column."""
-    problems, seen = [], set()
+    row, so a bad row stops the run before its first stage, named by key, file, row and column. Returns the
+    problems and the sources' prompts (normalised text -> the source), for the held-out check."""
+    from evals.stage import prompt_text
+
+    problems, seen, prompts = [], set(), {}
     for rc in rounds:
         for stage, kind in (("sft", "sft"), ("dpo", "pairs"), ("rm", "ranked")):
             if not rc[stage].enabled:
@@ -406,17 +409,20 @@ def _user_data_problems(cfg: DictConfig, rounds: list[DictConfig]) -> list[str]:
                         print(f"note: {e}; a real run needs it")
                     continue
                 try:
-                    sources.read(source, kind)
+                    rows, _ = sources.read(source, kind)
                 except sources.SourceError as e:
                     problems.append(str(e))
-    return problems
+                    continue
+                for row in rows:
+                    prompts.setdefault(prompt_text(row["messages"]), str(source))
+    return problems, prompts
 
 
-def _heldout_problems(rounds: list[DictConfig]) -> list[str]:
+def _heldout_problems(rounds: list[DictConfig], user_prompts: dict[str, str]) -> list[str]:
     """Held-out prompt sets (evals.heldout and suites' own `prompts`) must exist and share nothing with the
-    prompts of any round."""
+    prompts of any round, nor with the prompts of the user's training sets (`user_prompts`: text -> source)."""
     from data_gen.prompts import PromptError, load_prompts
-    from evals.stage import check_heldout
+    from evals.stage import check_heldout, prompt_text
 
     training = []
     for rc in rounds:
@@ -430,9 +436,16 @@ def _heldout_problems(rounds: list[DictConfig]) -> list[str]:
     problems = []
     for key, source, split in sorted(sets):
         try:
-            check_heldout(load_prompts(source, split=split).prompts, training, "train")
+            heldout = load_prompts(source, split=split).prompts
+            check_heldout(heldout, training, "train")
         except (PromptError, PosttrainError) as e:
             problems.append(f"{key}: {e}")
+            continue
+        clashes = [(p["prompt_id"], user_prompts[text]) for p in heldout
+                   if (text := prompt_text(p["messages"])) in user_prompts]
+        if clashes:
+            problems.append(f"{key}: {len(clashes)} held-out prompt(s) are also prompts of your training data, e.g. "
+                            f"{clashes[0][0]!r} in {clashes[0][1]}; held-out prompts must never be trained on")
     return problems
 
 
@@ -512,7 +525,8 @@ def validate(cfg: DictConfig) -> list[DictConfig]:
             else:
                 problems.append(str(e))
     problems += _prompt_problems(cfg, rounds, unusable)
-    problems += _user_data_problems(cfg, rounds)
+    found, user_prompts = _user_data_problems(cfg, rounds)
+    problems += found
     first = rounds[0]
     if first.rm.enabled and first.reward.primary == "rm" and not first.reward.rewards and not first.rm.data:
         problems.append("rm.data: round 1 has nothing to score its samples with (its reward model trains on earlier "
@@ -528,7 +542,7 @@ def validate(cfg: DictConfig) -> list[DictConfig]:
         except PosttrainError as e:
             problems.append(f"launch: {e}")
             break
-    problems += _heldout_problems(rounds)
+    problems += _heldout_problems(rounds, user_prompts)
     if problems:
         raise PosttrainError("invalid recipe:\n  - " + "\n  - ".join(problems))
     return rounds

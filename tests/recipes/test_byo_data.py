@@ -143,3 +143,16 @@ def test_export_trains_with_trls_own_trainers_unchanged(seeded, tmp_path, tiny_m
                               train_dataset=data, processing_class=tokenizer)
         trainer.train()
         assert any(not torch.equal(before[n], p) for n, p in model.named_parameters()), trainer_cls.__name__
+
+
+def test_your_training_data_must_not_hold_a_held_out_prompt(tmp_path):
+    first = (Path(__file__).parents[2] / "evals" / "data" / "tiny_heldout.jsonl").read_text().splitlines()[0]
+    heldout = json.loads(first)
+    leak = tmp_path / "leak.jsonl"
+    leak.write_text(json.dumps({"prompt": heldout["prompt"], "completion": "an answer"}) + "\n")
+    with initialize_config_module(config_module="recipes", version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=tiny", f"sft.data=['{leak}']"])
+    with pytest.raises(PosttrainError) as err:
+        validate(cfg)
+    assert "evals.heldout: 1 held-out prompt(s) are also prompts of your training data" in str(err.value)
+    assert f"sft.data[0]: {leak}" in str(err.value)
