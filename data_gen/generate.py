@@ -25,6 +25,7 @@ from data_gen.backend import PromptsRejected, Sampling, build_backend
 from data_gen.prompts import load_pools, sample_mix
 from posttrain.config import GenerateJob
 from posttrain.rundir import Inputs, StageResult, stable_hash, write_text_atomic
+from posttrain.timing import Phases
 
 GENERATION_FEATURES = datasets.Features(
     {
@@ -95,9 +96,11 @@ def generate(job: GenerateJob, inputs: Inputs, out: Path) -> StageResult:
     backend = None
     bar = tqdm(total=len(prompts), desc=f"round {job.round} generate", unit="prompt")
     bar.update(len(prompts) - sum(len(prompts[i : i + size]) for i in todo))
+    phases = Phases()
     for start in todo:
         if backend is None:  # load the model only when there is work left
-            backend = build_backend(cfg.backend, inputs["model"], journal_dir=str(out / "journal"))
+            with phases("load"):
+                backend = build_backend(cfg.backend, inputs["model"], journal_dir=str(out / "journal"))
         batch = prompts[start : start + size]
         sampling = Sampling(
             temperature=cfg.temperature,
@@ -108,7 +111,8 @@ def generate(job: GenerateJob, inputs: Inputs, out: Path) -> StageResult:
         path = shard_dir / f"{start // size:05d}.jsonl"
         path.with_suffix(".rejected").unlink(missing_ok=True)  # from an attempt cut short: this one decides
         try:
-            completions = backend.generate([p["messages"] for p in batch], cfg.k, sampling)
+            with phases("generate"):
+                completions = backend.generate([p["messages"] for p in batch], cfg.k, sampling)
         except PromptsRejected as e:
             completions = e.results
             _write_lines(path.with_suffix(".rejected"), [
@@ -137,8 +141,9 @@ def generate(job: GenerateJob, inputs: Inputs, out: Path) -> StageResult:
         print(f"posttrain: warning: round {job.round} generate: {len(rejected)} prompts rejected by the backend, "
               f"quarantined (quarantine.jsonl); first: {rejected[0]['prompt_id']}: {rejected[0]['reason'][:200]}",
               file=sys.stderr)
-    rows = [json.loads(line) for s in sorted(shard_dir.glob("*.jsonl")) for line in open(s)]
-    datasets.Dataset.from_list(rows, features=GENERATION_FEATURES).save_to_disk(str(out / "generations"))
+    with phases("save"):
+        rows = [json.loads(line) for s in sorted(shard_dir.glob("*.jsonl")) for line in open(s)]
+        datasets.Dataset.from_list(rows, features=GENERATION_FEATURES).save_to_disk(str(out / "generations"))
     shutil.rmtree(shard_dir)
     shutil.rmtree(out / "journal", ignore_errors=True)
     finish = Counter(r["finish_reason"] for r in rows)
@@ -156,6 +161,7 @@ def generate(job: GenerateJob, inputs: Inputs, out: Path) -> StageResult:
             "quarantined": {"empty_prompt": len(set_aside), "rejected_by_backend": len(rejected)},
             "finish_reason": dict(sorted(finish.items())),
             "mean_completion_tokens": sum(r["completion_tokens"] for r in rows) / max(len(rows), 1),
+            "seconds": phases.seconds(),  # this attempt's; a resumed stage's earlier shards are not in it
             **degenerate,
             **({"backend": backend.stats()} if hasattr(backend, "stats") else {}),
         },

@@ -34,6 +34,7 @@ from data_gen.prompts import load_prompts
 from posttrain.config import EvalJob
 from posttrain.errors import PosttrainError
 from posttrain.rundir import Inputs, StageResult
+from posttrain.timing import Phases
 from reward.protocol import build_reward, with_trained_model
 from reward.score import reward_prompt, score_rows
 
@@ -200,11 +201,13 @@ def eval_stage(job: EvalJob, inputs: Inputs, out: Path) -> StageResult:
     outputs = {"responses": "responses", "metrics": "metrics.json"}
 
     teacher = None
+    phases = Phases()
     if inputs.get("teacher"):
-        backend = build_backend(cfg.teacher_backend or backend_cfg, inputs["teacher"],
-                                journal_dir=str(out / "journal"))  # a paid endpoint's answers survive a crash
-        teacher = _answer(_one_each(backend, sampling), heldout, inputs["teacher"], job.round)
-        del backend  # free the teacher before the policy loads
+        with phases("teacher"):  # load and answer
+            backend = build_backend(cfg.teacher_backend or backend_cfg, inputs["teacher"],
+                                    journal_dir=str(out / "journal"))  # a paid endpoint's answers survive a crash
+            teacher = _answer(_one_each(backend, sampling), heldout, inputs["teacher"], job.round)
+            del backend  # free the teacher before the policy loads
         _save(teacher, out / "teacher_responses")
         outputs["teacher_responses"] = "teacher_responses"
     elif inputs.get("teacher_responses"):
@@ -218,7 +221,8 @@ def eval_stage(job: EvalJob, inputs: Inputs, out: Path) -> StageResult:
             policy_backend = instantiate(backend_cfg, model=inputs["policy"], _convert_="all")
         return _one_each(policy_backend, sampling)(messages)
 
-    responses = _answer(generate, heldout, inputs["policy"], job.round)
+    with phases("answer"):  # load the policy and answer
+        responses = _answer(generate, heldout, inputs["policy"], job.round)
     ctx = EvalContext(
         round=job.round,
         policy=inputs["policy"],
@@ -233,14 +237,15 @@ def eval_stage(job: EvalJob, inputs: Inputs, out: Path) -> StageResult:
         batch_size=cfg.batch_size,
         primary=job.primary,
     )
-    _save(responses, out / "responses", {name: ctx.scores(name) for name in ctx.rewards})
-
-    metrics: dict[str, dict] = {}
-    for name, suite in suites.items():
-        ctx.suite = name
-        metrics[name] = _clean(name, suite(ctx))
+    with phases("score"):  # the rewards and every suite (a suite may answer prompts of its own)
+        _save(responses, out / "responses", {name: ctx.scores(name) for name in ctx.rewards})
+        metrics: dict[str, dict] = {}
+        for name, suite in suites.items():
+            ctx.suite = name
+            metrics[name] = _clean(name, suite(ctx))
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     rows = {"responses": len(responses)}
     if "teacher_responses" in outputs:
         rows["teacher_responses"] = len(teacher)
-    return StageResult(outputs=outputs, rows=rows, metrics={**metrics, "judged_by": ctx.judged_by})
+    return StageResult(outputs=outputs, rows=rows,
+                       metrics={**metrics, "judged_by": ctx.judged_by, "seconds": phases.seconds()})

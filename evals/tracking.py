@@ -21,7 +21,7 @@ def scalars(metrics: dict) -> dict[str, float]:
     """The eval stage's metrics ({suite: {name: value}}) as flat `eval/<suite>/<name>` -> finite numbers."""
     out = {}
     for suite, values in metrics.items():
-        if not isinstance(values, dict):
+        if not isinstance(values, dict) or suite in ("seconds", "judged_by"):
             continue
         for name, value in values.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):

@@ -333,22 +333,27 @@ load_policy = common.load_policy  # tests and benchmarks build the policy as the
 
 
 def train(settings: dict) -> dict:
+    from posttrain.timing import Phases
+
+    phases = Phases()
     distributed = common.setup(settings)  # before the trainer's config; the model loads after it
     out = Path(settings["output_dir"])
     trainer_dir = out / "trainer"
-    train_ds, eval_ds = build_datasets(settings["data"], settings["eval_fraction"])
-    args = trl_args(settings, trainer_dir, **distributed)
-    model, tokenizer, peft_config = load_policy(settings)
-    trainer = _llama3_dpo_trainer_class()(
-        model=model,
-        args=args,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        processing_class=tokenizer,
-        peft_config=peft_config,
-        mask_format_tokens=settings["mask_format_tokens"],
-        ref_store=out / "ref_logps",
-    )
+    # data, model, the trainer: with the reference log-probs, computed here (or read back from ref_logps/)
+    with phases("load"):
+        train_ds, eval_ds = build_datasets(settings["data"], settings["eval_fraction"])
+        args = trl_args(settings, trainer_dir, **distributed)
+        model, tokenizer, peft_config = load_policy(settings)
+        trainer = _llama3_dpo_trainer_class()(
+            model=model,
+            args=args,
+            train_dataset=train_ds,
+            eval_dataset=eval_ds,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            mask_format_tokens=settings["mask_format_tokens"],
+            ref_store=out / "ref_logps",
+        )
     metrics: dict = {
         "train_rows": len(trainer.train_dataset),
         "eval_rows": len(trainer.eval_dataset) if trainer.eval_dataset is not None else 0,
@@ -360,11 +365,13 @@ def train(settings: dict) -> dict:
         # Before training the policy is the reference: DPO rewards are all 0, so only the loss (log 2 + the NLL
         # term) and how often the policy already prefers the chosen response say anything.
         ref = trainer.eval_dataset
-        metrics["eval_before"] = {
-            "loss": common.evaluate_before_training(trainer)["eval_loss"],
-            "logp_accuracy": _accuracy(ref["ref_chosen_logps"], ref["ref_rejected_logps"]),
-        }
-    metrics |= common.train_resuming(trainer, trainer_dir)
+        with phases("evaluate"):
+            metrics["eval_before"] = {
+                "loss": common.evaluate_before_training(trainer)["eval_loss"],
+                "logp_accuracy": _accuracy(ref["ref_chosen_logps"], ref["ref_rejected_logps"]),
+            }
+    with phases("train"):
+        metrics |= common.train_resuming(trainer, trainer_dir)
     logged = [h for h in trainer.state.log_history if "loss" in h]
     metrics["loss_curve"] = [
         {
@@ -379,10 +386,11 @@ def train(settings: dict) -> dict:
         metrics["train_reward_accuracy"] = logged[-1].get("rewards/accuracies")
         metrics["train_reward_margin"] = logged[-1].get("rewards/margins")
     if trainer.eval_dataset is not None:
-        after = trainer.evaluate()
-        chosen, rejected = pair_logps(
-            trainer.model, trainer.eval_dataset, trainer.data_collator, args.per_device_eval_batch_size
-        )
+        with phases("evaluate"):
+            after = trainer.evaluate()
+            chosen, rejected = pair_logps(
+                trainer.model, trainer.eval_dataset, trainer.data_collator, args.per_device_eval_batch_size
+            )
         metrics["eval_after"] = {
             "loss": after["eval_loss"],
             "reward_accuracy": after["eval_rewards/accuracies"],
@@ -390,7 +398,10 @@ def train(settings: dict) -> dict:
             "logp_accuracy": _accuracy(chosen.tolist(), rejected.tolist()),
         }
 
-    common.save_model(trainer, out / "model", tokenizer, merge_lora=peft_config is not None, dtype=settings["dtype"])
+    with phases("save"):
+        common.save_model(trainer, out / "model", tokenizer, merge_lora=peft_config is not None,
+                          dtype=settings["dtype"])
+    metrics["seconds"] = phases.seconds()
     if common.is_main():
         if not settings["keep_checkpoints"]:
             shutil.rmtree(trainer_dir, ignore_errors=True)

@@ -33,6 +33,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections import deque
 from dataclasses import asdict
 from pathlib import Path
@@ -191,23 +192,37 @@ def launch_stage(module: str, job: TrainJob, settings: dict, out: Path) -> tuple
     (a resumed stage) is not trained again, one cut short resumes from its own checkpoints.
 
     Returns (the metrics of the first or only run, the metrics for the manifest: the same without seeds, else
-    `averaged_seeds` and every seed's metrics)."""
+    `averaged_seeds` and every seed's metrics). A run's `seconds` gain `startup`: its process's wall time not
+    spent in the phases it timed itself (interpreter, imports, the launcher, distributed set-up)."""
     from posttrain.average import average_checkpoints
 
     launch = asdict(job.launch)
     common = {**settings, "dtype": str(job.dtype)}
     seeds = list(job.train.seeds or [])
     if not seeds:
-        run_training(module, {**common, "seed": job.seed, "output_dir": str(out)}, out, launch)
-        metrics = json.loads((out / "metrics.json").read_text())
+        metrics = _timed_run(module, {**common, "seed": job.seed, "output_dir": str(out)}, out, launch)
         return metrics, metrics
     runs = {}
     for seed in seeds:
         sub = out / f"seed_{seed}"
         sub.mkdir(exist_ok=True)
         if not ((sub / "model" / "config.json").exists() and (sub / "metrics.json").exists()):
-            run_training(module, {**common, "seed": seed, "output_dir": str(sub)}, sub, launch)
+            _timed_run(module, {**common, "seed": seed, "output_dir": str(sub)}, sub, launch)
         runs[seed] = json.loads((sub / "metrics.json").read_text())
+    started = time.perf_counter()
     if not (out / "model").exists():
         average_checkpoints([out / f"seed_{s}" / "model" for s in seeds], out / "model")
-    return runs[seeds[0]], {"averaged_seeds": seeds, "seeds": {str(s): m for s, m in runs.items()}}
+    return runs[seeds[0]], {"averaged_seeds": seeds, "seeds": {str(s): m for s, m in runs.items()},
+                            "seconds": {"average": round(time.perf_counter() - started, 3)}}
+
+
+def _timed_run(module: str, settings: dict, out: Path, launch: dict) -> dict:
+    """`run_training`, then its metrics.json with `seconds.startup` added (and written back)."""
+    started = time.perf_counter()
+    run_training(module, settings, out, launch)
+    wall = time.perf_counter() - started
+    metrics = json.loads((out / "metrics.json").read_text())
+    phases = metrics.get("seconds") or {}
+    metrics["seconds"] = {"startup": round(max(wall - sum(phases.values()), 0.0), 3), **phases}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics

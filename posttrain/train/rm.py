@@ -214,17 +214,20 @@ def build_trainer(settings: dict, train_ds, tokenizer, distributed: dict | None 
 def train(settings: dict) -> dict:
     from posttrain.models import load_tokenizer
     from posttrain.rm_format import NORM_FILE, length_limit, score_inputs
+    from posttrain.timing import Phases
 
+    phases = Phases()
     distributed = common.setup(settings)  # before the trainer's config; the trainer loads the model after it
     out = Path(settings["output_dir"])
     trainer_dir = out / "trainer"
-    tokenizer = load_tokenizer(settings["model"])
-    pairs, counts = preference_pairs(settings["data"], settings["min_difference"])
-    train_pairs, eval_pairs = split_pairs(pairs, settings["eval_fraction"])
-    if not train_pairs:
-        raise ValueError(f"no training pairs left in {settings['data']} ({counts})")
-    train_ds = encode_pairs(train_pairs, tokenizer, settings["max_length"])
-    eval_ds = encode_pairs(eval_pairs, tokenizer, settings["max_length"]) if eval_pairs else None
+    with phases("load"):  # pairs, tokenizer, encoding (the model loads with the trainer, below)
+        tokenizer = load_tokenizer(settings["model"])
+        pairs, counts = preference_pairs(settings["data"], settings["min_difference"])
+        train_pairs, eval_pairs = split_pairs(pairs, settings["eval_fraction"])
+        if not train_pairs:
+            raise ValueError(f"no training pairs left in {settings['data']} ({counts})")
+        train_ds = encode_pairs(train_pairs, tokenizer, settings["max_length"])
+        eval_ds = encode_pairs(eval_pairs, tokenizer, settings["max_length"]) if eval_pairs else None
     limit = length_limit(tokenizer, settings["max_length"])
     metrics: dict = {
         "pairs": len(pairs),
@@ -238,28 +241,33 @@ def train(settings: dict) -> dict:
         ) if limit else 0,
     }
 
-    trainer = build_trainer(settings, train_ds, tokenizer, distributed)
+    with phases("load"):
+        trainer = build_trainer(settings, train_ds, tokenizer, distributed)
     bs = settings["batch_size"] * 2
     if eval_ds is not None:
-        metrics["eval_accuracy_before"] = pairwise_accuracy(
-            _untrained_scorer(trainer), eval_ds, tokenizer.pad_token_id, bs
-        )
-    metrics |= common.train_resuming(trainer, trainer_dir)
+        with phases("evaluate"):
+            metrics["eval_accuracy_before"] = pairwise_accuracy(
+                _untrained_scorer(trainer), eval_ds, tokenizer.pad_token_id, bs
+            )
+    with phases("train"):
+        metrics |= common.train_resuming(trainer, trainer_dir)
     metrics["loss_curve"] = [
         {"step": h["step"], "loss": h["loss"], "accuracy": h.get("accuracy")}
         for h in trainer.state.log_history
         if "loss" in h
     ]
     if eval_ds is not None:
-        metrics["eval_accuracy_after"] = pairwise_accuracy(trainer.model, eval_ds, tokenizer.pad_token_id, bs)
+        with phases("evaluate"):
+            metrics["eval_accuracy_after"] = pairwise_accuracy(trainer.model, eval_ds, tokenizer.pad_token_id, bs)
 
     # Normalisation statistics over distinct training responses (a seeded sample of at most NORM_SAMPLE).
     responses = {json.dumps(x): x for side in ("chosen", "rejected") for x in _inputs(train_ds, side)}
     sample = sorted(responses)
     random.Random(settings["seed"]).shuffle(sample)
-    scores = score_inputs(
-        trainer.model, [responses[k] for k in sample[:NORM_SAMPLE]], tokenizer.pad_token_id, bs, "RM score stats"
-    )
+    with phases("evaluate"):
+        scores = score_inputs(
+            trainer.model, [responses[k] for k in sample[:NORM_SAMPLE]], tokenizer.pad_token_id, bs, "RM score stats"
+        )
     stats = {
         "score_mean": statistics.fmean(scores),
         "score_std": statistics.pstdev(scores),
@@ -270,7 +278,9 @@ def train(settings: dict) -> dict:
     metrics.update(score_mean=stats["score_mean"], score_std=stats["score_std"])
 
     model_dir = out / "model"
-    common.save_model(trainer, model_dir, tokenizer, merge_lora=False)
+    with phases("save"):
+        common.save_model(trainer, model_dir, tokenizer, merge_lora=False)
+    metrics["seconds"] = phases.seconds()
     if common.is_main():
         (model_dir / NORM_FILE).write_text(json.dumps(stats, indent=2))
         if not settings["keep_checkpoints"]:

@@ -72,39 +72,49 @@ def build_datasets(paths: list[str], eval_fraction: float):
 def train(settings: dict) -> dict:
     from trl import SFTConfig, SFTTrainer
 
+    from posttrain.timing import Phases
+
+    phases = Phases()
     distributed = common.setup(settings)  # before the trainer's config; the model loads after it
     out = Path(settings["output_dir"])
     trainer_dir = out / "trainer"
-    train_ds, eval_ds = build_datasets(settings["data"], settings["eval_fraction"])
-    args = SFTConfig(
-        **common.trainer_args(settings, trainer_dir),
-        max_length=settings["max_length"],
-        packing=settings.get("packing", False),
-        dataset_num_proc=None,
-        disable_tqdm=False,
-        **distributed,
-    )
-    model, tokenizer, peft_config = common.load_policy(settings)
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        processing_class=tokenizer,
-        peft_config=peft_config,
-    )
+    with phases("load"):  # data, model, tokenizer, the trainer (tokenizing its datasets)
+        train_ds, eval_ds = build_datasets(settings["data"], settings["eval_fraction"])
+        args = SFTConfig(
+            **common.trainer_args(settings, trainer_dir),
+            max_length=settings["max_length"],
+            packing=settings.get("packing", False),
+            dataset_num_proc=None,
+            disable_tqdm=False,
+            **distributed,
+        )
+        model, tokenizer, peft_config = common.load_policy(settings)
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=train_ds,
+            eval_dataset=eval_ds,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+        )
     metrics: dict = {"train_rows": len(train_ds), "eval_rows": len(eval_ds) if eval_ds is not None else 0,
                      "train_sequences": len(trainer.train_dataset)}  # fewer than train_rows when packed
     if eval_ds is not None:
-        metrics["eval_loss_before"] = common.evaluate_before_training(trainer)["eval_loss"]
-    metrics |= common.train_resuming(trainer, trainer_dir)
+        with phases("evaluate"):
+            metrics["eval_loss_before"] = common.evaluate_before_training(trainer)["eval_loss"]
+    with phases("train"):
+        metrics |= common.train_resuming(trainer, trainer_dir)
     metrics["loss_curve"] = [
         {"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h
     ]
     if eval_ds is not None:
-        metrics["eval_loss_after"] = trainer.evaluate()["eval_loss"]
+        with phases("evaluate"):
+            metrics["eval_loss_after"] = trainer.evaluate()["eval_loss"]
 
-    common.save_model(trainer, out / "model", tokenizer, merge_lora=peft_config is not None, dtype=settings["dtype"])
+    with phases("save"):
+        common.save_model(trainer, out / "model", tokenizer, merge_lora=peft_config is not None,
+                          dtype=settings["dtype"])
+    metrics["seconds"] = phases.seconds()
     if common.is_main():
         if not settings["keep_checkpoints"]:
             shutil.rmtree(trainer_dir, ignore_errors=True)

@@ -70,6 +70,9 @@ def test_eval_stage_writes_answers_and_metrics(tiny_run):
     assert set(e1["outputs"]) == {"responses", "metrics"}
     m0, m1 = _metrics(root, 0), _metrics(root, 1)
     # The manifest carries the same numbers, and which reward judged the win rates (the first: no primary given).
+    # and where its seconds went: round 0 also answers as the teacher
+    assert set(e0["metrics"].pop("seconds")) == {"teacher", "answer", "score"}
+    assert set(e1["metrics"].pop("seconds")) == {"answer", "score"}
     assert e0["metrics"] == {**m0, "judged_by": {"win_rate": "words"}} and e1["metrics"] == {**m1, "judged_by": {
         "win_rate": "words"}}
     assert list(m1) == ["reward", "win_rate", "drift", "math", "ifeval"]

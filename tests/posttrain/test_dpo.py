@@ -216,7 +216,9 @@ def test_dpo_stage_trains_resumes_and_reuses_reference(tiny_model_dir, pairs_dir
     out.mkdir()
     stage = dict(learning_rate=1e-3, epochs=3, save_steps=2, eval_fraction=0.2, keep_checkpoints=True)
     settings = _settings(tiny_model_dir, pairs_dir, out, **stage)
-    job = TrainJob(train=DPOConfig(**{k: v for k, v in settings.items() if k in DPOConfig.__dataclass_fields__}))
+    # `data` is the stage's input here, not dpo.data (the user's own sets)
+    job = TrainJob(train=DPOConfig(**{k: v for k, v in settings.items() if k in DPOConfig.__dataclass_fields__
+                                      and k != "data"}))
     inputs = {"model": str(tiny_model_dir), "data": [str(pairs_dir)]}
 
     # First attempt (in this process, to save a start-up): stops after 2 steps; what a crash leaves is the

@@ -37,5 +37,6 @@ def test_sft_packs_short_examples_and_loads_the_chosen_attention(tmp_path):
                          output_dir=str(tmp_path / "out"))
     metrics = sft.train(settings)
     assert metrics["train_rows"] == 16 and metrics["train_sequences"] < 8 and metrics["steps"] == 2
+    assert set(metrics["seconds"]) == {"load", "train", "save"}  # where the stage's time went
     model, _, _ = common.load_policy(settings)
     assert model.config._attn_implementation == "eager"

@@ -185,6 +185,7 @@ def test_launch_stage_trains_one_model_per_seed_and_averages_them(tmp_path, monk
     out.mkdir()
     job = TrainJob(train=SFTConfig(seeds=[1, 3]), dtype="bfloat16")
     first, metrics = launch_stage("fake_trainer", job, {"calls": str(calls)}, out)
+    assert first.pop("seconds")["startup"] > 0
     assert first == {"train_rows": 3, "seed": 1, "dtype": "bfloat16"}  # the frozen settings carry seed and dtype
     assert metrics["averaged_seeds"] == [1, 3] and metrics["seeds"]["3"]["seed"] == 3
     assert load_file(str(out / "model" / "model.safetensors"))["w"].tolist() == [2.0, 2.0]
@@ -264,6 +265,7 @@ def test_training_processes_are_named_for_trackers_and_log_into_their_stage_fold
     out.mkdir(parents=True)
     metrics, _ = launch_stage("env_trainer", TrainJob(train=SFTConfig(), seed=0), {}, out)
     run_id, resume = metrics.pop("wandb")
+    assert metrics.pop("seconds")["startup"] > 0  # the process's own time: it timed no phase of its own
     assert metrics == {"run_name": "round_1/sft", "tensorboard": str(out / "tensorboard"), "group": "myrun"}
     assert resume == "allow"  # a resumed stage continues its wandb run: the same id on every attempt
     again, _ = launch_stage("env_trainer", TrainJob(train=SFTConfig(), seed=0), {}, out)
