@@ -236,7 +236,7 @@ def precision(dtype: str, deepspeed: bool = False):
 
 def precision_of(settings: dict):
     """`precision` for a training process's frozen settings (`dtype`, and `deepspeed` when the launcher froze one)."""
-    return precision(settings.get("dtype", "auto"), deepspeed=bool(settings.get("deepspeed")))
+    return precision(settings.get("dtype") or "auto", deepspeed=bool(settings.get("deepspeed")))
 
 
 def attention(settings: dict) -> dict:
@@ -275,7 +275,7 @@ def trainer_args(settings: dict, output_dir: str | Path) -> dict:
     import torch
 
     gpu = torch.cuda.is_available()
-    dtype = settings.get("dtype", "auto")
+    dtype = settings.get("dtype") or "auto"
     weights, flags = precision_of(settings)
     if is_main():
         mode = "bf16" if flags["bf16"] else "fp16 autocast" if flags["fp16"] else "fp32"

@@ -113,7 +113,7 @@ def train(settings: dict) -> dict:
 
     with phases("save"):
         common.save_model(trainer, out / "model", tokenizer, merge_lora=peft_config is not None,
-                          dtype=settings["dtype"])
+                          dtype=settings.get("dtype") or "auto")
     metrics["seconds"] = phases.seconds()
     if common.is_main():
         if not settings["keep_checkpoints"]:
