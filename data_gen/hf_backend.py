@@ -20,8 +20,11 @@ class HFBackend:
     """Batched sampling with transformers. `model` is any spec `posttrain.models` resolves.
 
     With `prefix_sharing` (the default) each prompt is prefilled once and its KV cache serves all `n` of its
-    samples, the compute half of the paper's PagedAttention trick (Llama 3 paper, "Rejection sampling").
-    `prefix_sharing=False` keeps plain `generate(num_return_sequences=n)`, which encodes each prompt `n` times.
+    samples, the compute half of the paper's PagedAttention trick (Llama 3 paper, "Rejection sampling"); then the
+    samples are decoded one token a step by the model's forward, with transformers' own temperature and top-p
+    warpers, and a sequence that has ended leaves the batch and its cache (`DynamicCache.batch_select_indices`):
+    a step costs the rows still writing, not the longest answer's. `prefix_sharing=False` keeps plain
+    `generate(num_return_sequences=n)`, which encodes each prompt `n` times and decodes every row to the end.
     """
 
     def __init__(
@@ -92,9 +95,8 @@ class HFBackend:
             return self.model.generate(
                 input_ids=input_ids, attention_mask=attention_mask, num_return_sequences=k, **options
             )
-        # Prefill all but the last prompt token once per prompt. The last one is left to `generate`: it needs
-        # that token's logits to sample the first answer token, and sees a cache `len - 1` long, so it feeds
-        # only that token (then one per step); positions come from the full mask, as in the plain path.
+        # Prefill all but the last prompt token once per prompt. The last one is the decoding loop's first input:
+        # its logits give the first answer token; positions come from the full mask, as in the plain path.
         cache = DynamicCache(config=self.model.config)
         head_ids, head_mask = input_ids[:, :-1], attention_mask[:, :-1]
         self.model(
@@ -109,9 +111,47 @@ class HFBackend:
         # Honest limit: the prefill compute is shared, but the cache is then copied k times, one per sample;
         # memory is not shared copy-on-write pages as in vLLM's PagedAttention.
         cache.batch_repeat_interleave(k)
-        return self.model.generate(
-            input_ids=input_ids.repeat_interleave(k, dim=0),
-            attention_mask=attention_mask.repeat_interleave(k, dim=0),
-            past_key_values=cache,
-            **options,
+        return self._decode(input_ids.repeat_interleave(k, dim=0), attention_mask.repeat_interleave(k, dim=0),
+                            cache, sampling)
+
+    def _decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache, sampling: Sampling):
+        """Decode from `cache` (every prompt token but the last already in it) until each row writes an
+        end-of-turn token or `max_new_tokens`; a finished row is dropped from the batch. Returns the rows as
+        `generate` does: prompt + answer, right-padded with the pad token after an answer's end."""
+        from transformers.generation.logits_process import (
+            LogitsProcessorList,
+            TemperatureLogitsWarper,
+            TopPLogitsWarper,
         )
+
+        greedy = sampling.temperature == 0
+        warpers = LogitsProcessorList([] if greedy else [TemperatureLogitsWarper(sampling.temperature)] + (
+            [TopPLogitsWarper(sampling.top_p)] if sampling.top_p < 1.0 else []))
+        stop = torch.tensor(sorted(self.stop_ids), device=input_ids.device)
+        rows = input_ids.shape[0]
+        answers = torch.full((rows, sampling.max_new_tokens), self.tokenizer.pad_token_id, dtype=torch.long,
+                             device=input_ids.device)
+        active = torch.arange(rows, device=input_ids.device)  # the batch's rows, by their index in `answers`
+        mask = attention_mask
+        step_ids = input_ids[:, -1:]
+        positions = mask.long().sum(-1, keepdim=True) - 1  # left padding does not shift the real tokens
+        for step in range(sampling.max_new_tokens):
+            logits = self.model(input_ids=step_ids, attention_mask=mask, position_ids=positions,
+                                past_key_values=cache, use_cache=True).logits[:, -1, :].float()
+            if greedy:
+                tokens = logits.argmax(-1)
+            else:
+                scores = warpers(answers[active, :step], logits)
+                tokens = torch.multinomial(torch.softmax(scores, dim=-1), 1).squeeze(1)
+            answers[active, step] = tokens
+            going = ~torch.isin(tokens, stop)
+            if not going.all():
+                if not going.any():
+                    break
+                keep = going.nonzero().squeeze(1)
+                cache.batch_select_indices(keep)
+                active, mask, positions, tokens = active[keep], mask[keep], positions[keep], tokens[keep]
+            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+            positions = positions + 1
+            step_ids = tokens[:, None]
+        return torch.cat([input_ids, answers], dim=1)

@@ -1,5 +1,7 @@
 """The local `hf` generation backend on the tiny model."""
 
+import math
+
 import pytest
 import torch
 
@@ -139,3 +141,53 @@ def test_each_prompt_is_prefilled_once_not_n_times(tiny_model_dir):
 
     plain, _ = _embedded_shapes(HFBackend(str(tiny_model_dir), batch_size=1, prefix_sharing=False), PROMPTS, n)
     assert plain == [(n, length) for length in lengths]  # the old path encodes each prompt n times
+
+
+class _EndsSometimes(torch.nn.Module):
+    """The real lm_head with the end-of-turn token raised, so answers end at different steps."""
+
+    def __init__(self, head, token, bias):
+        super().__init__()
+        self.head, self.token, self.bias = head, token, bias
+
+    def forward(self, hidden):
+        logits = self.head(hidden)
+        logits[..., self.token] += self.bias
+        return logits
+
+
+def _decode_feeds(backend, prompts, n, sampling):
+    """(the answers, the rows fed to the model at each one-token decoding step)."""
+    rows = []
+    hook = backend.model.get_input_embeddings().register_forward_hook(
+        lambda module, args, output: rows.append(args[0].shape[0]) if args[0].shape[1] == 1 else None)
+    try:
+        out = backend.generate(prompts, n=n, sampling=sampling)
+    finally:
+        hook.remove()
+    return out, rows
+
+
+def test_finished_answers_leave_the_batch_and_greedy_answers_still_equal_generates(tiny_model_dir):
+    ours = HFBackend(str(tiny_model_dir), batch_size=4)
+    plain = HFBackend(str(tiny_model_dir), batch_size=4, prefix_sharing=False)
+    eot = ours.tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    for backend in (ours, plain):
+        backend.model.lm_head = _EndsSometimes(backend.model.lm_head, eot, 0.3)
+    prompts = [[{"role": "user", "content": f"Question {i}: " + "tell me more " * i}] for i in range(8)]
+    greedy = Sampling(temperature=0, max_new_tokens=30)
+    out, _ = _decode_feeds(ours, prompts, 1, greedy)
+    assert out == plain.generate(prompts, n=1, sampling=greedy)
+    lengths = {s["completion_tokens"] for samples in out for s in samples}
+    assert len(lengths) >= 2 and {s["finish_reason"] for samples in out for s in samples} == {"stop", "length"}
+
+    # Sampling from the random model's nearly flat distribution: end-of-turn drawn about one step in ten.
+    ours.model.lm_head.bias = math.log(0.1 * ours.model.config.vocab_size)
+    sampled = Sampling(temperature=1.0, max_new_tokens=30, seed=1)
+    out, feeds = _decode_feeds(ours, prompts, 4, sampled)
+    answers = [s for samples in out for s in samples]
+    assert len({s["completion_tokens"] for s in answers}) > 3
+    # Each answer is fed once per token it wrote (its end-of-turn included): no step runs a finished row.
+    assert sum(feeds) == sum(s["completion_tokens"] + (s["finish_reason"] == "stop") for s in answers)
+    assert sum(feeds) < len(answers) * max(s["completion_tokens"] for s in answers)
+    assert ours.generate(prompts, n=4, sampling=sampled) == out  # still one answer set per seed
