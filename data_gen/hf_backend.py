@@ -23,7 +23,9 @@ class HFBackend:
     samples, the compute half of the paper's PagedAttention trick (Llama 3 paper, "Rejection sampling"); then the
     samples are decoded one token a step by the model's forward, with transformers' own temperature and top-p
     warpers, and a sequence that has ended leaves the batch and its cache (`DynamicCache.batch_select_indices`):
-    a step costs the rows still writing, not the longest answer's. `prefix_sharing=False` keeps plain
+    a step costs the rows still writing, not the longest answer's. It samples with the recipe's temperature and
+    top_p only: sampling defaults in a model's generation_config.json (top_k, repetition_penalty) are not applied,
+    as vLLM and the endpoints get only the recipe's settings too. `prefix_sharing=False` keeps plain
     `generate(num_return_sequences=n)`, which encodes each prompt `n` times and decodes every row to the end.
     """
 
