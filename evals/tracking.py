@@ -3,8 +3,9 @@
 
 - tensorboard: `<run_dir>/tensorboard/evals/`, one series per metric (`eval/<suite>/<metric>`) with the round as
   its step, so `tensorboard --logdir <run_dir>` draws the rounds as one line next to every stage's own events;
-- wandb: a run named `evals` in the run directory's group (the training stages' WANDB_RUN_GROUP), with a stable id
-  resumed by every round, logged at step = round.
+- wandb: a run named `evals` in the run directory's group (the training stages' WANDB_RUN_GROUP, in WANDB_PROJECT
+  as transformers uses it), with a stable id resumed by every round, logged at step = round;
+- trackio: a run named `evals` in the project named after the run directory, where the training stages log too.
 
 A round's metrics are logged when its eval stage runs; a stage skipped as done earlier logs nothing again.
 """
@@ -51,9 +52,16 @@ def log_eval(report_to: list[str], run_dir: Path, round_idx: int, metrics: dict)
 
         group = os.environ.get("WANDB_RUN_GROUP") or run_dir.name
         run_id = "evals-" + hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:12]
-        run = wandb.init(project=os.environ.get("WANDB_PROJECT", "posttrain"), group=group, name="evals",
+        run = wandb.init(project=os.environ.get("WANDB_PROJECT", "huggingface"), group=group, name="evals",
                          id=run_id, resume="allow", job_type="eval")
         run.log(values, step=round_idx)
         run.finish()
         done.append("wandb")
+    if "trackio" in wanted:
+        import trackio
+
+        trackio.init(project=run_dir.name, name="evals", resume="allow")  # the training stages' project
+        trackio.log(values, step=round_idx)
+        trackio.finish()
+        done.append("trackio")
     return done

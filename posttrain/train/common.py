@@ -300,6 +300,8 @@ def trainer_args(settings: dict, output_dir: str | Path) -> dict:
         eval_strategy="no",
         report_to=settings["report_to"],
         run_name=settings.get("run_name"),  # round_N/stage[/seed_S]: how wandb, trackio and mlflow name the run
+        # Trackio has no groups: one project per run directory keeps two runs' round_1/sft apart
+        **({"project": settings["run_group"]} if settings.get("run_group") else {}),
         seed=settings["seed"],
         use_cpu=not gpu,
         **flags,

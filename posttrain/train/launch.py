@@ -150,7 +150,7 @@ def run_training(module: str, settings: dict, work_dir: Path, launch: dict, log_
     ds = launch["deepspeed"]
     group, name = run_names(work_dir)
     settings = {**settings, "deepspeed": json.loads(deepspeed_config(ds).read_text()) if ds else None,
-                "run_name": name}
+                "run_name": name, "run_group": group}
     config_path.write_text(json.dumps(settings, indent=2, sort_keys=True, default=str))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     # Trackers: TensorBoard events in the stage's own folder (the same one when it resumes), one wandb group per

@@ -21,6 +21,8 @@ def test_knobs_reach_the_trainer_arguments_and_dpo_loss(tmp_path):
     assert (args.optim, args.max_grad_norm, args.warmup_steps) == ("adafactor", 0.5, 3)
     assert args.activation_checkpointing is True
     assert args.loss_type == ["robust", "sft"] and args.loss_weights == [1.0, 0.2] and args.label_smoothing == 0.1
+    named = trl_args(_settings(DPOConfig(), run_name="round_1/dpo", run_group="myrun"), tmp_path)
+    assert (named.run_name, named.project) == ("round_1/dpo", "myrun")  # trackio: one project per run directory
     default = trl_args(_settings(DPOConfig()), tmp_path)  # the Llama 3 loss, transformers' own defaults
     assert default.loss_type == ["sigmoid", "sft"] and default.max_grad_norm == 1.0 and default.warmup_steps == 0.1
 

@@ -255,7 +255,7 @@ def test_training_processes_are_named_for_trackers_and_log_into_their_stage_fold
         "settings = json.loads(Path(sys.argv[1]).read_text())\nout = Path(settings['output_dir'])\n"
         "(out / 'metrics.json').write_text(json.dumps({'run_name': settings['run_name'],"
         " 'tensorboard': os.environ['TENSORBOARD_LOGGING_DIR'], 'group': os.environ['WANDB_RUN_GROUP'],"
-        " 'wandb': [os.environ['WANDB_RUN_ID'], os.environ['WANDB_RESUME']]}))\n")
+        " 'wandb': [os.environ['WANDB_RUN_ID'], os.environ['WANDB_RESUME']], 'project': settings['run_group']}))\n")
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
     for name in ("WANDB_RUN_ID", "WANDB_RESUME"):
         monkeypatch.delenv(name, raising=False)
@@ -265,6 +265,7 @@ def test_training_processes_are_named_for_trackers_and_log_into_their_stage_fold
     out.mkdir(parents=True)
     metrics, _ = launch_stage("env_trainer", TrainJob(train=SFTConfig(), seed=0), {}, out)
     run_id, resume = metrics.pop("wandb")
+    assert metrics.pop("project") == "myrun"  # trackio's project: the run directory
     assert metrics.pop("seconds")["startup"] > 0  # the process's own time: it timed no phase of its own
     assert metrics == {"run_name": "round_1/sft", "tensorboard": str(out / "tensorboard"), "group": "myrun"}
     assert resume == "allow"  # a resumed stage continues its wandb run: the same id on every attempt
