@@ -455,7 +455,7 @@ def unresolved(node: Any, path: str = "") -> list[str]:
     import re
 
     from omegaconf import ListConfig
-    from omegaconf.errors import InterpolationResolutionError
+    from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
     problems = []
     keys = node.keys() if isinstance(node, DictConfig) else range(len(node)) if isinstance(node, ListConfig) else []
@@ -470,6 +470,9 @@ def unresolved(node: Any, path: str = "") -> list[str]:
             problems.append(f"{key}: the environment variable {env.group(1)} is not set; export it (the recipe reads "
                             f"{key} from it) or pass {key}=..." if env else
                             f"{key}: {str(e).splitlines()[0]}")
+            continue
+        except MissingMandatoryValue:
+            problems.append(f"{key}: required and not set (pass {key}=...)")
             continue
         problems += unresolved(value, key)
     return problems

@@ -335,3 +335,7 @@ def test_switching_backend_leaves_the_other_backends_settings_behind(capsys):
         capsys.readouterr().out
     msg = problems(*switch, "+generate.backend.batchsize=3")  # a key no backend takes is still an error
     assert "OpenAIBackend takes no argument(s) ['batchsize']" in msg
+
+
+def test_a_required_key_left_unset_is_named():
+    assert "model.path: required and not set (pass model.path=...)" in problems("experiment=tiny", "model.path=???")
