@@ -88,7 +88,7 @@ class HFBackend:
             do_sample=not greedy,
             temperature=None if greedy else sampling.temperature,
             top_p=None if greedy else sampling.top_p,
-            top_k=None,
+            top_k=0,  # off, as in the decoding loop (None would let generate apply its default of 50)
             max_new_tokens=sampling.max_new_tokens,
             eos_token_id=self.stop_ids,
             pad_token_id=self.tokenizer.pad_token_id,

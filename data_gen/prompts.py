@@ -107,11 +107,13 @@ def sample_round(prompts: list[dict], n: int, start: int, seed: int | str) -> li
     out: list[dict] = []
     taken: set[str] = set()
     pos = start
+    orders: dict[int, list[int]] = {}  # one seeded permutation per pass over the pool
     while len(out) < n:
         epoch, offset = divmod(pos, len(prompts))
-        order = list(range(len(prompts)))
-        random.Random(f"{seed}:{epoch}").shuffle(order)
-        p = prompts[order[offset]]
+        if epoch not in orders:
+            orders[epoch] = list(range(len(prompts)))
+            random.Random(f"{seed}:{epoch}").shuffle(orders[epoch])
+        p = prompts[orders[epoch][offset]]
         if p["prompt_id"] not in taken:
             taken.add(p["prompt_id"])
             out.append(p)

@@ -189,8 +189,8 @@ def eval_stage(job: EvalJob, inputs: Inputs, out: Path) -> StageResult:
     cfg = job.evals
     heldout = load_prompts(inputs["heldout"], split=cfg.split).prompts[: cfg.num_prompts]
     training = list(job.training_prompts)
-    if training:
-        check_heldout(heldout, training, cfg.split)
+    if training:  # each a path (split "train") or a mapping naming its split
+        check_heldout(heldout, training, "train")
     # Built before any model loads, so a bad suite config (or a missing extra) costs nothing.
     suites = {name: instantiate(node, _recursive_=False, _convert_="all")  # nested configs are the suite's own
               for name, node in cfg.suites.items()}

@@ -139,8 +139,25 @@ def _hash_recorded(recorded: dict) -> str:
     return stable_hash(_hashed_part(recorded))
 
 
+# Settings added after run directories already existed, at the value that does what the code did before them: left
+# out of a stage's hash at that value, so a finished stage is not "changed" by an upgrade. Set to anything else,
+# they are hashed like every other key. (`report_to` of evals says where results go, not what they are.)
+ADDED_AT_DEFAULT = {"warmup_steps": 0, "optim": None, "max_grad_norm": None, "gradient_checkpointing": None,
+                    "attn_implementation": None, "dtype": None, "data": [], "packing": False, "loss_type": "sigmoid",
+                    "label_smoothing": 0.0, "num_prompts": None, "report_to": None}
+
+
 def _hashed_part(recorded: dict) -> dict:
     return _without_unhashed({k: v for k, v in recorded.items() if k not in UNHASHED})
+
+
+def _without_added_defaults(node: Any) -> Any:
+    if isinstance(node, dict) and "_target_" not in node:  # a plug-in's own arguments are all hashed
+        return {k: _without_added_defaults(v) for k, v in node.items()
+                if not (k in ADDED_AT_DEFAULT and v == ADDED_AT_DEFAULT[k] and type(v) is type(ADDED_AT_DEFAULT[k]))}
+    if isinstance(node, list):
+        return [_without_added_defaults(v) for v in node]
+    return node
 
 
 def _unhashed_arguments(target: Any) -> tuple[str, ...]:
@@ -155,7 +172,7 @@ def _unhashed_arguments(target: Any) -> tuple[str, ...]:
 def _without_unhashed(node: Any) -> Any:
     if isinstance(node, dict):
         drop = _unhashed_arguments(node["_target_"]) if isinstance(node.get("_target_"), str) else ()
-        return {k: _without_unhashed(v) for k, v in node.items() if k not in drop}
+        return {k: _without_unhashed(v) for k, v in _without_added_defaults(node).items() if k not in drop}
     if isinstance(node, list):
         return [_without_unhashed(v) for v in node]
     return node

@@ -227,7 +227,12 @@ def rows(source: Source) -> Iterator[tuple[str, dict]]:
                 raise SourceError(f"{where}: no column {missing[0]!r} (named in {source.key or 'the'} columns); "
                                   f"the row has {sorted(row)}")
             renamed = {f: row[c] for f, c in mapping.items()}
-            row = {**{k: v for k, v in row.items() if k not in mapping.values()}, **renamed}
+            # A mapped format wins: an unmapped `messages` (or `prompt`/`completion`) column the source also has
+            # would otherwise be read first.
+            rival = {"messages", "text"} if {"prompt", "completion"} & set(mapping) else (
+                {"prompt", "completion", "text"} if "messages" in mapping else set())
+            row = {**{k: v for k, v in row.items() if k not in mapping.values() and k not in rival - set(mapping)},
+                   **renamed}
         yield where, row
 
 

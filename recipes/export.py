@@ -50,13 +50,26 @@ def find(run_dir: Path, what: str, round_idx: int | None) -> tuple[dict, str]:
     entries = _manifest(run_dir)["stages"]
     rounds = sorted({e["round"] for e in entries}, reverse=True) if round_idx is None else [round_idx]
     for r in rounds:
+        done = {e["stage"]: e for e in entries if e["round"] == r}
+        if what == "sft" and "select" not in done and ("score" in done or _has_rewards(run_dir)):
+            continue  # a round whose best-of-K selection has not finished: its raw samples are not an SFT set
         for stage, output in WHAT[what]:
-            for e in entries:
-                if (e["round"], e["stage"]) == (r, stage) and output in e["outputs"]:
-                    return e, output
+            if stage in done and output in done[stage]["outputs"]:
+                return done[stage], output
     where = f"round {round_idx}" if round_idx is not None else "any round"
     raise PosttrainError(f"{run_dir}: {where} has no finished {' or '.join(s for s, _ in WHAT[what])} stage to "
                          f"export {what} from")
+
+
+def _has_rewards(run_dir: Path) -> bool:
+    """Whether the run's recipe scores its samples (so its SFT set is the select stage's, never raw samples)."""
+    import yaml
+
+    try:
+        config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    except OSError:
+        return True
+    return bool((config.get("reward") or {}).get("rewards"))
 
 
 def rows(ds, what: str):
@@ -141,7 +154,8 @@ def export(run_dir: str | Path, out: str | Path, what: str = "sft", round_idx: i
     ds = datasets.load_from_disk(str(run_dir / entry["outputs"][output]))
     exported = list(rows(ds, what))
     data_file = f"data/train.{fmt}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))  # beside --out: the rename stays on its disk
     try:
         (tmp / "data").mkdir()
         table = datasets.Dataset.from_list(exported)
@@ -150,7 +164,6 @@ def export(run_dir: str | Path, out: str | Path, what: str = "sft", round_idx: i
         else:
             table.to_parquet(str(tmp / data_file))
         (tmp / "README.md").write_text(_card(run_dir, entry, what, data_file, len(exported)))
-        out.parent.mkdir(parents=True, exist_ok=True)
         if out.exists():
             out.rmdir()  # empty, checked above
         os.replace(tmp, out)

@@ -54,14 +54,14 @@ def _train_job(rc: DictConfig, key: str) -> TrainJob:
                     launch=section(rc, "launch"))
 
 
-def _sources(rc: DictConfig, key: str) -> list[str]:
+def _sources(rc: DictConfig, key: str, split: str = "train") -> list[str]:
     """The local paths (or hub ids) of the sources a recipe key names, for the run directory's fingerprints."""
-    return [fingerprint_path(s) for s in parse_sources(OmegaConf.select(rc, key), key, rc.data.split)]
+    return [fingerprint_path(s) for s in parse_sources(OmegaConf.select(rc, key), key, split)]
 
 
 def _with_user_data(inputs: dict, rc: DictConfig, key: str) -> dict:
-    """A training stage's inputs plus `user_data` when the recipe gives `<key>.data`: a recipe without it keeps
-    the inputs (and so the fingerprints) it always had."""
+    """A training stage's inputs plus `user_data` when the recipe gives `<key>.data` (sources name their split;
+    default "train"): a recipe without it has no `user_data` input."""
     user = _sources(rc, f"{key}.data")
     return {**inputs, "user_data": user} if user else inputs
 
@@ -87,7 +87,7 @@ def run_round(rd: RunDir, rc: DictConfig, r: int, policy: str, prompt_start: int
     gen_model = rc.teacher.path if rc.generate.source == Source.teacher else policy
     job = GenerateJob(generate=section(rc, "generate"), data=section(rc, "data"), round=r, seed=rc.seed,
                       prompt_start=prompt_start)
-    prompts = _sources(rc, "data.prompts")
+    prompts = _sources(rc, "data.prompts", rc.data.split)
     gen = rd.run_stage(r, "generate", job, {"prompts": prompts[0] if len(prompts) == 1 else prompts,
                                             "model": gen_model})
     sft_data, pairs = rd.output(gen, "generations"), None
@@ -159,8 +159,12 @@ def run_eval(rd: RunDir, rc: DictConfig, r: int, policy: str) -> None:
     if rd.dry_run:
         return
     if f"round_{r}/eval" in rd.ran:  # the tracker gets each round's results once, when they are made
-        log_eval(list(rc.evals.report_to if rc.evals.report_to is not None else rc.sft.report_to), rd.root, r,
-                 entry["metrics"])
+        try:
+            log_eval(list(rc.evals.report_to if rc.evals.report_to is not None else rc.sft.report_to), rd.root, r,
+                     entry["metrics"])
+        except Exception as e:  # noqa: BLE001 - a tracker's failure must not stop a run whose stages are saved
+            print(f"posttrain: warning: round {r}'s eval metrics did not reach the tracker ({type(e).__name__}: "
+                  f"{e}); they are in {rd.root / entry['dir'] / 'metrics.json'}")
     try:
         build_report(rd.root)
     except Exception as e:  # noqa: BLE001 - a plotting problem must not stop a run whose stages are saved

@@ -344,10 +344,15 @@ def _prompt_problems(cfg: DictConfig, rounds: list[DictConfig], unusable: set) -
     source, by weight), and fits the policy's context."""
     from data_gen.prompts import PromptError, load_pools, shares
 
-    problems, pools, start = [], {}, 0
+    problems, pools, start, mixes = [], {}, 0, []
     for r, rc in enumerate(rounds, 1):
         value = OmegaConf.to_container(rc.data, resolve=True)["prompts"]
         key = repr((value, rc.data.on_empty, rc.data.split))
+        mixes.append(value if isinstance(value, list) and len(value) > 1 else None)
+        if r > 1 and (mixes[-1] or mixes[-2]) and mixes[-1] != mixes[-2]:
+            problems.append(f"round {r}: data.prompts mixes several sources and differs from round {r - 1}'s; each "
+                            f"source keeps its place in its own prompt stream only while the sources and weights stay "
+                            f"the same: keep one data.prompts for every round")
         if key not in pools:
             try:
                 pools[key] = load_pools(value, rc.data.on_empty, rc.data.split)
@@ -394,7 +399,7 @@ def _user_data_problems(cfg: DictConfig, rounds: list[DictConfig]) -> tuple[list
             if not rc[stage].enabled:
                 continue
             try:
-                found = sources.parse_sources(rc[stage].data, f"{stage}.data", rc.data.split)
+                found = sources.parse_sources(rc[stage].data, f"{stage}.data")
             except sources.SourceError as e:
                 problems.append(str(e))
                 continue

@@ -394,3 +394,17 @@ def test_a_stage_folder_without_its_entry_is_set_aside_not_deleted(tmp_path):
     assert fn.calls == 1
     (kept,) = (tmp_path / "round_1" / "superseded").iterdir()
     assert kept.name.endswith(".orphan") and (kept / "out.txt").read_text() == "hello 1"
+
+
+def test_settings_added_later_at_their_old_behaviour_leave_a_finished_stages_hash_alone():
+    from posttrain.config import EvalConfig, EvalJob, SFTConfig, TrainJob
+    from posttrain.rundir import ADDED_AT_DEFAULT, _hash_recorded, config_hash_of, plain
+
+    for job, section in ((TrainJob(train=SFTConfig()), "train"), (EvalJob(evals=EvalConfig(), round=1), "evals")):
+        recorded = plain(job)
+        before = {**recorded, section: {k: v for k, v in recorded[section].items()
+                                        if not (k in ADDED_AT_DEFAULT and v == ADDED_AT_DEFAULT[k])}}
+        assert len(before[section]) < len(recorded[section])
+        assert config_hash_of(job) == _hash_recorded(before)  # what a run directory made before them recorded
+    assert config_hash_of(TrainJob(train=SFTConfig(packing=True))) != config_hash_of(TrainJob(train=SFTConfig()))
+    assert config_hash_of(TrainJob(train=SFTConfig(data=["x.jsonl"]))) != config_hash_of(TrainJob(train=SFTConfig()))

@@ -144,3 +144,10 @@ def test_ranked_rows_expand_for_the_reward_model(tmp_path):
                                                               ("Bluish.", "Green.")]
     with pytest.raises(SourceError, match="needs 'chosen' and 'rejected'"):
         one(path, "pairs")  # DPO takes pairs only
+
+
+def test_a_mapped_format_wins_over_a_native_column_of_another_format(tmp_path):
+    row = {"messages": [USER, {"role": "assistant", "content": "Not this."}], "question": "Name a fruit.",
+           "answer": "Apple."}
+    got = one(jsonl(tmp_path / "both.jsonl", row), "sft", columns={"prompt": "question", "completion": "answer"})
+    assert got[0]["messages"] == [{"role": "user", "content": "Name a fruit."}] and got[0]["text"] == "Apple."

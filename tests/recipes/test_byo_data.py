@@ -156,3 +156,16 @@ def test_your_training_data_must_not_hold_a_held_out_prompt(tmp_path):
         validate(cfg)
     assert "evals.heldout: 1 held-out prompt(s) are also prompts of your training data" in str(err.value)
     assert f"sft.data[0]: {leak}" in str(err.value)
+
+
+def test_export_never_passes_raw_samples_off_as_an_sft_set(tmp_path):
+    from recipes.export import find
+
+    stages = [{"round": r, "stage": s, "outputs": {"sft": "x", "pairs": "y"} if s == "select" else
+               {"generations": "g"} if s == "generate" else {"scored": "s"}, "dir": f"round_{r}/{s}"}
+              for r, names in ((1, ("generate", "score", "select")), (2, ("generate", "score"))) for s in names]
+    (tmp_path / "manifest.json").write_text(json.dumps({"stages": stages}))
+    entry, output = find(tmp_path, "sft", None)  # round 2 has not selected yet: round 1's SFT set
+    assert (entry["round"], entry["stage"], output) == (1, "select", "sft")
+    with pytest.raises(PosttrainError, match="round 2 has no finished select or generate stage"):
+        find(tmp_path, "sft", 2)

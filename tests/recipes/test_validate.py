@@ -339,3 +339,14 @@ def test_switching_backend_leaves_the_other_backends_settings_behind(capsys):
 
 def test_a_required_key_left_unset_is_named():
     assert "model.path: required and not set (pass model.path=...)" in problems("experiment=tiny", "model.path=???")
+
+
+def test_a_prompt_mix_that_changes_between_rounds_is_refused():
+    from omegaconf import open_dict
+
+    cfg = recipe("experiment=tiny", "round=2")
+    tiny = "pkg://data_gen/prompts/tiny.jsonl"
+    with open_dict(cfg):
+        cfg.data.prompts = [tiny, {"path": "pkg://evals/data/ifeval_heldout.jsonl", "weight": 0.5}]
+        cfg.rounds = [{}, {"data": {"prompts": [tiny]}}]
+    assert "round 2: data.prompts mixes several sources and differs from round 1's" in problems(cfg=cfg)
