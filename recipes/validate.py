@@ -344,10 +344,11 @@ def _prompt_problems(cfg: DictConfig, rounds: list[DictConfig], unusable: set) -
     source, by weight), and fits the policy's context."""
     from data_gen.prompts import PromptError, load_pools, shares
 
-    problems, pools, start, mixes = [], {}, 0, []
+    problems, pools, start, mixes, keys = [], {}, 0, [], []
     for r, rc in enumerate(rounds, 1):
         value = OmegaConf.to_container(rc.data, resolve=True)["prompts"]
         key = repr((value, rc.data.on_empty, rc.data.split))
+        keys.append(key)
         mixes.append(value if isinstance(value, list) and len(value) > 1 else None)
         if r > 1 and (mixes[-1] or mixes[-2]) and mixes[-1] != mixes[-2]:
             problems.append(f"round {r}: data.prompts mixes several sources and differs from round {r - 1}'s; each "
@@ -373,8 +374,7 @@ def _prompt_problems(cfg: DictConfig, rounds: list[DictConfig], unusable: set) -
     for key, found in pools.items():
         if found is None or cfg.dry_run or cfg.model.path in unusable:
             continue  # a dry run loads nothing, tokenizers included; an unusable model.path is reported on its own
-        limits = [limit for rc in rounds if repr((OmegaConf.to_container(rc.data, resolve=True)["prompts"],
-                                                  rc.data.on_empty, rc.data.split)) == key
+        limits = [limit for rc, round_key in zip(rounds, keys) if round_key == key
                   if (limit := _prompt_limit(cfg.model.path, rc.data.max_prompt_tokens,
                                              rc.generate.max_new_tokens)) is not None]
         if limits:
