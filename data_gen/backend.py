@@ -19,12 +19,15 @@ from typing import Protocol, runtime_checkable
 
 @dataclass(frozen=True)
 class Sampling:
-    """Sampling settings of one generate call. `temperature=0` is greedy; `seed` makes a call repeatable."""
+    """Sampling settings of one generate call. `temperature=0` is greedy; `seed` makes a call repeatable.
+    `top_logprobs` > 0 asks for the model's top-k next-token log-probs at every generated token
+    (data_gen/logprobs.py: `completion_ids`, `topk_ids`, `topk_logprobs` in each sample)."""
 
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 256
     seed: int = 0
+    top_logprobs: int = 0
 
 
 class PromptsRejected(RuntimeError):

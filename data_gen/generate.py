@@ -6,7 +6,9 @@ is done and seeded by (seed, round, shard index): a stage killed halfway resumes
 with exactly the texts an uninterrupted run would have produced. A shard is one backend call: an endpoint backend
 keeps `max_concurrency` requests in flight within it, so shards of an endpoint should be several times its
 concurrency. Prompts the backend's server refuses for themselves (PromptsRejected) are quarantined with their
-`prompt_id` and the reason, counted in the manifest, and the stage goes on.
+`prompt_id` and the reason, counted in the manifest, and the stage goes on. With `generate.teacher_logprobs` = k,
+every row also carries the generated token ids and the model's top-k log-probs at each of them
+(data_gen/logprobs.py), for token-level distillation.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from hydra.utils import get_object
 from tqdm.auto import tqdm
 
 from data_gen.backend import PromptsRejected, Sampling, build_backend
+from data_gen.logprobs import KD_COLUMNS, kd_features
 from data_gen.prompts import load_pools, sample_mix
 from posttrain.config import GenerateJob
 from posttrain.rundir import Inputs, StageResult, stable_hash, write_text_atomic
@@ -89,6 +92,9 @@ def generate(job: GenerateJob, inputs: Inputs, out: Path) -> StageResult:
                          job.prompt_start, job.seed)
     set_aside = [q for _, pool in pools for q in pool.quarantined]
 
+    features = GENERATION_FEATURES.copy()
+    if cfg.teacher_logprobs:
+        features.update(kd_features())
     shard_dir = out / "shards"
     shard_dir.mkdir(exist_ok=True)
     size = shard_size(cfg)
@@ -107,6 +113,7 @@ def generate(job: GenerateJob, inputs: Inputs, out: Path) -> StageResult:
             top_p=cfg.top_p,
             max_new_tokens=cfg.max_new_tokens,
             seed=int(stable_hash([job.seed, job.round, start // size]), 16) % (2**31),
+            top_logprobs=cfg.teacher_logprobs,
         )
         path = shard_dir / f"{start // size:05d}.jsonl"
         path.with_suffix(".rejected").unlink(missing_ok=True)  # from an attempt cut short: this one decides
@@ -121,6 +128,11 @@ def generate(job: GenerateJob, inputs: Inputs, out: Path) -> StageResult:
         rows = []
         for p, samples in zip(batch, completions):
             for j, c in enumerate(samples or []):
+                if cfg.teacher_logprobs and not all(col in c for col in KD_COLUMNS):
+                    raise RuntimeError(f"generate.teacher_logprobs={cfg.teacher_logprobs}, but "
+                                       f"{cfg.backend['_target_']} returned no top-k log-probs (a sample lacks "
+                                       f"{[col for col in KD_COLUMNS if col not in c]})")
+                c = {key: value for key, value in c.items() if key in features}
                 rows.append({
                     "prompt_id": p["prompt_id"],
                     "messages": p["messages"],
@@ -143,7 +155,7 @@ def generate(job: GenerateJob, inputs: Inputs, out: Path) -> StageResult:
               file=sys.stderr)
     with phases("save"):
         rows = [json.loads(line) for s in sorted(shard_dir.glob("*.jsonl")) for line in open(s)]
-        datasets.Dataset.from_list(rows, features=GENERATION_FEATURES).save_to_disk(str(out / "generations"))
+        datasets.Dataset.from_list(rows, features=features).save_to_disk(str(out / "generations"))
     shutil.rmtree(shard_dir)
     shutil.rmtree(out / "journal", ignore_errors=True)
     finish = Counter(r["finish_reason"] for r in rows)
@@ -162,6 +174,8 @@ def generate(job: GenerateJob, inputs: Inputs, out: Path) -> StageResult:
             "finish_reason": dict(sorted(finish.items())),
             "mean_completion_tokens": sum(r["completion_tokens"] for r in rows) / max(len(rows), 1),
             "seconds": phases.seconds(),  # this attempt's; a resumed stage's earlier shards are not in it
+            **({"teacher_logprobs": {"k": cfg.teacher_logprobs,
+                                     "tokens": sum(len(r["topk_ids"]) for r in rows)}} if cfg.teacher_logprobs else {}),
             **degenerate,
             **({"backend": backend.stats()} if hasattr(backend, "stats") else {}),
         },

@@ -10,6 +10,7 @@ import torch
 from transformers import DynamicCache
 
 from data_gen.backend import Sampling
+from data_gen.logprobs import sample_fields
 from posttrain.chat import end_of_turn_ids
 from posttrain.models import load_causal_lm, load_tokenizer
 
@@ -27,6 +28,8 @@ class HFBackend:
     top_p only: sampling defaults in a model's generation_config.json (top_k, repetition_penalty) are not applied,
     as vLLM and the endpoints get only the recipe's settings too. `prefix_sharing=False` keeps plain
     `generate(num_return_sequences=n)`, which encodes each prompt `n` times and decodes every row to the end.
+    With `Sampling.top_logprobs` = k, each step also keeps the k most likely next tokens of the raw
+    log-softmax (data_gen/logprobs.py); texts are the same as without (the same random draws).
     """
 
     def __init__(
@@ -54,6 +57,8 @@ class HFBackend:
         "length"). Seeded by `sampling.seed`: the same call gives the same texts."""
         torch.manual_seed(sampling.seed)
         greedy = sampling.temperature == 0
+        if sampling.top_logprobs and not self.prefix_sharing:
+            raise ValueError("HFBackend: top_logprobs needs the decoding loop (prefix_sharing=True)")
         out: list[list[dict]] = []
         for start in range(0, len(prompts), self.batch_size):
             batch = prompts[start : start + self.batch_size]
@@ -62,6 +67,7 @@ class HFBackend:
             ).to(self.device)
             # Greedy decoding gives one answer per prompt; it is repeated below rather than recomputed.
             gen = self._sample(enc["input_ids"], enc["attention_mask"], 1 if greedy else n, sampling)
+            gen, tops = gen if isinstance(gen, tuple) else (gen, None)
             prompt_len = enc["input_ids"].shape[1]
             prompt_tokens = enc["attention_mask"].sum(dim=1).tolist()
             for i in range(len(batch)):
@@ -78,11 +84,16 @@ class HFBackend:
                             "finish_reason": "length" if stop_at is None else "stop",
                         }
                     )
+                    if tops is not None:
+                        row = i if greedy else i * n + j
+                        samples[-1] |= sample_fields(body, tops[0][row].tolist(), tops[1][row].tolist(),
+                                                     stopped=None if stop_at is None else ids[stop_at], chosen=tops[2][row].tolist())
                 out.append(samples)
         return out
 
     def _sample(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, k: int, sampling: Sampling):
-        """`k` sequences per row of the left-padded batch, row i's at i*k ... i*k+k-1, prompt included."""
+        """`k` sequences per row of the left-padded batch, row i's at i*k ... i*k+k-1, prompt included; with
+        `sampling.top_logprobs`, (sequences, (top-k ids, top-k log-probs) per row and step)."""
         greedy = sampling.temperature == 0
         options = dict(
             do_sample=not greedy,
@@ -119,7 +130,9 @@ class HFBackend:
     def _decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache, sampling: Sampling):
         """Decode from `cache` (every prompt token but the last already in it) until each row writes an
         end-of-turn token or `max_new_tokens`; a finished row is dropped from the batch. Returns the rows as
-        `generate` does: prompt + answer, right-padded with the pad token after an answer's end."""
+        `generate` does: prompt + answer, right-padded with the pad token after an answer's end; with
+        `sampling.top_logprobs` = k, also the k most likely next tokens of every row's steps ([rows, steps, k] ids
+        and log-probs, and the log-prob of each token taken [rows, steps])."""
         from transformers.generation.logits_process import (
             LogitsProcessorList,
             TemperatureLogitsWarper,
@@ -137,15 +150,26 @@ class HFBackend:
         mask = attention_mask
         step_ids = input_ids[:, -1:]
         positions = mask.long().sum(-1, keepdim=True) - 1  # left padding does not shift the real tokens
+        k = sampling.top_logprobs
+        if k:
+            top_ids = torch.zeros((rows, sampling.max_new_tokens, k), dtype=torch.int32, device=input_ids.device)
+            top_lps = torch.zeros((rows, sampling.max_new_tokens, k), dtype=torch.float32, device=input_ids.device)
+            chosen_lps = torch.zeros((rows, sampling.max_new_tokens), dtype=torch.float32, device=input_ids.device)
         for step in range(sampling.max_new_tokens):
             logits = self.model(input_ids=step_ids, attention_mask=mask, position_ids=positions,
                                 past_key_values=cache, use_cache=True).logits[:, -1, :].float()
+            if k:
+                logprobs = torch.log_softmax(logits, dim=-1)
+                top_lps[active, step], ids = logprobs.topk(k, dim=-1)
+                top_ids[active, step] = ids.to(torch.int32)
             if greedy:
                 tokens = logits.argmax(-1)
             else:
                 scores = warpers(answers[active, :step], logits)
                 tokens = torch.multinomial(torch.softmax(scores, dim=-1), 1).squeeze(1)
             answers[active, step] = tokens
+            if k:
+                chosen_lps[active, step] = logprobs.gather(1, tokens[:, None]).squeeze(1)
             going = ~torch.isin(tokens, stop)
             if not going.all():
                 if not going.any():
@@ -156,4 +180,5 @@ class HFBackend:
             mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
             positions = positions + 1
             step_ids = tokens[:, None]
-        return torch.cat([input_ids, answers], dim=1)
+        sequences = torch.cat([input_ids, answers], dim=1)
+        return (sequences, (top_ids, top_lps, chosen_lps)) if k else sequences

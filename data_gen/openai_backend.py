@@ -62,7 +62,9 @@ class OpenAIBackend:
     tokens/s is 100 s of silence that is not a failure); `max_retries` is retries per request after the first
     attempt; `backoff` the first retry's base delay in seconds (doubling each time).
     `journal_dir` holds the per-prompt journal; `extra_body` is merged into every request body (e.g.
-    `{"top_k": 20}` for vLLM)."""
+    `{"top_k": 20}` for vLLM). `tokenizer`: a local tokenizer of the served model's vocabulary (the student's, for
+    token-level distillation), needed for `Sampling.top_logprobs`: the reply's tokens are mapped back to its ids and
+    must spell the reply's text (data_gen/logprobs.py)."""
 
     # The model is a name the server knows, not a local spec (validation does not look for it on disk).
     remote = True
@@ -85,6 +87,7 @@ class OpenAIBackend:
         extra_body: dict | None = None,
         served_model: str | None = None,
         min_tokens_per_s: float = 10.0,
+        tokenizer: str | None = None,
     ):
         urls = [base_urls] if isinstance(base_urls, str) else list(base_urls)
         if not urls:
@@ -99,6 +102,8 @@ class OpenAIBackend:
         self.journal_path = Path(journal_dir) / JOURNAL_NAME if journal_dir else None
         self.extra_body = dict(extra_body or {})
         self.min_tokens_per_s = float(min_tokens_per_s)
+        self.tokenizer = tokenizer
+        self._token_ids = None  # data_gen.logprobs.TokenIds, built on the first call that asks for log-probs
         self.requests_sent = 0  # HTTP attempts, retries included
         self.prompts_sent = 0  # prompts that needed the server (not answered from the journal)
         self.prompts_from_journal = 0
@@ -125,6 +130,8 @@ class OpenAIBackend:
         the server answered with). Prompt i is sent with a seed derived from (sampling.seed, i), so a rerun asks
         for the same samples. If some prompts fail for good, the others still finish (and are journaled) before
         PromptsRejected (only prompts the server refused for themselves) or RequestFailed is raised."""
+        if sampling.top_logprobs and self._token_ids is None:
+            self._token_ids = self._load_token_ids()
         bodies = [self._body(messages, n, sampling, i) for i, messages in enumerate(prompts)]
         keys = [hashlib.sha256(json.dumps(b, sort_keys=True).encode()).hexdigest() for b in bodies]
         if self._done is None:
@@ -179,8 +186,35 @@ class OpenAIBackend:
 
     def _body(self, messages: list[dict], n: int, sampling: Sampling, i: int) -> dict:
         seed = int(hashlib.sha256(f"{sampling.seed}:{i}".encode()).hexdigest()[:8], 16) % (2**31)
+        logprobs = {"logprobs": True, "top_logprobs": sampling.top_logprobs} if sampling.top_logprobs else {}
         return {"model": self.model, "messages": messages, "n": n, "temperature": sampling.temperature,
-                "top_p": sampling.top_p, "max_tokens": sampling.max_new_tokens, "seed": seed, **self.extra_body}
+                "top_p": sampling.top_p, "max_tokens": sampling.max_new_tokens, "seed": seed, **logprobs,
+                **self.extra_body}
+
+    def _load_token_ids(self):
+        from data_gen.logprobs import TokenIds
+        from posttrain.chat import end_of_turn_ids
+        from posttrain.models import load_tokenizer
+
+        if not self.tokenizer:
+            raise ValueError("OpenAIBackend: top_logprobs (generate.teacher_logprobs) needs `tokenizer`, a local "
+                             "tokenizer of the served model's vocabulary (the student's model.path), to map the "
+                             "reply's tokens to ids")
+        tokenizer = load_tokenizer(self.tokenizer)
+        self._stop_ids = set(end_of_turn_ids(tokenizer))
+        return TokenIds(tokenizer)
+
+    def _read_logprobs(self, samples: list[dict], k: int) -> list[dict]:
+        """Each sample's reply `logprobs` -> its KD fields (data_gen/logprobs.py), checked to spell its text."""
+        out = []
+        for s in samples:
+            content = s.pop("_logprobs", None)
+            if content is None:
+                raise RequestFailed(f"{self.model}: the server answered without logprobs although they were asked "
+                                    f"for (logprobs: true, top_logprobs: {k}); it does not support them")
+            out.append(s | self._token_ids.read(content, k, s["text"], self._stop_ids))
+            out[-1]["completion_tokens"] = len(out[-1]["completion_ids"])
+        return out
 
     def _complete(self, body: dict, key: str, headers: dict, max_tokens: int) -> list[dict]:
         """All `body["n"]` samples of one prompt, starting from those journaled earlier; asks again for the rest
@@ -188,7 +222,8 @@ class OpenAIBackend:
         samples: list[dict] = list((self._done or {}).get(key, ()))
         while len(samples) < body["n"]:
             part = dict(body, n=body["n"] - len(samples), seed=(body["seed"] + len(samples)) % 2**31)
-            samples += self._post(part, headers, max_tokens)[: part["n"]]
+            got = self._post(part, headers, max_tokens)[: part["n"]]
+            samples += self._read_logprobs(got, body["top_logprobs"]) if body.get("logprobs") else got
             self._journal(key, samples)
         return samples
 
@@ -352,7 +387,9 @@ def _samples(response: dict, max_tokens: int) -> list[dict]:
             "prompt_tokens": int(usage.get("prompt_tokens") or 0),
             "completion_tokens": 0,
             "finish_reason": _FINISH.get(c.get("finish_reason"), str(c.get("finish_reason"))),
-            **({"model": served} if served else {})} for c in choices]
+            **({"model": served} if served else {}),
+            **({"_logprobs": c["logprobs"]["content"]} if (c.get("logprobs") or {}).get("content") is not None
+               else {})} for c in choices]
     cut = [s for s in out if s["finish_reason"] == "length"]
     rest = [s for s in out if s["finish_reason"] != "length"]
     for s in cut:

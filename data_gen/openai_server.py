@@ -2,8 +2,9 @@
 
     python -m data_gen.openai_server --model tiny://layers=2,hidden=64,seed=0 --port 8000 [--api-key-env VAR]
 
-Binds 127.0.0.1 only. Supports n, temperature, top_p, max_tokens and seed; answers one request at a time (the
-model is not shared between threads). With `--api-key-env VAR` every request must carry `Bearer $VAR` (the key
+Binds 127.0.0.1 only. Supports n, temperature, top_p, max_tokens, seed, and logprobs / top_logprobs (each
+generated token's text, bytes and log-prob with its top alternatives, as the OpenAI API reports them; vLLM's
+`return_tokens_as_token_ids` too); answers one request at a time (the model is not shared between threads). With `--api-key-env VAR` every request must carry `Bearer $VAR` (the key
 is read from the environment, so it never shows in the process list). `GET /stats` tells how many completion
 requests were answered, so tests can count what a client sent. Prints `listening on http://127.0.0.1:PORT` once
 the model is loaded (`--port 0` picks a free port).
@@ -22,10 +23,22 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from data_gen.backend import Sampling
 from data_gen.hf_backend import HFBackend
+from data_gen.logprobs import TokenIds
+
+
+def _logprobs(tokens: TokenIds, sample: dict, top: int, as_ids: bool) -> dict:
+    """A choice's `logprobs` object: one entry per generated token, the end-of-turn token included."""
+    ids = sample["completion_ids"] + ([sample["stop_token_id"]] if sample["stop_token_id"] is not None else [])
+    return {"content": [
+        {**tokens.entry(t, lp, as_ids),
+         "top_logprobs": [tokens.entry(i, v, as_ids) for i, v in list(zip(top_ids, top_lps))[:top]]}
+        for t, lp, top_ids, top_lps in zip(ids, sample["token_logprobs"], sample["topk_ids"],
+                                           sample["topk_logprobs"])]}
 
 
 def make_handler(backend: HFBackend, model_name: str, api_key: str | None, delay: float):
     lock = threading.Lock()
+    tokens = TokenIds(backend.tokenizer)
     stats = {"chat_requests": 0}
 
     class Handler(BaseHTTPRequestHandler):
@@ -58,7 +71,9 @@ def make_handler(backend: HFBackend, model_name: str, api_key: str | None, delay
             try:
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
                 messages, n = body["messages"], int(body.get("n") or 1)
+                top = int(body.get("top_logprobs") or 0) if body.get("logprobs") else 0
                 sampling = Sampling(
+                    top_logprobs=max(top, 1) if body.get("logprobs") else 0,
                     temperature=float(body.get("temperature", 1.0)),
                     top_p=float(body.get("top_p", 1.0)),
                     max_new_tokens=int(body.get("max_tokens") or 256),
@@ -79,7 +94,9 @@ def make_handler(backend: HFBackend, model_name: str, api_key: str | None, delay
                 "created": int(time.time()),
                 "model": model_name,
                 "choices": [{"index": j, "message": {"role": "assistant", "content": s["text"]},
-                             "finish_reason": s["finish_reason"]} for j, s in enumerate(samples)],
+                             "finish_reason": s["finish_reason"],
+                             **({"logprobs": _logprobs(tokens, s, top, bool(body.get("return_tokens_as_token_ids")))}
+                                if body.get("logprobs") else {})} for j, s in enumerate(samples)],
                 # Like real servers: one prompt count, completion tokens summed over the choices.
                 "usage": {"prompt_tokens": samples[0]["prompt_tokens"],
                           "completion_tokens": sum(s["completion_tokens"] for s in samples),

@@ -96,22 +96,26 @@ class VLLMBackend:
                 max_tokens=sampling.max_new_tokens,
                 seed=sampling.seed + i * n,
                 stop_token_ids=list(self.stop_ids),
+                # vLLM returns the top-k of the raw log-softmax (logprobs_mode "raw_logprobs", its default), plus
+                # the sampled token when it is not among them; _completion keeps the k by rank
+                **({"logprobs": sampling.top_logprobs} if sampling.top_logprobs else {}),
             )
             for i in range(len(prompts))
         ]
         results = self.llm.generate(token_prompts, params, use_tqdm=False)
         out = []
         for prompt, result in zip(token_prompts, results):
-            samples = [self._completion(c, len(prompt["prompt_token_ids"]))
+            samples = [self._completion(c, len(prompt["prompt_token_ids"]), sampling.top_logprobs)
                        for c in sorted(result.outputs, key=lambda c: getattr(c, "index", 0))]
             out.append([dict(samples[0]) for _ in range(n)] if greedy else samples)
         self._stats["prompts"] += len(prompts)
         self._stats["completion_tokens"] += sum(s["completion_tokens"] for samples in out for s in samples)
         return out
 
-    def _completion(self, output, prompt_tokens: int) -> dict:
+    def _completion(self, output, prompt_tokens: int, top_logprobs: int = 0) -> dict:
         """One vLLM CompletionOutput -> our dict. vLLM keeps the token that stopped a sample in `token_ids`;
-        the body ends before it, as in the hf backend."""
+        the body ends before it, as in the hf backend. With `top_logprobs` = k, the KD fields
+        (data_gen/logprobs.py) from `output.logprobs`: per generated token, the k entries of rank 1..k."""
         ids = list(output.token_ids)
         stop_at = next((t for t, tok in enumerate(ids) if tok in self.stop_ids), None)
         if stop_at is not None:
@@ -126,12 +130,25 @@ class VLLMBackend:
         else:
             raise RuntimeError(f"vLLM finished a sample with finish_reason={output.finish_reason!r} "
                                "(aborted?); no completion is recorded for it")
-        return {
+        sample = {
             "text": self.tokenizer.decode(body, skip_special_tokens=True),
             "prompt_tokens": prompt_tokens,
             "completion_tokens": len(body),
             "finish_reason": reason,
         }
+        if top_logprobs:
+            from data_gen.logprobs import sample_fields
+
+            steps = [sorted(((p.rank, t, p.logprob) for t, p in step.items() if p.rank <= top_logprobs))
+                     for step in output.logprobs or []]
+            if len(steps) < len(body) or any(len(s) < top_logprobs for s in steps):
+                raise RuntimeError(f"vLLM returned log-probs for {len(steps)} of {len(ids)} tokens or fewer than "
+                                   f"{top_logprobs} a token (raise the engine's max_logprobs)")
+            stopped = ids[len(body)] if len(ids) > len(body) else None
+            sample |= sample_fields(body, [[t for _, t, _ in s] for s in steps], [[v for _, _, v in s] for s in steps],
+                                    stopped=stopped,
+                                    chosen=[step[t].logprob for step, t in zip(output.logprobs, ids)])
+        return sample
 
     def stats(self) -> dict:
         """Counters for the generate stage's manifest metrics."""

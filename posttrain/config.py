@@ -104,6 +104,9 @@ class GenerateConfig:
     # (2048 for vLLM, 256 for OpenAI-compatible endpoints), else the backend's batch_size, else 8. For an endpoint,
     # several times its max_concurrency, so requests in flight do not drain at every shard's end.
     shard_size: Optional[int] = None
+    # > 0: keep the teacher's top-k next-token log-probs at every generated token (data_gen/logprobs.py), for
+    # token-level distillation (sft.kd). Needs a teacher that shares the student's vocabulary.
+    teacher_logprobs: int = 0
 
 
 @dataclass
@@ -181,6 +184,16 @@ class TrainingConfig:
 
 
 @dataclass
+class KDConfig:
+    # Token-level distillation (posttrain/train/kd.py): the loss is (1 - weight) x cross-entropy + weight x
+    # KL(teacher's top-k || student) on the response tokens that have the teacher's log-probs
+    # (generate.teacher_logprobs). 0: sequence-level distillation only (cross-entropy on the teacher's text).
+    weight: float = 0.0
+    # Both distributions are softened by this temperature before the KL.
+    temperature: float = 1.0
+
+
+@dataclass
 class SFTConfig(TrainingConfig):
     enabled: bool = True
     # "base": every round fine-tunes `model.path` (the Llama 3 recipe); "policy": continue from the last policy.
@@ -195,6 +208,7 @@ class SFTConfig(TrainingConfig):
     # Pack several short examples into each max_length sequence (TRL's best-fit decreasing packing).
     packing: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)
+    kd: KDConfig = field(default_factory=KDConfig)
 
 
 @dataclass

@@ -83,6 +83,9 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "dpo.loss_type": (lambda v: v in DPO_LOSSES, f"must be one of TRL's preference losses {list(DPO_LOSSES)}"),
     "dpo.label_smoothing": (lambda v: 0 <= v < 0.5, "must be in [0, 0.5)"),
     "evals.num_prompts": _positive,
+    "generate.teacher_logprobs": _non_negative,
+    "sft.kd.weight": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+    "sft.kd.temperature": _positive,
     "dpo.nll_weight": _non_negative,
     "rm.min_difference": _fraction,
     "evals.max_new_tokens": _positive,
@@ -289,6 +292,60 @@ def _round_problems(rc: DictConfig, where: str) -> list[str]:
                                 f"not set (set api_key_env: null for a server that needs no key)")
     if rc.generate.source == Source.teacher and rc.teacher is None:
         problems.append(f"{where}generate.source: 'teacher' needs a `teacher` model (teacher=... or teacher.path=...)")
+    return problems + _kd_problems(rc, where)
+
+
+def _kd_problems(rc: DictConfig, where: str) -> list[str]:
+    """Token-level distillation's settings agree: the teacher's log-probs are collected where they are trained on,
+    from a teacher, and can be read as the student's token ids (the vocabulary check itself: `kd_vocabulary`)."""
+    problems = []
+    k, kd = rc.generate.teacher_logprobs, rc.sft.kd.weight
+    if k and rc.generate.source != Source.teacher:
+        problems.append(f"{where}generate.teacher_logprobs: {k} collects a teacher's log-probs, but generate.source is "
+                        f"{rc.generate.source.value!r}; set generate.source=teacher or generate.teacher_logprobs=0")
+    if kd and rc.sft.enabled and not k:
+        problems.append(f"{where}sft.kd.weight: {kd} trains on the teacher's log-probs, which are not collected: set "
+                        f"generate.teacher_logprobs (e.g. 20), or sft.kd.weight=0 for sequence-level distillation")
+    if kd and rc.sft.packing:
+        problems.append(f"{where}sft.kd: token-level distillation does not pack sequences; set sft.packing=false")
+    backend = rc.generate.backend
+    if k and backend.get("_target_") == "data_gen.openai_backend.OpenAIBackend" and not backend.get("tokenizer"):
+        problems.append(f"{where}generate.backend.tokenizer: generate.teacher_logprobs={k} from an endpoint needs a "
+                        f"local tokenizer of the teacher's vocabulary to read its tokens as ids; set it to the "
+                        f"student's (${{model.path}}), which must share that vocabulary")
+    return problems
+
+
+def kd_vocabulary(rounds: list[DictConfig], unusable: set) -> list[str]:
+    """Each round that collects a teacher's log-probs: its teacher's tokenizer (or, for a served teacher, the
+    tokenizer its endpoint's tokens are read with) maps every token to the same id as the student's."""
+    from data_gen.logprobs import SEQUENCE_LEVEL_HINT, same_vocabulary
+    from posttrain.models import load_tokenizer
+
+    problems, seen = [], set()
+    for r, rc in enumerate(rounds, 1):
+        if not rc.generate.teacher_logprobs or rc.generate.source != Source.teacher or rc.teacher is None:
+            continue
+        remote = _remote(rc.generate.backend)
+        key, spec = (("generate.backend.tokenizer", rc.generate.backend.get("tokenizer")) if remote
+                     else ("teacher.path", rc.teacher.path))
+        if not spec or (spec, rc.model.path) in seen or {spec, rc.model.path} & unusable:
+            continue
+        seen.add((spec, rc.model.path))
+        if remote:
+            print(f"note: round {r}: the endpoint's top-k tokens are read with {spec} and checked, reply by reply, "
+                  f"to spell the teacher's text")
+        if spec == rc.model.path:
+            continue
+        try:
+            differs = same_vocabulary(load_tokenizer(spec), load_tokenizer(rc.model.path))
+        except Exception as e:  # noqa: BLE001 - a tokenizer that does not load is the problem to report
+            problems.append(f"{key}: its tokenizer does not load ({type(e).__name__}: {e})")
+            continue
+        if differs:
+            problems.append(f"{key}: generate.teacher_logprobs needs the teacher's vocabulary to be the student's "
+                            f"(model.path={rc.model.path}), and it is not: {differs}. {SEQUENCE_LEVEL_HINT[0].upper()}"
+                            f"{SEQUENCE_LEVEL_HINT[1:]}")
     return problems
 
 
@@ -533,6 +590,7 @@ def validate(cfg: DictConfig) -> list[DictConfig]:
             else:
                 problems.append(str(e))
     problems += _prompt_problems(cfg, rounds, unusable)
+    problems += kd_vocabulary(rounds, unusable)
     found, user_prompts = _user_data_problems(cfg, rounds)
     problems += found
     first = rounds[0]

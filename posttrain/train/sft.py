@@ -54,7 +54,8 @@ def sft_stage(job: TrainJob, inputs: Inputs, out: Path) -> StageResult:
 
 
 def build_datasets(paths: list[str], eval_fraction: float):
-    """Generation rows -> TRL conversational prompt-completion rows, split into train and held-out sets."""
+    """Generation rows -> TRL conversational prompt-completion rows, split into train and held-out sets; also the
+    held-out flag of each row."""
     ds = common.load_datasets(paths, columns=("prompt_id", "messages", "text"))
     ds = ds.map(
         lambda r: {"prompt": r["messages"], "completion": [{"role": "assistant", "content": r["text"]}]},
@@ -66,7 +67,7 @@ def build_datasets(paths: list[str], eval_fraction: float):
     held = common.held_out(ds["prompt_id"], eval_fraction)
     train = ds.select([i for i, h in enumerate(held) if not h]).remove_columns("prompt_id")
     evals = ds.select([i for i, h in enumerate(held) if h]).remove_columns("prompt_id")
-    return train, (evals if len(evals) else None)
+    return train, (evals if len(evals) else None), held
 
 
 def train(settings: dict) -> dict:
@@ -79,26 +80,46 @@ def train(settings: dict) -> dict:
     out = Path(settings["output_dir"])
     trainer_dir = out / "trainer"
     with phases("load"):  # data, model, tokenizer, the trainer (tokenizing its datasets)
-        train_ds, eval_ds = build_datasets(settings["data"], settings["eval_fraction"])
+        train_ds, eval_ds, held = build_datasets(settings["data"], settings["eval_fraction"])
+        kd = settings.get("kd") or {"weight": 0.0}
         args = SFTConfig(
             **common.trainer_args(settings, trainer_dir),
             max_length=settings["max_length"],
             packing=settings.get("packing", False),
             dataset_num_proc=None,
             disable_tqdm=False,
+            # KD rows carry the teacher's log-probs to the collator
+            **({"remove_unused_columns": False} if kd["weight"] else {}),
             **distributed,
         )
         model, tokenizer, peft_config = common.load_policy(settings)
-        trainer = SFTTrainer(
+        extra: dict = {}
+        trainer_class = SFTTrainer
+        if kd["weight"]:  # token-level distillation (posttrain/train/kd.py)
+            from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+            from posttrain.train import kd as kd_loss
+
+            rows = len(train_ds)
+            train_ds, kd_counts = kd_loss.build_train(settings["data"], held, tokenizer, settings["max_length"],
+                                                      out / "kd_rows")
+            assert len(train_ds) == rows, (len(train_ds), rows)
+            trainer_class = kd_loss.trainer_class()
+            extra = {"kd_weight": kd["weight"], "kd_temperature": kd["temperature"],
+                     "data_collator": kd_loss.Collator(DataCollatorForLanguageModeling(tokenizer.pad_token_id))}
+        trainer = trainer_class(
             model=model,
             args=args,
             train_dataset=train_ds,
             eval_dataset=eval_ds,
             processing_class=tokenizer,
             peft_config=peft_config,
+            **extra,
         )
     metrics: dict = {"train_rows": len(train_ds), "eval_rows": len(eval_ds) if eval_ds is not None else 0,
                      "train_sequences": len(trainer.train_dataset)}  # fewer than train_rows when packed
+    if kd["weight"]:
+        metrics["kd"] = {**kd, **kd_counts}
     if eval_ds is not None:
         with phases("evaluate"):
             metrics["eval_loss_before"] = common.evaluate_before_training(trainer)["eval_loss"]
@@ -118,6 +139,7 @@ def train(settings: dict) -> dict:
     if common.is_main():
         if not settings["keep_checkpoints"]:
             shutil.rmtree(trainer_dir, ignore_errors=True)
+        shutil.rmtree(out / "kd_rows", ignore_errors=True)
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
 
