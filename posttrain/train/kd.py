@@ -156,6 +156,16 @@ def kd_terms(logits, labels, teacher_ids, teacher_logprobs, teacher_mask, temper
     return ce, kl, has
 
 
+def kd_loss(ce, kl, has, weight: float, tokens):
+    """The batch's loss from `kd_terms`: (1 - weight) x CE + weight x KL where a token has the teacher's
+    log-probs, CE elsewhere, summed and divided by `tokens` (TRL's normalisation: the trained tokens of the whole
+    accumulated batch)."""
+    import torch
+
+    per_token = ce * (1 - weight * has.float()) + weight * kl
+    return per_token.sum() / torch.as_tensor(tokens).clamp(min=1)
+
+
 def trainer_class():
     """SFTTrainer with the KD loss in training (TRL's own loss in evaluation)."""
     from trl import SFTTrainer
@@ -166,8 +176,6 @@ def trainer_class():
             self.kd_weight, self.kd_temperature = kd_weight, kd_temperature
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            import torch
-
             teacher = {k: inputs.pop(k) for k in ("teacher_ids", "teacher_logprobs", "teacher_mask") if k in inputs}
             if not model.training or not teacher:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -175,10 +183,7 @@ def trainer_class():
             outputs = model(**{k: v for k, v in inputs.items() if k != "labels"}, use_cache=False)
             ce, kl, has = kd_terms(outputs.logits, labels, teacher["teacher_ids"], teacher["teacher_logprobs"],
                                    teacher["teacher_mask"], self.kd_temperature)
-            w = self.kd_weight
-            per_token = ce * (1 - w * has.float()) + w * kl
-            tokens = ce.numel() if num_items_in_batch is None else num_items_in_batch
-            loss = per_token.sum() / torch.as_tensor(tokens).clamp(min=1)
+            loss = kd_loss(ce, kl, has, self.kd_weight, ce.numel() if num_items_in_batch is None else num_items_in_batch)
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 loss = loss * self.accelerator.num_processes
             metrics = self._metrics["train"]

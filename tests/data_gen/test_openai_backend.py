@@ -2,6 +2,7 @@
 (a subprocess) and scripted in-process servers for retries and load balancing. Every request count and wait is
 bounded."""
 
+import dataclasses
 import json
 import os
 import select
@@ -166,11 +167,12 @@ def test_killed_server_rerun_sends_only_unfinished_prompts_and_no_key_is_written
 
 class Scripted:
     """A 127.0.0.1 server that plays `script` one request at a time, then `then` for every later request. A step
-    is an HTTP status, ("sleep", seconds) then ok, "ok" (n choices of "hi"), "few" (one choice whatever n),
-    "empty" (no choices), or "garbage" (a 200 that is not JSON). A request whose messages contain `poison` gets
+    is an HTTP status, ("sleep", seconds) then ok, "ok" (n choices of "hi", with `logprobs` as each one's
+    logprobs.content when given), "few" (one choice whatever n), "empty" (no choices), or "garbage" (a 200 that is
+    not JSON). A request whose messages contain `poison` gets
     400 whatever the script says. `bodies` keeps every request body."""
 
-    def __init__(self, script=(), then="ok", poison=None, model=None, reply="hi"):
+    def __init__(self, script=(), then="ok", poison=None, model=None, reply="hi", logprobs=None):
         self.script, self.then, self.count, self.lock = list(script), then, 0, threading.Lock()
         self.bodies, self.in_flight, self.peak = [], 0, 0
         outer = self
@@ -202,7 +204,9 @@ class Scripted:
                 if step in ("ok", "few", "empty"):
                     n = {"ok": body["n"], "few": 1, "empty": 0}[step]
                     payload = {"choices": [{"index": j, "message": {"role": "assistant", "content": reply},
-                                            "finish_reason": "stop"} for j in range(n)],
+                                            "finish_reason": "stop",
+                                            **({"logprobs": {"content": logprobs}} if logprobs else {})}
+                                           for j in range(n)],
                                "usage": {"prompt_tokens": 4, "completion_tokens": 2 * n}}
                     if model:
                         payload["model"] = model
@@ -359,6 +363,55 @@ def test_rows_record_the_served_model(scripted):
     out = OpenAIBackend("meta-llama/Llama-3.1-405B-Instruct", srv.url, api_key_env=None).generate(
         PROMPTS[:1], n=1, sampling=Sampling())
     assert out[0][0]["model"] == "llama-3.1-405b-instruct-fp8"
+
+
+def test_top_logprobs_map_back_to_ids_that_spell_the_text(server):
+    """Token-level distillation from an endpoint: the reply's tokens (text and bytes, or vLLM's token_id:N) read
+    as the local tokenizer's ids are the ones the model generated, with the same top-k log-probs."""
+    url = f"http://127.0.0.1:{server}"
+    sampling = Sampling(temperature=1.0, max_new_tokens=10, seed=2, top_logprobs=5)
+    with pytest.raises(ValueError, match="needs `tokenizer`"):
+        OpenAIBackend(TINY, url, api_key_env=KEY_ENV).generate(PROMPTS[:1], 1, sampling)
+    backend = OpenAIBackend(TINY, url, api_key_env=KEY_ENV, tokenizer=TINY)
+    out = backend.generate(PROMPTS[:3], n=2, sampling=sampling)
+    assert all(b["logprobs"] is True and b["top_logprobs"] == 5 for b in [backend._body(PROMPTS[0], 2, sampling, 0)])
+    hf = HFBackend(TINY)
+    for i, samples in enumerate(out):
+        seed = backend._body(PROMPTS[i], 2, sampling, i)["seed"]
+        want = hf.generate([PROMPTS[i]], 2, dataclasses.replace(sampling, seed=seed))[0]
+        for s, w in zip(samples, want):
+            assert hf.tokenizer.decode(s["completion_ids"], skip_special_tokens=True) == s["text"] == w["text"]
+            assert (s["completion_ids"], s["topk_ids"]) == (w["completion_ids"], w["topk_ids"])
+            assert sum(s["topk_logprobs"], []) == pytest.approx(sum(w["topk_logprobs"], []), abs=1e-6)
+            assert s["completion_tokens"] == len(s["completion_ids"])
+    as_ids = OpenAIBackend(TINY, url, api_key_env=KEY_ENV, tokenizer=TINY,
+                           extra_body={"return_tokens_as_token_ids": True})
+    assert as_ids.generate(PROMPTS[:3], n=2, sampling=sampling) == out
+
+
+def test_endpoint_tokens_outside_the_vocabulary_or_not_spelling_the_text_stop_the_call(scripted):
+    """The vocabulary check of a served teacher: every token must be one of the local tokenizer's and the tokens
+    must spell the reply; either failure is not retried and suggests sequence-level distillation."""
+    sampling = Sampling(max_new_tokens=4, top_logprobs=1)
+
+    def entry(text):
+        return {"token": text, "logprob": -0.5, "bytes": list(text.encode()),
+                "top_logprobs": [{"token": text, "logprob": -0.5, "bytes": list(text.encode())}]}
+
+    for content, error in (([entry("h"), entry("i")], None),
+                           ([entry("h"), entry("o")], "spell 'o' where the teacher wrote 'i'"),
+                           ([entry("hi\u2603 no such token")], "not one token of the local tokenizer")):
+        srv = scripted(logprobs=content)
+        backend = OpenAIBackend(TINY, srv.url, api_key_env=None, tokenizer=TINY, max_retries=2)
+        if error is None:
+            assert backend.generate(PROMPTS[:1], 1, sampling)[0][0]["topk_logprobs"] == [[-0.5], [-0.5]]
+            continue
+        with pytest.raises(RequestFailed, match=error) as info:
+            backend.generate(PROMPTS[:1], 1, sampling)
+        assert "sequence-level distillation" in str(info.value) and srv.count == 1
+    srv = scripted()  # a server that ignores logprobs
+    with pytest.raises(RequestFailed, match="without logprobs"):
+        OpenAIBackend(TINY, srv.url, api_key_env=None, tokenizer=TINY).generate(PROMPTS[:1], 1, sampling)
 
 
 # --- the generate stage on an endpoint ------------------------------------------------------------------------

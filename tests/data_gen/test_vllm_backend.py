@@ -62,7 +62,7 @@ class FakeLLM:
             for j in range(sp.n):
                 ids, reason, stop_reason = self.script(prompt["prompt_token_ids"], sp, j)
                 outputs.append(SimpleNamespace(index=j, token_ids=tuple(ids), text="(vllm's own text, unused)",
-                                               finish_reason=reason, stop_reason=stop_reason))
+                                               finish_reason=reason, stop_reason=stop_reason, logprobs=None))
             results.append(SimpleNamespace(prompt_token_ids=prompt["prompt_token_ids"], outputs=outputs[::-1]))
         return results
 
@@ -138,6 +138,27 @@ def test_aborted_sample_is_an_error_not_a_row(fake):
         fake.backend.generate(PROMPTS[:1], n=1, sampling=Sampling())
 
 
+def test_top_logprobs_are_the_k_of_rank_one_to_k_with_the_stop_tokens_step(fake):
+    eot = fake.ids["<|eot_id|>"]
+    hello = fake.words("hello world")
+    ids = hello + [eot]
+    fake.llm.script = lambda prompt, sp, j: (ids, "stop", eot)
+    with pytest.raises(RuntimeError, match="max_logprobs"):  # an engine that returned none
+        fake.backend.generate(PROMPTS[:1], n=1, sampling=Sampling(top_logprobs=2))
+    assert fake.llm.calls[-1][1][0].logprobs == 2
+
+    def logprob(value, rank):
+        return SimpleNamespace(logprob=value, rank=rank)
+
+    # vLLM adds the sampled token to the k when it is not among them (here at rank 7)
+    steps = [{t: logprob(-3.0, 7), 100 + s: logprob(-0.1, 1), 200 + s: logprob(-0.5, 2)} for s, t in enumerate(ids)]
+    output = SimpleNamespace(index=0, token_ids=tuple(ids), finish_reason="stop", stop_reason=eot, logprobs=steps)
+    got = fake.backend._completion(output, 5, top_logprobs=2)
+    assert got["text"] == "hello world" and got["completion_ids"] == hello and got["stop_token_id"] == eot
+    assert got["topk_ids"] == [[100 + s, 200 + s] for s in range(len(ids))]
+    assert got["topk_logprobs"] == [[-0.1, -0.5]] * len(ids) and got["token_logprobs"] == [-3.0] * len(ids)
+
+
 # --- the real engine (CUDA machine with vllm installed) --------------------------------------------------------------
 
 
@@ -163,6 +184,15 @@ def test_real_engine_n_samples_finish_reasons_and_seeding(engine):
             assert (s["finish_reason"] == "length") == (s["completion_tokens"] == 12)
     assert engine.generate(PROMPTS, n=4, sampling=sampling) == a
     assert engine.generate(PROMPTS, n=4, sampling=Sampling(temperature=1.0, max_new_tokens=12, seed=4)) != a
+
+
+def test_real_engine_top_logprobs_equal_the_hf_backends(engine):
+    sampling = Sampling(temperature=0, max_new_tokens=12, top_logprobs=5)
+    hf = HFBackend(TINY, batch_size=2)
+    for got, want in zip(engine.generate(PROMPTS, 1, sampling), hf.generate(PROMPTS, 1, sampling)):
+        assert got[0]["completion_ids"] == want[0]["completion_ids"]
+        assert got[0]["topk_ids"] == want[0]["topk_ids"]
+        assert sum(got[0]["topk_logprobs"], []) == pytest.approx(sum(want[0]["topk_logprobs"], []), abs=1e-3)
 
 
 def test_real_engine_greedy_equals_hf_backend_greedy(engine):

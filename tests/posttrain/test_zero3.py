@@ -22,7 +22,7 @@ import datasets
 import pytest
 from safetensors.torch import load_file
 
-from posttrain.config import DPOConfig, LaunchConfig, LoraConfig, RMConfig, SFTConfig, TrainJob
+from posttrain.config import DPOConfig, KDConfig, LaunchConfig, LoraConfig, RMConfig, SFTConfig, TrainJob
 from posttrain.models import resolve_model
 from posttrain.train.dpo import dpo_stage
 from posttrain.train.rm import rm_stage
@@ -31,6 +31,7 @@ from posttrain.train.sft import sft_stage
 pytestmark = pytest.mark.slow  # ~20-30 s a stage: two processes import torch, TRL and DeepSpeed
 
 TINY = "tiny://layers=2,hidden=64,seed=0"
+TEACHER = "tiny://layers=2,hidden=64,seed=1,init_std=0.3"
 ZERO3 = LaunchConfig(launcher="torchrun", nproc=2, deepspeed="zero3")
 TOPICS = ["the sea", "the stars", "autumn leaves", "France", "a week", "the sky", "prime numbers", "London",
           "fruit", "python", "the moon", "books", "cats", "dogs", "rain", "snow"]
@@ -52,6 +53,30 @@ def sft_data(tmp_path_factory) -> str:
     ]
     path = tmp_path_factory.mktemp("sft-data") / "generations"
     datasets.Dataset.from_list(rows).save_to_disk(str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def kd_data(tmp_path_factory, sft_data) -> str:
+    """sft_data with a tiny teacher's top-8 log-probs at each answer token and the end of turn, computed here by
+    a plain forward pass (not by the generate stage)."""
+    import torch
+
+    from data_gen.logprobs import kd_features
+    from posttrain.models import load_causal_lm, load_tokenizer
+
+    tok, teacher = load_tokenizer(TEACHER), load_causal_lm(TEACHER).eval()
+    rows = datasets.load_from_disk(sft_data).to_list()
+    for row in rows:
+        prompt = list(tok.apply_chat_template(row["messages"], add_generation_prompt=True, return_dict=True)["input_ids"])
+        ids = tok.encode(row["text"], add_special_tokens=False)
+        with torch.no_grad():
+            logits = teacher(torch.tensor([prompt + ids])).logits[0, len(prompt) - 1:]
+        lps, top = torch.log_softmax(logits, -1).topk(8)
+        row |= {"completion_ids": ids, "topk_ids": top.tolist(), "topk_logprobs": lps.tolist()}
+    features = datasets.Features({**datasets.Dataset.from_list(rows[:1]).features, **kd_features()})
+    path = tmp_path_factory.mktemp("kd-data") / "generations"
+    datasets.Dataset.from_list(rows, features=features).save_to_disk(str(path))
     return str(path)
 
 
@@ -110,14 +135,35 @@ def test_sft_under_zero3_matches_one_process(tmp_path, base, sft_data):
     assert sorted(p.name for p in two.iterdir()) == ["metrics.json", "model", "train.log", "train_config.json"]
 
 
-def test_sft_with_lora_through_accelerate_launch(tmp_path, base, sft_data):
-    """`accelerate launch --use_deepspeed`, and a LoRA adapter gathered from the shards and merged on rank 0."""
+def test_sft_kd_under_zero3_matches_one_process(tmp_path, kd_data):
+    """Token-level distillation (posttrain/train/kd.py) under ZeRO-3: the KD loss is normalised by the trained
+    tokens of the whole batch across ranks, as TRL's cross-entropy is, so 2 processes follow 1 step by step."""
+    inputs = {"model": TINY, "data": [kd_data]}
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    kd = KDConfig(weight=0.5)
+    single = sft_stage(_sft_job(LaunchConfig(), batch_size=8, kd=kd), inputs, one).metrics
+    zero3 = sft_stage(_sft_job(ZERO3, batch_size=4, kd=kd), inputs, two).metrics
+    assert single["kd"] == zero3["kd"] and zero3["kd"]["rows_with_teacher"] == 24 == zero3["train_rows"]
+    assert zero3["kd"]["unaligned"] == 0
+    for a, b in zip(single["loss_curve"], zero3["loss_curve"], strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), (a, b)
+    assert zero3["loss_curve"][-1]["loss"] < zero3["loss_curve"][0]["loss"] - 0.5
+    assert zero3["eval_loss_after"] < zero3["eval_loss_before"]  # TRL's own cross-entropy on held-out answers
+    assert not (two / "kd_rows").exists()
+
+
+def test_sft_with_lora_through_accelerate_launch(tmp_path, base, kd_data):
+    """`accelerate launch --use_deepspeed`, and a LoRA adapter gathered from the shards and merged on rank 0; with
+    token-level distillation."""
     out = tmp_path / "sft"
     out.mkdir()
     launch = dataclasses.replace(ZERO3, launcher="accelerate")
-    m = sft_stage(_sft_job(launch, batch_size=4, lora=LORA), {"model": TINY, "data": [sft_data]}, out).metrics
+    m = sft_stage(_sft_job(launch, batch_size=4, lora=LORA, kd=KDConfig(weight=0.5)), {"model": TINY, "data": [kd_data]},
+                  out).metrics
     assert "-m accelerate.commands.launch --num_processes 2" in (out / "train.log").read_text()
     assert m["steps"] == 6 and m["loss_curve"][-1]["loss"] < m["loss_curve"][0]["loss"]
+    assert m["kd"]["rows_with_teacher"] == 24
 
     merged, start = _check_full_folder(out / "model", base), load_file(str(base / "model.safetensors"))
     assert merged.keys() == start.keys()  # merged: no lora_A / lora_B left

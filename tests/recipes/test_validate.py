@@ -350,3 +350,36 @@ def test_a_prompt_mix_that_changes_between_rounds_is_refused():
         cfg.data.prompts = [tiny, {"path": "pkg://evals/data/ifeval_heldout.jsonl", "weight": 0.5}]
         cfg.rounds = [{}, {"data": {"prompts": [tiny]}}]
     assert "round 2: data.prompts mixes several sources and differs from round 1's" in problems(cfg=cfg)
+
+
+KD = ["experiment=tiny", "generate.teacher_logprobs=20", "sft.kd.weight=0.5"]
+
+
+def test_token_level_distillation_settings_agree():
+    assert validate(recipe(*KD))[0].sft.kd.weight == 0.5  # tiny teacher and student share one tokenizer
+    found = problems("experiment=tiny", "sft.kd.weight=0.5", "sft.packing=true", "sft.kd.temperature=0")
+    assert "sft.kd.weight: 0.5 trains on the teacher's log-probs, which are not collected" in found
+    assert "sft.kd: token-level distillation does not pack sequences" in found
+    assert "sft.kd.temperature: must be > 0" in found
+    assert "generate.teacher_logprobs: 20 collects a teacher's log-probs, but generate.source is 'policy'" in problems(
+        *KD, "generate.source=policy")
+    endpoint = ["generate.backend._target_=data_gen.openai_backend.OpenAIBackend",
+                "+generate.backend.base_urls=http://127.0.0.1:9", "+generate.backend.api_key_env=null"]
+    assert "generate.backend.tokenizer: generate.teacher_logprobs=20 from an endpoint needs a local tokenizer" in \
+        problems(*KD, *endpoint)
+
+
+def test_a_teacher_with_another_vocabulary_is_refused_for_token_level_distillation(tmp_path):
+    import shutil
+
+    from posttrain.models import load_tokenizer, resolve_model
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(resolve_model("tiny://layers=2,hidden=64,seed=1,init_std=0.3"), teacher)
+    tokenizer = load_tokenizer(str(teacher))
+    tokenizer.add_tokens(["<|teacher_only|>"])
+    tokenizer.save_pretrained(str(teacher))
+    found = problems(*KD, f"teacher.path={teacher}")
+    assert "teacher.path: generate.teacher_logprobs needs the teacher's vocabulary to be the student's" in found
+    assert "1 only in the teacher's (e.g. '<|teacher_only|>')" in found and "sequence-level distillation" in found
+    validate(recipe("experiment=tiny", f"teacher.path={teacher}"))  # sequence-level distillation is fine
