@@ -88,6 +88,9 @@ def train(settings: dict) -> dict:
             packing=settings.get("packing", False),
             dataset_num_proc=None,
             disable_tqdm=False,
+            # the prompt is never trained on, nor counted in the held-out loss (TRL infers it from a train set in
+            # prompt-completion form; KD's train set comes tokenized, with its labels)
+            completion_only_loss=True,
             # KD rows carry the teacher's log-probs to the collator
             **({"remove_unused_columns": False} if kd["weight"] else {}),
             **distributed,

@@ -1,6 +1,7 @@
 """Bring your own data, take TRL-ready data out: the tiny recipe seeded from an UltraFeedback-style preference
 JSONL and a prompt-completion parquet with its own column names, prompts mixed from two sources, bad rows caught
-before any stage, and `posttrain-export`'s output trained on by TRL's own trainers."""
+before any stage, and `posttrain-export`'s output trained on by TRL's own trainers. The run also distils at the
+token level (the tiny teacher's top-32 log-probs), so its SFT mixes KD rows with the user's cross-entropy rows."""
 
 import json
 import subprocess
@@ -61,6 +62,7 @@ def overrides(tmp_path: Path, **bad) -> list[str]:
         f"data.prompts=['pkg://data_gen/prompts/tiny.jsonl',{{path:'{mine}',weight:0.5}}]",
         f"sft.data=[{{path:'{sft}',columns:{{prompt:instruction,completion:output}},weight:2}}]",
         f"dpo.data=['{prefs}']",
+        "generate.teacher_logprobs=32", "sft.kd.weight=0.5",
     ]
 
 
@@ -104,6 +106,18 @@ def test_the_tiny_recipe_trains_on_the_users_data_mixed_by_weight(seeded):
     assert len(mixed) == 12 and mixed[0]["messages"] == [{"role": "user", "content": "Name a volcano."}]
     select_rows = entry(manifest, "select")["rows"]["sft"]
     assert sft["metrics"]["train_rows"] + sft["metrics"]["eval_rows"] == select_rows + 12
+
+    # Token-level distillation: the teacher's top-32 at every generated token, stored compactly, carried through
+    # score, filter and select to the SFT rows; the user's rows train with cross-entropy only.
+    assert gen.features["topk_logprobs"].feature.feature.dtype == "float16"
+    assert gen.features["topk_ids"].feature.feature.dtype == "int32"
+    for r in gen:
+        assert len(r["topk_ids"]) == r["completion_tokens"] + (r["finish_reason"] == "stop")
+        assert all(len(top) == 32 for top in r["topk_ids"])
+    kd = sft["metrics"]["kd"]
+    assert entry(manifest, "generate")["metrics"]["teacher_logprobs"]["tokens"] == sum(len(t) for t in gen["topk_ids"])
+    users_trained = sft["metrics"]["train_rows"] - kd["rows_with_teacher"] - kd["unaligned"]
+    assert 0 < users_trained <= 12 and kd["rows_with_teacher"] > 0 and kd["weight"] == 0.5
 
     dpo = entry(manifest, "dpo")
     assert dpo["metrics"]["user_data"]["dpo.data[0]"]["used"] == 6
