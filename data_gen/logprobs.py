@@ -36,8 +36,8 @@ class VocabularyMismatch(ValueError):
 
 
 SEQUENCE_LEVEL_HINT = ("token-level distillation needs a teacher and a student that share one vocabulary; use "
-                       "sequence-level distillation instead (generate.teacher_logprobs=0, sft.kd.weight=0): the student "
-                       "then learns from the teacher's text alone")
+                       "sequence-level distillation instead (generate.teacher_logprobs=0, sft.kd.weight=0): the "
+                       "student then learns from the teacher's text alone")
 
 
 def sample_fields(body: list[int], top_ids, top_logprobs, stopped: int | None, chosen=None) -> dict:
@@ -140,4 +140,5 @@ def check_spelling(tokenizer, ids: list[int], text: str) -> None:
     if spelled != text:
         at = next((i for i, (a, b) in enumerate(zip(spelled, text)) if a != b), min(len(spelled), len(text)))
         raise VocabularyMismatch(f"the teacher's tokens, read as the student's ids, spell {spelled[at:at + 40]!r} "
-                                 f"where the teacher wrote {text[at:at + 40]!r} (character {at}); {SEQUENCE_LEVEL_HINT}")
+                                 f"where the teacher wrote {text[at:at + 40]!r} (character {at}); "
+                                 f"{SEQUENCE_LEVEL_HINT}")

@@ -4,10 +4,11 @@
 
 Binds 127.0.0.1 only. Supports n, temperature, top_p, max_tokens, seed, and logprobs / top_logprobs (each
 generated token's text, bytes and log-prob with its top alternatives, as the OpenAI API reports them; vLLM's
-`return_tokens_as_token_ids` too); answers one request at a time (the model is not shared between threads). With `--api-key-env VAR` every request must carry `Bearer $VAR` (the key
-is read from the environment, so it never shows in the process list). `GET /stats` tells how many completion
-requests were answered, so tests can count what a client sent. Prints `listening on http://127.0.0.1:PORT` once
-the model is loaded (`--port 0` picks a free port).
+`return_tokens_as_token_ids` too); answers one request at a time (the model is not shared between threads).
+With `--api-key-env VAR` every request must carry `Bearer $VAR` (the key is read from the environment, so it
+never shows in the process list). `GET /stats` tells how many completion requests were answered, so tests can
+count what a client sent. Prints `listening on http://127.0.0.1:PORT` once the model is loaded (`--port 0` picks a
+free port).
 """
 
 from __future__ import annotations

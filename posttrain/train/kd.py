@@ -89,7 +89,7 @@ def build_train(paths: list[str], held: list[bool], tokenizer, max_length: int |
         columns = ["messages", "text"] + ([*KD_COLUMNS] if set(KD_COLUMNS) <= set(ds.column_names) else [])
         ds = ds.select_columns(columns).select(keep)
 
-        def tokenize(row, index, path=path):
+        def tokenize(row, index, path=path, keep=keep):
             out = tokenize_row(row, tokenizer, max_length)
             bad = max((max(r) for r in out["kd_ids"] if r), default=-1)
             if bad >= vocab:
@@ -183,7 +183,8 @@ def trainer_class():
             outputs = model(**{k: v for k, v in inputs.items() if k != "labels"}, use_cache=False)
             ce, kl, has = kd_terms(outputs.logits, labels, teacher["teacher_ids"], teacher["teacher_logprobs"],
                                    teacher["teacher_mask"], self.kd_temperature)
-            loss = kd_loss(ce, kl, has, self.kd_weight, ce.numel() if num_items_in_batch is None else num_items_in_batch)
+            tokens = ce.numel() if num_items_in_batch is None else num_items_in_batch
+            loss = kd_loss(ce, kl, has, self.kd_weight, tokens)
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 loss = loss * self.accelerator.num_processes
             metrics = self._metrics["train"]

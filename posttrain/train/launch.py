@@ -58,6 +58,13 @@ def die_with_parent() -> None:
         pass
 
 
+def threads_per_process(processes: int = 1) -> int:
+    """CPU threads for each of `processes` processes on this machine: the cores this process may run on
+    (its affinity mask, which container CPU sets narrow), shared out, at least 1."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, processes))
+
+
 def _has_gpu() -> bool:
     import torch
 
@@ -141,17 +148,9 @@ def run_names(work_dir: Path) -> tuple[str, str]:
     return run or "posttrain", "/".join(part for part in (round_dir, stage, seed) if part)
 
 
-def run_training(module: str, settings: dict, work_dir: Path, launch: dict, log_name: str = "train.log") -> None:
-    """Freeze `settings` to `work_dir/train_config.json`, run `module` on it, stream its output into
-    `work_dir/<log_name>` (appended, so a resumed stage keeps the first attempt's log) and to stderr."""
-    launch = {**DEFAULTS, **launch}
-    config_path = work_dir / "train_config.json"
-    cmd = command(module, config_path, launch)
-    ds = launch["deepspeed"]
-    group, name = run_names(work_dir)
-    settings = {**settings, "deepspeed": json.loads(deepspeed_config(ds).read_text()) if ds else None,
-                "run_name": name, "run_group": group}
-    config_path.write_text(json.dumps(settings, indent=2, sort_keys=True, default=str))
+def stage_env(work_dir: Path, launch: dict, group: str) -> dict:
+    """The environment a training stage's processes start with: the driver's, plus (where the user exported no
+    value of their own) tracker settings, DeepSpeed's CPU accelerator on a machine without GPUs, and CPU threads."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     # Trackers: TensorBoard events in the stage's own folder (the same one when it resumes), one wandb group per
     # run directory; runs are named round_N/stage[/seed_S] (`run_name`). A value the user exported wins.
@@ -163,6 +162,25 @@ def run_training(module: str, settings: dict, work_dir: Path, launch: dict, log_
     env.setdefault("WANDB_RESUME", "allow")
     if launch["launcher"] != "direct" and not _has_gpu():
         env.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed's CPU accelerator; the trainers then use gloo
+    # CPU threads: the cores this process may use, shared by the node's processes (torchrun would give each 1),
+    # unless OMP_NUM_THREADS says otherwise (the tests set 1)
+    processes = 1 if launch["launcher"] == "direct" else launch["nproc"]
+    env.setdefault("OMP_NUM_THREADS", str(threads_per_process(processes)))
+    return env
+
+
+def run_training(module: str, settings: dict, work_dir: Path, launch: dict, log_name: str = "train.log") -> None:
+    """Freeze `settings` to `work_dir/train_config.json`, run `module` on it, stream its output into
+    `work_dir/<log_name>` (appended, so a resumed stage keeps the first attempt's log) and to stderr."""
+    launch = {**DEFAULTS, **launch}
+    config_path = work_dir / "train_config.json"
+    cmd = command(module, config_path, launch)
+    ds = launch["deepspeed"]
+    group, name = run_names(work_dir)
+    settings = {**settings, "deepspeed": json.loads(deepspeed_config(ds).read_text()) if ds else None,
+                "run_name": name, "run_group": group}
+    config_path.write_text(json.dumps(settings, indent=2, sort_keys=True, default=str))
+    env = stage_env(work_dir, launch, group)
     tail: deque[bytes] = deque(maxlen=64)  # last chunks of output, for the error message
     with open(work_dir / log_name, "ab") as log:
         log.write(f"$ {' '.join(cmd)}\n".encode())

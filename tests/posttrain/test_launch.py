@@ -3,6 +3,7 @@ parsers), the DeepSpeed configs it resolves, the recipe mistakes it refuses, and
 the stage with the worker's exception in the error."""
 
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -271,3 +272,16 @@ def test_training_processes_are_named_for_trackers_and_log_into_their_stage_fold
     assert resume == "allow"  # a resumed stage continues its wandb run: the same id on every attempt
     again, _ = launch_stage("env_trainer", TrainJob(train=SFTConfig(), seed=0), {}, out)
     assert again["wandb"][0] == run_id
+
+
+def test_cpu_threads_are_the_cores_this_process_may_use_shared_by_the_nodes_processes(monkeypatch, tmp_path):
+    from posttrain.train.launch import DEFAULTS, stage_env, threads_per_process
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))  # a 16-core CPU set
+    assert (threads_per_process(), threads_per_process(4), threads_per_process(32)) == (16, 4, 1)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    direct = stage_env(tmp_path, DEFAULTS, "g")
+    torchrun = stage_env(tmp_path, {**DEFAULTS, "launcher": "torchrun", "nproc": 4, "deepspeed": "zero3"}, "g")
+    assert (direct["OMP_NUM_THREADS"], torchrun["OMP_NUM_THREADS"]) == ("16", "4")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # what the user (or the tests) exported wins
+    assert stage_env(tmp_path, DEFAULTS, "g")["OMP_NUM_THREADS"] == "1"

@@ -68,7 +68,8 @@ def kd_data(tmp_path_factory, sft_data) -> str:
     tok, teacher = load_tokenizer(TEACHER), load_causal_lm(TEACHER).eval()
     rows = datasets.load_from_disk(sft_data).to_list()
     for row in rows:
-        prompt = list(tok.apply_chat_template(row["messages"], add_generation_prompt=True, return_dict=True)["input_ids"])
+        prompt = tok.apply_chat_template(row["messages"], add_generation_prompt=True, return_dict=True)["input_ids"]
+        prompt = list(prompt)
         ids = tok.encode(row["text"], add_special_tokens=False)
         with torch.no_grad():
             logits = teacher(torch.tensor([prompt + ids])).logits[0, len(prompt) - 1:]
@@ -159,8 +160,8 @@ def test_sft_with_lora_through_accelerate_launch(tmp_path, base, kd_data):
     out = tmp_path / "sft"
     out.mkdir()
     launch = dataclasses.replace(ZERO3, launcher="accelerate")
-    m = sft_stage(_sft_job(launch, batch_size=4, lora=LORA, kd=KDConfig(weight=0.5)), {"model": TINY, "data": [kd_data]},
-                  out).metrics
+    job = _sft_job(launch, batch_size=4, lora=LORA, kd=KDConfig(weight=0.5))
+    m = sft_stage(job, {"model": TINY, "data": [kd_data]}, out).metrics
     assert "-m accelerate.commands.launch --num_processes 2" in (out / "train.log").read_text()
     assert m["steps"] == 6 and m["loss_curve"][-1]["loss"] < m["loss_curve"][0]["loss"]
     assert m["kd"]["rows_with_teacher"] == 24
