@@ -144,12 +144,13 @@ def kd_terms(logits, labels, teacher_ids, teacher_logprobs, teacher_mask, temper
 
     logits, labels = logits[:, :-1], labels[:, 1:]
     trained = labels != -100
-    logits_t = logits[trained].float()
-    ce = torch.nn.functional.cross_entropy(logits_t, labels[trained], reduction="none")
+    logprobs = torch.log_softmax(logits[trained].float(), dim=-1)  # one full-vocabulary softmax per token
+    ce = -logprobs.gather(-1, labels[trained][:, None]).squeeze(-1)
     has = teacher_mask[:, :-1][trained]
     kl = torch.zeros_like(ce)
     if has.any():
-        student = torch.log_softmax(logits_t[has] / temperature, dim=-1)
+        student = logprobs[has] if temperature == 1 else torch.log_softmax(
+            logits[trained][has].float() / temperature, dim=-1)
         q = student.gather(-1, teacher_ids[:, :-1][trained][has])
         p_log = torch.log_softmax(teacher_logprobs[:, :-1][trained][has] / temperature, dim=-1)
         kl = kl.masked_scatter(has, (p_log.exp() * (p_log - q)).sum(-1))
