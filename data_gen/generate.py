@@ -74,6 +74,22 @@ def shard_size(cfg) -> int:
     return default or cfg.backend.get("batch_size") or 8
 
 
+def _concatenate(shards: list[Path], features: datasets.Features, scratch: Path) -> datasets.Dataset:
+    """The JSONL shards as one dataset, one shard in memory at a time: each is written as Arrow under `scratch`,
+    and the memory-mapped parts are concatenated (the teacher's log-probs make rows ~30x larger as Python
+    objects than in Arrow)."""
+    shutil.rmtree(scratch, ignore_errors=True)
+    parts = []
+    for i, shard in enumerate(shards):
+        rows = [json.loads(line) for line in open(shard)]
+        if rows:
+            datasets.Dataset.from_list(rows, features=features).save_to_disk(str(scratch / f"{i:05d}"))
+            parts.append(datasets.load_from_disk(str(scratch / f"{i:05d}")))
+    if not parts:
+        return datasets.Dataset.from_dict({k: [] for k in features}, features=features)
+    return datasets.concatenate_datasets(parts)
+
+
 def _write_lines(path: Path, rows: list[dict]) -> None:
     """JSON lines written atomically."""
     write_text_atomic(path, "".join(json.dumps(row, default=str) + "\n" for row in rows))
@@ -154,10 +170,19 @@ def generate(job: GenerateJob, inputs: Inputs, out: Path) -> StageResult:
               f"quarantined (quarantine.jsonl); first: {rejected[0]['prompt_id']}: {rejected[0]['reason'][:200]}",
               file=sys.stderr)
     with phases("save"):
-        rows = [json.loads(line) for s in sorted(shard_dir.glob("*.jsonl")) for line in open(s)]
-        datasets.Dataset.from_list(rows, features=features).save_to_disk(str(out / "generations"))
+        generations = _concatenate(sorted(shard_dir.glob("*.jsonl")), features, out / "arrow")
+        generations.save_to_disk(str(out / "generations"))
+        del generations
+    shutil.rmtree(out / "arrow", ignore_errors=True)
     shutil.rmtree(shard_dir)
     shutil.rmtree(out / "journal", ignore_errors=True)
+    # the columns the metrics read, not the teacher's log-probs
+    saved = datasets.load_from_disk(str(out / "generations"))
+    rows = saved.select_columns(["prompt_id", "text", "finish_reason", "completion_tokens"]).to_list()
+    if cfg.teacher_logprobs:  # Arrow's list lengths: the log-probs are not read into Python
+        import pyarrow.compute as pc
+
+        with_logprobs = int(pc.sum(pc.list_value_length(saved.data.table.column("topk_ids"))).as_py() or 0)
     finish = Counter(r["finish_reason"] for r in rows)
     degenerate = degenerate_samples(rows)
     for what, share in degenerate.items():
@@ -174,8 +199,8 @@ def generate(job: GenerateJob, inputs: Inputs, out: Path) -> StageResult:
             "finish_reason": dict(sorted(finish.items())),
             "mean_completion_tokens": sum(r["completion_tokens"] for r in rows) / max(len(rows), 1),
             "seconds": phases.seconds(),  # this attempt's; a resumed stage's earlier shards are not in it
-            **({"teacher_logprobs": {"k": cfg.teacher_logprobs,
-                                     "tokens": sum(len(r["topk_ids"]) for r in rows)}} if cfg.teacher_logprobs else {}),
+            **({"teacher_logprobs": {"k": cfg.teacher_logprobs, "tokens": with_logprobs}}
+               if cfg.teacher_logprobs else {}),
             **degenerate,
             **({"backend": backend.stats()} if hasattr(backend, "stats") else {}),
         },

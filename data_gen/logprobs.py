@@ -71,6 +71,9 @@ def same_vocabulary(teacher_tokenizer, student_tokenizer) -> str | None:
     return "; ".join(parts)
 
 
+REPLACEMENT = "\ufffd".encode()
+
+
 class TokenIds:
     """Token ids of a local byte-level BPE tokenizer (Llama 3, SmolLM2, GPT-2 families) for the tokens an
     OpenAI-compatible server reports: by `token_id:N` when the server sends ids (vLLM's
@@ -114,6 +117,11 @@ class TokenIds:
         if token.startswith("token_id:"):
             return int(token.removeprefix("token_id:"))
         raw = bytes(entry["bytes"]) if entry.get("bytes") is not None else token.encode()
+        if raw == REPLACEMENT and token == "\ufffd":
+            raise VocabularyMismatch("the server returned a token as U+FFFD, the replacement character (vLLM does so "
+                                     "for a token that is part of a UTF-8 character), so its bytes and id are lost; "
+                                     "serve with vLLM's return_tokens_as_token_ids (generate.backend.extra_body: "
+                                     "{return_tokens_as_token_ids: true}), which sends ids")
         if raw not in self.by_bytes:
             raise VocabularyMismatch(f"the server returned a token {token!r} (bytes {raw!r}) that is not one token of "
                                      f"the local tokenizer; {SEQUENCE_LEVEL_HINT}")

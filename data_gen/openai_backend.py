@@ -113,7 +113,10 @@ class OpenAIBackend:
         self._failures = [0] * len(self.endpoints)  # consecutive failures per endpoint
         self._resting_until = [0.0] * len(self.endpoints)  # monotonic time before which a failing one is avoided
         self._next = 0  # round-robin among equally busy endpoints
-        self._done: dict[str, list[dict]] | None = None  # the journal, read on first use
+        # What the journal holds: key -> (samples, byte offset of their line), read on first use; the samples are
+        # read back from the file when asked for, so a large journal (teacher log-probs) is not held in memory.
+        # Without a journal file: key -> the samples themselves.
+        self._done: dict[str, tuple[int, int] | list[dict]] | None = None
 
     def __repr__(self) -> str:
         return (f"OpenAIBackend(model={self.model!r}, base_urls={self.endpoints}, "
@@ -136,8 +139,7 @@ class OpenAIBackend:
         keys = [hashlib.sha256(json.dumps(b, sort_keys=True).encode()).hexdigest() for b in bodies]
         if self._done is None:
             self._done = self._read_journal()
-        done = self._done
-        results: list[list[dict] | None] = [done[k] if len(done.get(k, ())) >= n else None for k in keys]
+        results: list[list[dict] | None] = [self._journaled(k) if self._count(k) >= n else None for k in keys]
         todo = [i for i, r in enumerate(results) if r is None]
         with self._lock:
             self.prompts_from_journal += len(prompts) - len(todo)
@@ -219,7 +221,7 @@ class OpenAIBackend:
     def _complete(self, body: dict, key: str, headers: dict, max_tokens: int) -> list[dict]:
         """All `body["n"]` samples of one prompt, starting from those journaled earlier; asks again for the rest
         when a server returns fewer choices, journaling each part as it arrives."""
-        samples: list[dict] = list((self._done or {}).get(key, ()))
+        samples: list[dict] = list(self._journaled(key))
         while len(samples) < body["n"]:
             part = dict(body, n=body["n"] - len(samples), seed=(body["seed"] + len(samples)) % 2**31)
             got = self._post(part, headers, max_tokens)[: part["n"]]
@@ -316,18 +318,37 @@ class OpenAIBackend:
         with self._lock:
             return dict(zip(self.endpoints, self._failures))
 
-    def _read_journal(self) -> dict[str, list[dict]]:
+    def _read_journal(self) -> dict[str, tuple[int, int]]:
+        """key -> (number of samples, offset of the line) of each prompt's latest, longest journal entry."""
         if self.journal_path is None or not self.journal_path.exists():
             return {}
-        done = {}
-        for line in self.journal_path.read_text().splitlines():
-            try:
-                entry = json.loads(line)
-                if len(entry["samples"]) >= len(done.get(entry["key"], ())):  # a later, longer part
-                    done[entry["key"]] = entry["samples"]
-            except (ValueError, KeyError, TypeError):  # a line cut short by a crash: that prompt is redone
-                continue
+        done: dict[str, tuple[int, int]] = {}
+        offset = 0
+        with open(self.journal_path, "rb") as f:
+            for line in f:
+                try:
+                    entry = json.loads(line)
+                    if len(entry["samples"]) >= done.get(entry["key"], (0, 0))[0]:  # a later, longer part
+                        done[entry["key"]] = (len(entry["samples"]), offset)
+                except (ValueError, KeyError, TypeError):  # a line cut short by a crash: that prompt is redone
+                    pass
+                offset += len(line)
         return done
+
+    def _count(self, key: str) -> int:
+        entry = (self._done or {}).get(key)
+        return 0 if entry is None else len(entry) if self.journal_path is None else entry[0]
+
+    def _journaled(self, key: str) -> list[dict]:
+        """The samples journaled for `key` ([] when none), read back from their line of the journal."""
+        entry = (self._done or {}).get(key)
+        if entry is None:
+            return []
+        if self.journal_path is None:
+            return entry
+        with open(self.journal_path, "rb") as f:
+            f.seek(entry[1])
+            return json.loads(f.readline())["samples"]
 
     def _journal(self, key: str, samples: list[dict]) -> None:
         if self.journal_path is None:
@@ -342,10 +363,11 @@ class OpenAIBackend:
                     f.seek(-1, os.SEEK_END)
                     if f.read(1) != b"\n":
                         f.write(b"\n")  # end a line torn by a crash, so it does not swallow this entry
+                offset = f.seek(0, os.SEEK_END)
                 f.write(line.encode())
                 f.flush()
                 os.fsync(f.fileno())
-            self._done[key] = samples
+            self._done[key] = (len(samples), offset)
 
 
 class _Malformed(ValueError):

@@ -139,7 +139,7 @@ class VLLMBackend:
         if top_logprobs:
             from data_gen.logprobs import sample_fields
 
-            steps = [sorted(((p.rank, t, p.logprob) for t, p in step.items() if p.rank <= top_logprobs))
+            steps = [sorted((p.rank, t, p.logprob) for t, p in step.items() if p.rank <= top_logprobs)[:top_logprobs]
                      for step in output.logprobs or []]
             if len(steps) < len(body) or any(len(s) < top_logprobs for s in steps):
                 raise RuntimeError(f"vLLM returned log-probs for {len(steps)} of {len(ids)} tokens or fewer than "

@@ -129,13 +129,6 @@ OmegaConf.register_new_resolver("posttrain_scratch", functools.cache(lambda: tem
 
 @hydra.main(version_base="1.3", config_path="pkg://recipes", config_name="config")
 def main(cfg: DictConfig) -> None:
-    import os
-
-    from posttrain.train.launch import threads_per_process
-
-    # Before torch loads: CPU threads are the cores this process may use unless OMP_NUM_THREADS says (the tests: 1);
-    # training stages inherit it, shared among their processes (posttrain/train/launch.py).
-    os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_process()))
     from recipes.loop import run  # heavy imports after composition, so `--cfg job` and errors are quick
 
     run_dir = cfg.run_dir

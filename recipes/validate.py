@@ -309,7 +309,14 @@ def _kd_problems(rc: DictConfig, where: str) -> list[str]:
     if kd and rc.sft.packing:
         problems.append(f"{where}sft.kd: token-level distillation does not pack sequences; set sft.packing=false")
     backend = rc.generate.backend
-    if k and backend.get("_target_") == "data_gen.openai_backend.OpenAIBackend" and not backend.get("tokenizer"):
+    target = backend.get("_target_")
+    if k > 20 and target == "data_gen.vllm_backend.VLLMBackend" and (backend.get("max_logprobs") or 20) < k:
+        problems.append(f"{where}generate.backend.max_logprobs: vLLM's engine returns at most 20 log-probs a token "
+                        f"unless started with more; set generate.backend.max_logprobs={k}")
+    if k and target == "data_gen.hf_backend.HFBackend" and backend.get("prefix_sharing") is False:
+        problems.append(f"{where}generate.backend.prefix_sharing: the hf backend collects top-k log-probs in its "
+                        f"decoding loop; set prefix_sharing=true (the default)")
+    if k and target == "data_gen.openai_backend.OpenAIBackend" and not backend.get("tokenizer"):
         problems.append(f"{where}generate.backend.tokenizer: generate.teacher_logprobs={k} from an endpoint needs a "
                         f"local tokenizer of the teacher's vocabulary to read its tokens as ids; set it to the "
                         f"student's (${{model.path}}), which must share that vocabulary")

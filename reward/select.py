@@ -82,21 +82,24 @@ def select(job: SelectJob, inputs: Inputs, out: Path) -> StageResult:
     scored = datasets.load_from_disk(inputs["scored"])
     by_prompt: dict[str, list[dict]] = defaultdict(list)
     unscored = 0
-    for row in scored:
+    # The columns selection reads, with each row's index: wide columns (the teacher's log-probs) stay in Arrow
+    light = [c for c in ("prompt_id", "messages", "meta", "text", "score", "sample_idx", "round")
+             if c in scored.column_names]
+    for index, row in enumerate(scored.select_columns(light)):
         if row["score"] is None:
             unscored += 1
         else:
-            by_prompt[row["prompt_id"]].append(row)
+            by_prompt[row["prompt_id"]].append({**row, "_index": index})
 
     drops: Counter = Counter()
-    sft_rows, pair_rows = [], []
+    sft_rows, pair_rows = [], []  # sft_rows: the chosen rows' indices in `scored`
     for pid in sorted(by_prompt):
         samples = by_prompt[pid]
         best = best_of_k(samples)
         if cfg.min_score is not None and best["score"] < cfg.min_score:
             drops["sft_below_min_score"] += 1
         else:
-            sft_rows.append(best)
+            sft_rows.append(best["_index"])
         pair, reason = pair_for_prompt(samples, cfg.pairs, cfg.min_margin, cfg.max_similarity, job.seed)
         if pair is None:
             drops[f"pair_{reason}"] += 1
@@ -117,7 +120,8 @@ def select(job: SelectJob, inputs: Inputs, out: Path) -> StageResult:
                 "round": chosen["round"],
             }
         )
-    _save(sft_rows, scored.features, out / "sft")
+    # the best rows whole, every column of `scored` (the teacher's log-probs too), copied in Arrow
+    scored.select(sft_rows).save_to_disk(str(out / "sft"), **({"num_shards": 1} if not sft_rows else {}))
     pair_features = datasets.Features(
         {
             "prompt_id": datasets.Value("string"),

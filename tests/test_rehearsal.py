@@ -120,7 +120,7 @@ def test_llama3_8b_distill_405b_against_transformers_serve(transformers_serve, t
         # transformers serve refuses `logprobs` (and the stand-in student's vocabulary is not SmolLM2's): the
         # recipe's token-level half is left out here; the endpoint's log-probs path is tested against the
         # project's server (tests/data_gen/test_openai_backend.py) and KD under ZeRO-3 in tests/posttrain/test_zero3.py.
-        "generate.teacher_logprobs=0", "sft.kd.weight=0",
+        "generate.teacher_logprobs=0", "sft.kd.weight=0", "~generate.backend.extra_body",
         # What the stand-ins cannot do: answers of 8 tokens are all cut short (the rule filter would drop every
         # one), and a 135M judge does not follow the rubric (its verdicts do not parse): the judge still scores
         # every answer through the endpoint, in 8 tokens, and a rule reward ranks them for selection.

@@ -61,12 +61,14 @@ def tokenize_row(row: dict, tokenizer, max_length: int | None) -> dict:
         kept = max(0, max_length - start)
         kd_ids, kd_lps = kd_ids[:kept], kd_lps[:kept]
     return {"input_ids": input_ids, "labels": labels, "kd_start": start if kd_ids else -1, "kd_ids": kd_ids,
-            "kd_logprobs": kd_lps, "unaligned": unaligned}
+            "kd_logprobs": kd_lps, "kd_tokens": len(kd_ids), "unaligned": unaligned}
 
 
-def build_train(paths: list[str], held: list[bool], tokenizer, max_length: int | None, cache_dir: Path):
+def build_train(paths: list[str], held: list[bool], tokenizer, max_length: int | None, cache_dir: Path,
+                vocab: int | None = None):
     """The training rows of `paths` (generation-format `datasets` folders; `held`: one flag per row of all of them
-    in order, True for a held-out row) tokenized by `tokenize_row`. Folders without the KD columns (your sft.data)
+    in order, True for a held-out row) tokenized by `tokenize_row`; a teacher id at or above `vocab` (the student's
+    output size; default: the tokenizer's length) is an error naming the row. Folders without the KD columns (your sft.data)
     give cross-entropy rows. Written as Arrow under `cache_dir` (one file per folder and rank), memory-mapped, so
     the teacher's log-probs are not held as Python objects. Returns (dataset, counts for the stage's metrics)."""
     import datasets
@@ -77,10 +79,11 @@ def build_train(paths: list[str], held: list[bool], tokenizer, max_length: int |
         "kd_start": datasets.Value("int32"),
         "kd_ids": datasets.Sequence(datasets.Sequence(datasets.Value("int32"))),
         "kd_logprobs": datasets.Sequence(datasets.Sequence(datasets.Value("float16"))),
+        "kd_tokens": datasets.Value("int32"),
         "unaligned": datasets.Value("bool"),
     })
     cache_dir.mkdir(parents=True, exist_ok=True)
-    vocab = len(tokenizer)
+    vocab = vocab or len(tokenizer)
     parts, offset = [], 0
     for i, path in enumerate(paths):
         ds = datasets.load_from_disk(path)
@@ -101,15 +104,17 @@ def build_train(paths: list[str], held: list[bool], tokenizer, max_length: int |
                             cache_file_name=str(cache_dir / f"{i}-rank{os.environ.get('RANK', '0')}.arrow"),
                             load_from_cache_file=False, desc="KD rows"))
     train = datasets.concatenate_datasets(parts)
-    starts, unaligned = train["kd_start"], train["unaligned"]
+    starts, unaligned = train["kd_start"], train["unaligned"]  # small columns: the log-probs stay in Arrow
     counts = {"rows_with_teacher": sum(s >= 0 for s in starts), "unaligned": sum(unaligned),
-              "tokens_with_teacher": sum(len(r) for r in train.select_columns(["kd_ids"])["kd_ids"])}
-    return train.remove_columns("unaligned"), counts
+              "tokens_with_teacher": sum(train["kd_tokens"])}
+    return train.remove_columns(["unaligned", "kd_tokens"]), counts
 
 
 class Collator:
     """TRL's language-modeling collator (padding, attention mask, -100 labels) plus the teacher's top-k as
-    [batch, length, k] tensors at the logits positions that predict the teacher's tokens (`teacher_mask`)."""
+    [batch, length, k] tensors at the logits positions that predict the teacher's tokens (`teacher_mask`). Rows
+    whose k is smaller (rounds collected with another `generate.teacher_logprobs`) are padded with log-prob -1e4,
+    which the renormalised p gives no mass."""
 
     def __init__(self, base):
         self.base = base
@@ -119,19 +124,25 @@ class Collator:
 
         teacher = [tuple(e.get(key) for key in TEACHER_KEYS) for e in examples]
         batch = self.base([{k: v for k, v in e.items() if k not in TEACHER_KEYS} for e in examples])
-        k = max((len(ids[0]) for start, ids, _ in teacher if ids), default=0)
+        k = max((len(step) for _, ids, _ in teacher if ids for step in ids), default=0)
         if not k:
             return batch
         rows, length = batch["input_ids"].shape
         ids = torch.zeros((rows, length, k), dtype=torch.long)
-        logprobs = torch.zeros((rows, length, k), dtype=torch.float32)
+        logprobs = torch.full((rows, length, k), -1e4, dtype=torch.float32)
         mask = torch.zeros((rows, length), dtype=torch.bool)
         for b, (start, top_ids, top_lps) in enumerate(teacher):
-            if top_ids:  # the logits at position p predict token p + 1
-                span = slice(start - 1, start - 1 + len(top_ids))
+            if not top_ids:
+                continue
+            span = slice(start - 1, start - 1 + len(top_ids))  # the logits at position p predict token p + 1
+            mask[b, span] = True
+            if all(len(step) == k for step in top_ids):  # one k for the whole row: one copy
                 ids[b, span] = torch.tensor(top_ids, dtype=torch.long)
                 logprobs[b, span] = torch.tensor(top_lps, dtype=torch.float32)
-                mask[b, span] = True
+                continue
+            for j, (step_ids, step_lps) in enumerate(zip(top_ids, top_lps)):
+                ids[b, start - 1 + j, : len(step_ids)] = torch.tensor(step_ids, dtype=torch.long)
+                logprobs[b, start - 1 + j, : len(step_lps)] = torch.tensor(step_lps, dtype=torch.float32)
         batch.update(teacher_ids=ids, teacher_logprobs=logprobs, teacher_mask=mask)
         return batch
 

@@ -105,7 +105,7 @@ def train(settings: dict) -> dict:
 
             rows = len(train_ds)
             train_ds, kd_counts = kd_loss.build_train(settings["data"], held, tokenizer, settings["max_length"],
-                                                      out / "kd_rows")
+                                                      out / "kd_rows", vocab=model.config.vocab_size)
             assert len(train_ds) == rows, (len(train_ds), rows)
             trainer_class = kd_loss.trainer_class()
             extra = {"kd_weight": kd["weight"], "kd_temperature": kd["temperature"],

@@ -367,6 +367,10 @@ def test_token_level_distillation_settings_agree():
                 "+generate.backend.base_urls=http://127.0.0.1:9", "+generate.backend.api_key_env=null"]
     assert "generate.backend.tokenizer: generate.teacher_logprobs=20 from an endpoint needs a local tokenizer" in \
         problems(*KD, *endpoint)
+    assert "generate.backend.prefix_sharing: the hf backend collects top-k log-probs in its decoding loop" in \
+        problems(*KD, "+generate.backend.prefix_sharing=false")
+    vllm = ["generate.backend._target_=data_gen.vllm_backend.VLLMBackend", "generate.teacher_logprobs=32"]
+    assert "generate.backend.max_logprobs: vLLM's engine returns at most 20 log-probs" in problems(*KD, *vllm)
 
 
 def test_a_teacher_with_another_vocabulary_is_refused_for_token_level_distillation(tmp_path):

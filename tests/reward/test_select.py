@@ -114,3 +114,10 @@ def test_select_with_no_pairs_writes_empty_datasets(tmp_path):
     assert result.rows == {"sft": 1, "pairs": 0}
     assert len(datasets.load_from_disk(str(out / "pairs"))) == 0
     assert "chosen" in datasets.load_from_disk(str(out / "pairs")).column_names
+    # no best answer reaches min_score: an empty SFT set that reloads with every column of the scored rows
+    again = tmp_path / "again"
+    again.mkdir()
+    job = SelectJob(select=dataclasses.replace(CFG.select, min_score=0.9))
+    assert select(job, {"scored": _scored(tmp_path, rows)}, again).rows == {"sft": 0, "pairs": 0}
+    empty = datasets.load_from_disk(str(again / "sft"))
+    assert len(empty) == 0 and "text" in empty.column_names and "score" in empty.column_names
