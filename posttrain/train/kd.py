@@ -70,7 +70,8 @@ def build_train(paths: list[str], held: list[bool], tokenizer, max_length: int |
     in order, True for a held-out row) tokenized by `tokenize_row`; a teacher id at or above `vocab` (the student's
     output size; default: the tokenizer's length) is an error naming the row. Folders without the KD columns (your
     sft.data) give cross-entropy rows. Written as Arrow under `cache_dir` (one file per folder and rank),
-    memory-mapped, so the teacher's log-probs are not held as Python objects. Returns (dataset, counts for the stage's metrics)."""
+    memory-mapped, so the teacher's log-probs are not held as Python objects. Returns (dataset, counts for the
+    stage's metrics)."""
     import datasets
 
     features = datasets.Features({
