@@ -14,8 +14,10 @@ outside them still counts against it through q's normalisation: KL(p || q) >= -l
 the student is pushed to put its mass on the teacher's k tokens in the teacher's proportions. With k = the
 vocabulary it is exactly the forward KL of the full distributions. Compared with TRL's GKD (the teacher's full
 logits, live in the trainer, a generalised JSD between forward and reverse KL, on-policy samples) this is the
-forward-KL end (GKD's beta = 0) on the teacher's own samples, offline, from k stored values; compared with
-DistillKit's offline top-k logits, the same sparse forward KL. No T^2 factor is applied (as in GKD).
+forward-KL end (GKD's beta = 0) on the teacher's own samples, offline, from k stored values; DistillKit's offline
+mode also trains on a sparse top-k of the teacher's distribution, stored with its own compression (polynomial
+approximation and bit-packing, denser than float16) and with a choice of losses. No T^2 factor is applied (as in
+GKD).
 
 Alignment: the student is trained on the teacher's own token ids (`completion_ids`), not on a re-tokenization of
 its text, so each stored distribution sits at the position it was computed for; the template's end-of-turn tokens
