@@ -17,7 +17,7 @@ spell the returned text, which is the vocabulary check for a teacher whose token
 
 from __future__ import annotations
 
-KD_COLUMNS = ("completion_ids", "topk_ids", "topk_logprobs")
+from posttrain.train.kd import KD_COLUMNS  # noqa: F401 - the columns' names, shared with the SFT stage
 
 
 def kd_features() -> dict:

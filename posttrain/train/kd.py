@@ -31,8 +31,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from data_gen.logprobs import KD_COLUMNS
-
+# The generate stage's columns of a row with the teacher's log-probs (data_gen/logprobs.py writes them)
+KD_COLUMNS = ("completion_ids", "topk_ids", "topk_logprobs")
 TEACHER_KEYS = ("kd_start", "kd_ids", "kd_logprobs")
 
 
