@@ -66,8 +66,7 @@ class HFBackend:
                 batch, add_generation_prompt=True, padding=True, return_tensors="pt", return_dict=True
             ).to(self.device)
             # Greedy decoding gives one answer per prompt; it is repeated below rather than recomputed.
-            gen = self._sample(enc["input_ids"], enc["attention_mask"], 1 if greedy else n, sampling)
-            gen, tops = gen if isinstance(gen, tuple) else (gen, None)
+            gen, tops = self._sample(enc["input_ids"], enc["attention_mask"], 1 if greedy else n, sampling)
             prompt_len = enc["input_ids"].shape[1]
             prompt_tokens = enc["attention_mask"].sum(dim=1).tolist()
             for i in range(len(batch)):
@@ -93,8 +92,8 @@ class HFBackend:
         return out
 
     def _sample(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, k: int, sampling: Sampling):
-        """`k` sequences per row of the left-padded batch, row i's at i*k ... i*k+k-1, prompt included; with
-        `sampling.top_logprobs`, (sequences, (top-k ids, top-k log-probs) per row and step)."""
+        """(`k` sequences per row of the left-padded batch, row i's at i*k ... i*k+k-1, prompt included; with
+        `sampling.top_logprobs`, the decoding loop's top-k arrays (`_decode`), else None)."""
         greedy = sampling.temperature == 0
         options = dict(
             do_sample=not greedy,
@@ -108,7 +107,7 @@ class HFBackend:
         if not self.prefix_sharing or input_ids.shape[1] < 2:
             return self.model.generate(
                 input_ids=input_ids, attention_mask=attention_mask, num_return_sequences=k, **options
-            )
+            ), None
         # Prefill all but the last prompt token once per prompt. The last one is the decoding loop's first input:
         # its logits give the first answer token; positions come from the full mask, as in the plain path.
         cache = DynamicCache(config=self.model.config)
@@ -131,9 +130,9 @@ class HFBackend:
     def _decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache, sampling: Sampling):
         """Decode from `cache` (every prompt token but the last already in it) until each row writes an
         end-of-turn token or `max_new_tokens`; a finished row is dropped from the batch. Returns the rows as
-        `generate` does: prompt + answer, right-padded with the pad token after an answer's end; with
-        `sampling.top_logprobs` = k, also the k most likely next tokens of every row's steps ([rows, steps, k] ids
-        and log-probs, and the log-prob of each token taken [rows, steps])."""
+        `generate` does: prompt + answer, right-padded with the pad token after an answer's end; and, with
+        `sampling.top_logprobs` = k, the k most likely next tokens of every row's steps ([rows, steps, k] ids and
+        log-probs, and the log-prob of each token taken [rows, steps]), else None."""
         from transformers.generation.logits_process import (
             LogitsProcessorList,
             TemperatureLogitsWarper,
@@ -182,4 +181,4 @@ class HFBackend:
             positions = positions + 1
             step_ids = tokens[:, None]
         sequences = torch.cat([input_ids, answers], dim=1)
-        return (sequences, (top_ids, top_lps, chosen_lps)) if k else sequences
+        return sequences, ((top_ids, top_lps, chosen_lps) if k else None)

@@ -101,15 +101,15 @@ def train(settings: dict) -> dict:
         if kd["weight"]:  # token-level distillation (posttrain/train/kd.py)
             from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-            from posttrain.train import kd as kd_loss
+            from posttrain.train import kd as distil
 
             rows = len(train_ds)
-            train_ds, kd_counts = kd_loss.build_train(settings["data"], held, tokenizer, settings["max_length"],
+            train_ds, kd_counts = distil.build_train(settings["data"], held, tokenizer, settings["max_length"],
                                                       out / "kd_rows", vocab=model.config.vocab_size)
             assert len(train_ds) == rows, (len(train_ds), rows)
-            trainer_class = kd_loss.trainer_class()
+            trainer_class = distil.trainer_class()
             extra = {"kd_weight": kd["weight"], "kd_temperature": kd["temperature"],
-                     "data_collator": kd_loss.Collator(DataCollatorForLanguageModeling(tokenizer.pad_token_id))}
+                     "data_collator": distil.Collator(DataCollatorForLanguageModeling(tokenizer.pad_token_id))}
         trainer = trainer_class(
             model=model,
             args=args,
