@@ -16,18 +16,21 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import time
 from collections import Counter
+from collections.abc import Iterable
+from dataclasses import asdict
 from pathlib import Path
 
 import datasets
 from hydra.utils import get_object
-from tqdm.auto import tqdm
 
 from data_gen.backend import PromptsRejected, Sampling, build_backend
 from data_gen.logprobs import KD_COLUMNS, kd_features
 from data_gen.prompts import load_pools, sample_mix
 from posttrain.config import GenerateJob
 from posttrain.rundir import Inputs, StageResult, stable_hash, write_text_atomic
+from posttrain.shards import Shards, iter_columns, publish, run_ranks
 from posttrain.timing import Phases
 
 GENERATION_FEATURES = datasets.Features(
@@ -49,18 +52,23 @@ GENERATION_FEATURES = datasets.Features(
 DEGENERATE_WARNING = 0.25  # a share of identical-K prompts or of empty answers worth a warning
 
 
-def degenerate_samples(rows: list[dict]) -> dict[str, float]:
+def degenerate_samples(rows: Iterable[dict]) -> dict[str, float]:
     """`identical_k_rate`: the share of prompts (with two or more samples) whose samples are all the same text (a
-    greedy or collapsed sampler: nothing to choose from); `empty_rate`: the share of blank answers."""
-    by_prompt: dict[str, set[str]] = {}
+    greedy or collapsed sampler: nothing to choose from); `empty_rate`: the share of blank answers. Keeps a hash
+    per distinct text of a prompt, not the texts."""
+    by_prompt: dict[str, set[int]] = {}
     sizes: Counter = Counter()
+    empty = total = 0
     for r in rows:
-        by_prompt.setdefault(r["prompt_id"], set()).add(r["text"].strip())
+        text = r["text"].strip()
+        by_prompt.setdefault(r["prompt_id"], set()).add(hash(text))
         sizes[r["prompt_id"]] += 1
+        empty += not text
+        total += 1
     several = [p for p, n in sizes.items() if n > 1]
     return {
         "identical_k_rate": sum(len(by_prompt[p]) == 1 for p in several) / len(several) if several else 0.0,
-        "empty_rate": sum(not r["text"].strip() for r in rows) / len(rows) if rows else 0.0,
+        "empty_rate": empty / total if total else 0.0,
     }
 
 
@@ -74,25 +82,74 @@ def shard_size(cfg) -> int:
     return default or cfg.backend.get("batch_size") or 8
 
 
-def _concatenate(shards: list[Path], features: datasets.Features, scratch: Path) -> datasets.Dataset:
-    """The JSONL shards as one dataset, one shard in memory at a time: each is written as Arrow under `scratch`,
-    and the memory-mapped parts are concatenated (the teacher's log-probs make rows ~30x larger as Python
-    objects than in Arrow)."""
-    shutil.rmtree(scratch, ignore_errors=True)
-    parts = []
-    for i, shard in enumerate(shards):
-        rows = [json.loads(line) for line in open(shard)]
-        if rows:
-            datasets.Dataset.from_list(rows, features=features).save_to_disk(str(scratch / f"{i:05d}"))
-            parts.append(datasets.load_from_disk(str(scratch / f"{i:05d}")))
-    if not parts:
-        return datasets.Dataset.from_dict({k: [] for k in features}, features=features)
-    return datasets.concatenate_datasets(parts)
-
-
 def _write_lines(path: Path, rows: list[dict]) -> None:
     """JSON lines written atomically."""
     write_text_atomic(path, "".join(json.dumps(row, default=str) + "\n" for row in rows))
+
+
+def generate_shards(settings: dict, rank: int, world: int) -> None:
+    """One rank's part of the stage (posttrain.shards.run_ranks): load the backend once if any of its shards is
+    left, generate each shard with its own seed and write it. `settings`: what `generate` froze (plain values)."""
+    out = Path(settings["out"])
+    prompts = [json.loads(line) for line in open(out / "prompts.jsonl")]
+    size, k, logprobs = settings["shard_size"], settings["k"], settings["teacher_logprobs"]
+    features = _features(logprobs)
+    shards = Shards(out, -(-len(prompts) // size), rank, world, desc=f"round {settings['round']} generate",
+                    attempt=settings["attempt"])
+    todo = shards.todo()
+    backend = None
+    for i in todo:
+        started, phases = time.perf_counter(), Phases()  # this shard's seconds
+        if backend is None:  # load the model only when there is work left
+            with phases("load"):
+                journal = out / "journal" if world == 1 else out / "journal" / f"rank_{rank}"
+                backend = build_backend(settings["backend"], settings["model"], journal_dir=str(journal))
+        batch = prompts[i * size : (i + 1) * size]
+        sampling = Sampling(**settings["sampling"], top_logprobs=logprobs,
+                            seed=int(stable_hash([settings["seed"], settings["round"], i]), 16) % (2**31))
+        rejected = shards.path(i).with_suffix(".rejected")
+        rejected.unlink(missing_ok=True)  # from an attempt cut short: this one decides
+        try:
+            with phases("generate"):
+                completions = backend.generate([p["messages"] for p in batch], k, sampling)
+        except PromptsRejected as e:
+            completions = e.results
+            _write_lines(rejected, [
+                {"where": f"round {settings['round']} generate", "prompt_id": batch[j]["prompt_id"],
+                 "reason": f"rejected by the backend: {why}"} for j, why in sorted(e.rejected.items())])
+        rows = []
+        for p, samples in zip(batch, completions):
+            for j, c in enumerate(samples or []):
+                if logprobs and not all(col in c for col in KD_COLUMNS):
+                    raise RuntimeError(f"generate.teacher_logprobs={logprobs}, but {settings['backend']['_target_']}"
+                                       f" returned no top-k log-probs (a sample lacks "
+                                       f"{[col for col in KD_COLUMNS if col not in c]})")
+                c = {key: value for key, value in c.items() if key in features}
+                rows.append({
+                    "prompt_id": p["prompt_id"],
+                    "messages": p["messages"],
+                    "meta": json.dumps(p["meta"], sort_keys=True, default=str),
+                    "sample_idx": j,
+                    **c,
+                    "model": c.get("model") or settings["model"],  # the name a server answered with, if any
+                    "round": settings["round"],
+                })
+        columns = {name: [r.get(name) for r in rows] for name in features}
+        shards.finish(i, columns, features, tokens=sum(r["completion_tokens"] for r in rows),
+                      seconds=time.perf_counter() - started, phases=phases.seconds(),
+                      **({"backend": backend.stats()} if hasattr(backend, "stats") else {}))  # the rank's so far
+
+
+def _sum_stats(stats: list[dict]) -> dict:
+    """An endpoint backend's counters summed over ranks."""
+    return {k: sum(s[k] for s in stats if s) for k in stats[0] or {}}
+
+
+def _features(teacher_logprobs: int) -> datasets.Features:
+    features = GENERATION_FEATURES.copy()
+    if teacher_logprobs:
+        features.update(kd_features())
+    return features
 
 
 def generate(job: GenerateJob, inputs: Inputs, out: Path) -> StageResult:
@@ -108,59 +165,17 @@ def generate(job: GenerateJob, inputs: Inputs, out: Path) -> StageResult:
                          job.prompt_start, job.seed)
     set_aside = [q for _, pool in pools for q in pool.quarantined]
 
-    features = GENERATION_FEATURES.copy()
-    if cfg.teacher_logprobs:
-        features.update(kd_features())
-    shard_dir = out / "shards"
-    shard_dir.mkdir(exist_ok=True)
+    features = _features(cfg.teacher_logprobs)
     size = shard_size(cfg)
-    todo = [i for i in range(0, len(prompts), size) if not (shard_dir / f"{i // size:05d}.jsonl").exists()]
-    backend = None
-    bar = tqdm(total=len(prompts), desc=f"round {job.round} generate", unit="prompt")
-    bar.update(len(prompts) - sum(len(prompts[i : i + size]) for i in todo))
-    phases = Phases()
-    for start in todo:
-        if backend is None:  # load the model only when there is work left
-            with phases("load"):
-                backend = build_backend(cfg.backend, inputs["model"], journal_dir=str(out / "journal"))
-        batch = prompts[start : start + size]
-        sampling = Sampling(
-            temperature=cfg.temperature,
-            top_p=cfg.top_p,
-            max_new_tokens=cfg.max_new_tokens,
-            seed=int(stable_hash([job.seed, job.round, start // size]), 16) % (2**31),
-            top_logprobs=cfg.teacher_logprobs,
-        )
-        path = shard_dir / f"{start // size:05d}.jsonl"
-        path.with_suffix(".rejected").unlink(missing_ok=True)  # from an attempt cut short: this one decides
-        try:
-            with phases("generate"):
-                completions = backend.generate([p["messages"] for p in batch], cfg.k, sampling)
-        except PromptsRejected as e:
-            completions = e.results
-            _write_lines(path.with_suffix(".rejected"), [
-                {"where": f"round {job.round} generate", "prompt_id": batch[i]["prompt_id"],
-                 "reason": f"rejected by the backend: {why}"} for i, why in sorted(e.rejected.items())])
-        rows = []
-        for p, samples in zip(batch, completions):
-            for j, c in enumerate(samples or []):
-                if cfg.teacher_logprobs and not all(col in c for col in KD_COLUMNS):
-                    raise RuntimeError(f"generate.teacher_logprobs={cfg.teacher_logprobs}, but "
-                                       f"{cfg.backend['_target_']} returned no top-k log-probs (a sample lacks "
-                                       f"{[col for col in KD_COLUMNS if col not in c]})")
-                c = {key: value for key, value in c.items() if key in features}
-                rows.append({
-                    "prompt_id": p["prompt_id"],
-                    "messages": p["messages"],
-                    "meta": json.dumps(p["meta"], sort_keys=True, default=str),
-                    "sample_idx": j,
-                    **c,
-                    "model": c.get("model") or inputs["model"],  # the name a server answered with, if any
-                    "round": job.round,
-                })
-        _write_lines(path, rows)
-        bar.update(len(batch))
-    bar.close()
+    write_text_atomic(out / "prompts.jsonl", "".join(json.dumps(p, default=str) + "\n" for p in prompts))
+    settings = {"out": str(out), "shard_size": size, "k": cfg.k, "teacher_logprobs": cfg.teacher_logprobs,
+                "backend": cfg.backend, "model": inputs["model"], "seed": job.seed, "round": job.round,
+                "sampling": {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens}}
+    started = time.perf_counter()
+    attempt = run_ranks("data_gen.generate:generate_shards", settings, out, asdict(job.launch), "generate")
+    shards = Shards(out, -(-len(prompts) // size), desc=f"round {job.round} generate", attempt=attempt)
+    shard_dir = shards.dir
+    throughput = shards.throughput(time.perf_counter() - started)
 
     rejected = [json.loads(line) for s in sorted(shard_dir.glob("*.rejected")) for line in open(s)]
     if set_aside or rejected:  # written whole, so a rerun after a crash here writes no line twice
@@ -169,22 +184,35 @@ def generate(job: GenerateJob, inputs: Inputs, out: Path) -> StageResult:
         print(f"posttrain: warning: round {job.round} generate: {len(rejected)} prompts rejected by the backend, "
               f"quarantined (quarantine.jsonl); first: {rejected[0]['prompt_id']}: {rejected[0]['reason'][:200]}",
               file=sys.stderr)
-    with phases("save"):
-        generations = _concatenate(sorted(shard_dir.glob("*.jsonl")), features, out / "arrow")
-        generations.save_to_disk(str(out / "generations"))
-        del generations
-    shutil.rmtree(out / "arrow", ignore_errors=True)
+    phases, stats = Phases(), {}
+    for side in shards.this_attempt():  # the seconds of this attempt's shards, summed over ranks
+        for name, seconds in side["phases"].items():
+            phases.add(name, seconds)
+        stats[side["rank"]] = side.get("backend")  # each rank's latest
+    with phases("save"):  # the shards become the dataset's files: renamed, not copied
+        publish(shards.files(), out / "generations", features)
     shutil.rmtree(shard_dir)
     shutil.rmtree(out / "journal", ignore_errors=True)
+    (out / "prompts.jsonl").unlink()
     # the columns the metrics read, not the teacher's log-probs
-    saved = datasets.load_from_disk(str(out / "generations"))
-    rows = saved.select_columns(["prompt_id", "text", "finish_reason", "completion_tokens"]).to_list()
+    light = ["prompt_id", "text", "finish_reason", "completion_tokens"]
+    finish: Counter = Counter()
+    rows = tokens = 0
+
+    def counted():
+        nonlocal rows, tokens
+        for table in iter_columns(out / "generations", light, 4096):
+            for r in table.to_pylist():
+                finish[r["finish_reason"]] += 1
+                rows, tokens = rows + 1, tokens + r["completion_tokens"]
+                yield r
+
+    degenerate = degenerate_samples(counted())
     if cfg.teacher_logprobs:  # Arrow's list lengths: the log-probs are not read into Python
         import pyarrow.compute as pc
 
-        with_logprobs = int(pc.sum(pc.list_value_length(saved.data.table.column("topk_ids"))).as_py() or 0)
-    finish = Counter(r["finish_reason"] for r in rows)
-    degenerate = degenerate_samples(rows)
+        with_logprobs = sum(int(pc.sum(pc.list_value_length(t.column("topk_ids"))).as_py() or 0)
+                            for t in iter_columns(out / "generations", ["topk_ids"], 4096))
     for what, share in degenerate.items():
         if share > DEGENERATE_WARNING:
             print(f"posttrain: warning: round {job.round} generate: {share:.0%} of "
@@ -192,16 +220,17 @@ def generate(job: GenerateJob, inputs: Inputs, out: Path) -> StageResult:
                   f" ({what} in the manifest): best-of-K and DPO pairs learn little from them", file=sys.stderr)
     return StageResult(
         outputs={"generations": "generations"},
-        rows=len(rows),
+        rows=rows,
         metrics={
             "prompts": len(prompts),
             "quarantined": {"empty_prompt": len(set_aside), "rejected_by_backend": len(rejected)},
             "finish_reason": dict(sorted(finish.items())),
-            "mean_completion_tokens": sum(r["completion_tokens"] for r in rows) / max(len(rows), 1),
+            "mean_completion_tokens": tokens / max(rows, 1),
             "seconds": phases.seconds(),  # this attempt's; a resumed stage's earlier shards are not in it
             **({"teacher_logprobs": {"k": cfg.teacher_logprobs, "tokens": with_logprobs}}
                if cfg.teacher_logprobs else {}),
             **degenerate,
-            **({"backend": backend.stats()} if hasattr(backend, "stats") else {}),
+            "throughput": throughput,
+            **({"backend": _sum_stats(list(stats.values()))} if any(stats.values()) else {}),
         },
     )

@@ -11,6 +11,11 @@ overlap with any training prompt source an error. What it writes in `round_N/07_
     <suite>/            whatever a suite keeps for inspection (the verifiable-accuracy answers)
 
 A suite is any callable `(EvalContext) -> {metric: value}` named by `_target_`; see evals/suites.py.
+
+The held-out prompts are answered and scored by every reward in shards of `launch.data.eval_shard_prompts` prompts
+(posttrain/shards.py): a crash keeps the finished shards, and `launch.data.nproc.eval` processes per node share
+them, with the same answers as one process (shard 0 samples with the stage's seed, shard i > 0 with one derived
+from it and i). The suites then run in the driver on all the answers.
 """
 
 from __future__ import annotations
@@ -20,8 +25,9 @@ import math
 import re
 import shutil
 import sys
+import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +37,10 @@ from hydra.utils import instantiate
 from data_gen.backend import PromptsRejected, Sampling, build_backend
 from data_gen.generate import GENERATION_FEATURES
 from data_gen.prompts import load_prompts
-from posttrain.config import EvalJob
+from posttrain.config import DataLaunch, EvalJob
 from posttrain.errors import PosttrainError
-from posttrain.rundir import Inputs, StageResult
+from posttrain.rundir import Inputs, StageResult, stable_hash, write_text_atomic
+from posttrain.shards import Shards, publish, run_ranks
 from posttrain.timing import Phases
 from reward.protocol import build_reward, with_trained_model
 from reward.score import reward_prompt, score_rows
@@ -178,6 +185,64 @@ def _clean(suite: str, result: Any) -> dict[str, float | int | None]:
     return out
 
 
+_LOADED: dict[str, Any] = {}  # what this process's shards built (policy backend, rewards), for its suites
+
+
+def _loaded(key: Any, build: Callable[[], Any]) -> Any:
+    """`build()` once per process for `key` (a plain value): the driver's suites reuse what its own shards
+    loaded instead of loading the policy or a reward model twice."""
+    name = stable_hash(key)
+    if name not in _LOADED:
+        _LOADED[name] = build()
+    return _LOADED[name]
+
+
+def _response_features(rewards: list[str]) -> datasets.Features:
+    return datasets.Features({**GENERATION_FEATURES, **{f"reward.{n}": datasets.Value("float64") for n in rewards}})
+
+
+def eval_shards(settings: dict, rank: int, world: int) -> None:
+    """One rank's part of the stage (posttrain.shards.run_ranks): the policy answers each of its shards of
+    held-out prompts and every eval reward scores the answers; written with the quarantine records."""
+    out = Path(settings["out"])
+    prompts = [json.loads(line) for line in open(out / "heldout.jsonl")]
+    size = settings["shard_prompts"]
+    shards = Shards(out, -(-len(prompts) // size), rank, world, desc=settings["desc"], attempt=settings["attempt"])
+    todo = shards.todo()
+    if not todo:
+        return
+    backend = _loaded(["policy", settings["backend"], settings["policy"]],
+                      lambda: instantiate(settings["backend"], model=settings["policy"], _convert_="all"))
+    rewards = {name: _loaded(["reward", name, node, settings["inputs"]],
+                             lambda name=name, node=node: build_reward(with_trained_model(name, node,
+                                                                                          settings["inputs"])))
+               for name, node in settings["rewards"].items()}
+    features = _response_features(list(rewards))
+    for i in todo:
+        started = time.perf_counter()
+        seed = settings["seed"] if i == 0 else int(stable_hash([settings["seed"], i]), 16) % (2**31)
+        sampling = Sampling(**settings["sampling"], seed=seed)
+        rows = _answer(_one_each(backend, sampling), prompts[i * size : (i + 1) * size], settings["policy"],
+                       settings["round"])
+        columns = {k: [r[k] for r in rows] for k in GENERATION_FEATURES}
+        quarantine = []
+        for name, fn in rewards.items():
+            scores, q = score_rows(f"{name} (policy)", fn, [reward_prompt(r) for r in rows], [r["text"] for r in rows],
+                                   settings["batch_size"], progress=False)
+            columns[f"reward.{name}"] = scores
+            quarantine += [{**r, "row": i * size + r["row"]} for r in q]
+        write_text_atomic(shards.path(i).with_suffix(".quarantine"),
+                          "".join(json.dumps(q) + "\n" for q in quarantine))
+        shards.finish(i, columns, features, tokens=sum(r["completion_tokens"] for r in rows),
+                      seconds=time.perf_counter() - started)
+
+
+def _shard_prompts(wanted: int, *batches: int | None) -> int:
+    """`wanted` rounded up to a multiple of every batch size given, so no batch straddles two shards."""
+    step = math.lcm(*(int(b) for b in batches if b)) if any(batches) else 1
+    return -(-max(wanted, 1) // step) * step
+
+
 def eval_stage(job: EvalJob, inputs: Inputs, out: Path) -> StageResult:
     """Stage function. `job`: the recipe's `evals` section (its `rewards` filled in: name -> Reward `_target_`
     config) plus `round`, `seed` and `training_prompts` (sources the held-out set must not overlap). `inputs`:
@@ -213,16 +278,32 @@ def eval_stage(job: EvalJob, inputs: Inputs, out: Path) -> StageResult:
     elif inputs.get("teacher_responses"):
         teacher = load_responses(inputs["teacher_responses"])
 
-    policy_backend = None
+    launch = asdict(job.launch)
+    data = launch.get("data") or asdict(DataLaunch())
+    size = _shard_prompts(int(data["eval_shard_prompts"]), backend_cfg.get("batch_size"), cfg.batch_size)
+    write_text_atomic(out / "heldout.jsonl", "".join(json.dumps(p, default=str) + "\n" for p in heldout))
+    settings = {"out": str(out), "shard_prompts": size, "backend": backend_cfg, "policy": inputs["policy"],
+                "rewards": dict(cfg.rewards), "inputs": dict(inputs), "batch_size": cfg.batch_size, "seed": job.seed,
+                "round": job.round, "desc": f"round {job.round} eval",
+                "sampling": {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens}}
+    started = time.perf_counter()
+    with phases("answer"):  # load the policy, answer, score the answers with every reward
+        attempt = run_ranks("evals.stage:eval_shards", settings, out, launch, "eval")
+    shards = Shards(out, -(-len(heldout) // size), desc=settings["desc"], attempt=attempt)
+    throughput = shards.throughput(time.perf_counter() - started)
+    quarantine = [json.loads(line) for i in range(shards.n) for line in open(shards.path(i).with_suffix(".quarantine"))]
+    shutil.rmtree(out / "responses", ignore_errors=True)  # left by an attempt cut short
+    publish(shards.files(), out / "responses", _response_features(list(cfg.rewards)))
+    shutil.rmtree(shards.dir)
+    (out / "heldout.jsonl").unlink()
+    scored = datasets.load_from_disk(str(out / "responses")).to_list()  # held-out sets are small
+    responses = [{k: r[k] for k in GENERATION_FEATURES} for r in scored]
 
-    def generate(messages: list[list[dict]]) -> list[dict]:
-        nonlocal policy_backend
-        if policy_backend is None:
-            policy_backend = instantiate(backend_cfg, model=inputs["policy"], _convert_="all")
-        return _one_each(policy_backend, sampling)(messages)
+    def generate(messages: list[list[dict]]) -> list[dict]:  # for suites with prompts of their own
+        backend = _loaded(["policy", backend_cfg, inputs["policy"]],
+                          lambda: instantiate(backend_cfg, model=inputs["policy"], _convert_="all"))
+        return _one_each(backend, sampling)(messages)
 
-    with phases("answer"):  # load the policy and answer
-        responses = _answer(generate, heldout, inputs["policy"], job.round)
     ctx = EvalContext(
         round=job.round,
         policy=inputs["policy"],
@@ -230,22 +311,30 @@ def eval_stage(job: EvalJob, inputs: Inputs, out: Path) -> StageResult:
         previous=load_responses(inputs["previous"]) if inputs.get("previous") else None,
         teacher=teacher,
         round0=load_responses(inputs["round0"]) if inputs.get("round0") else None,
-        rewards={name: build_reward(with_trained_model(name, node, inputs)) for name, node in cfg.rewards.items()},
+        rewards={name: _loaded(["reward", name, node, dict(inputs)],
+                               lambda name=name, node=node: build_reward(with_trained_model(name, node, inputs)))
+                 for name, node in cfg.rewards.items()},
         generate=generate,
         out=out,
         training_prompts=training,
         batch_size=cfg.batch_size,
         primary=job.primary,
     )
-    with phases("score"):  # the rewards and every suite (a suite may answer prompts of its own)
-        _save(responses, out / "responses", {name: ctx.scores(name) for name in ctx.rewards})
-        metrics: dict[str, dict] = {}
-        for name, suite in suites.items():
-            ctx.suite = name
-            metrics[name] = _clean(name, suite(ctx))
+    for name in cfg.rewards:  # the policy's answers were scored with them
+        ctx._scores[(name, "policy")] = [r[f"reward.{name}"] for r in scored]
+        ctx.quarantined[(name, "policy")] = [q for q in quarantine if q["reward"] == f"{name} (policy)"]
+    try:
+        with phases("score"):  # every suite (a suite may answer prompts of its own)
+            metrics: dict[str, dict] = {}
+            for name, suite in suites.items():
+                ctx.suite = name
+                metrics[name] = _clean(name, suite(ctx))
+    finally:
+        _LOADED.clear()  # free the policy and reward models
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     rows = {"responses": len(responses)}
     if "teacher_responses" in outputs:
         rows["teacher_responses"] = len(teacher)
     return StageResult(outputs=outputs, rows=rows,
-                       metrics={**metrics, "judged_by": ctx.judged_by, "seconds": phases.seconds()})
+                       metrics={**metrics, "judged_by": ctx.judged_by, "seconds": phases.seconds(),
+                                "throughput": throughput})

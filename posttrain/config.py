@@ -287,6 +287,19 @@ class DPOConfig(TrainingConfig):
 
 
 @dataclass
+class DataLaunch:
+    # How the data stages run (posttrain/shards.py): `nproc` maps a stage (generate, score, eval) to its processes
+    # per node, each taking every world-th shard under torchrun; missing or 1 (and one node): the driver's own
+    # process. E.g. {generate: 1, score: 8, eval: 8} for one vLLM engine spanning a node's GPUs and one reward
+    # model replica per GPU. Outputs are the same for any number of processes.
+    nproc: Dict[str, int] = field(default_factory=dict)
+    # Rows of generations per score shard (rounded up to a multiple of reward.batch_size): the unit of resume.
+    score_shard_rows: int = 4096
+    # Held-out prompts per eval shard (rounded up to a multiple of the eval backend's batch_size).
+    eval_shard_prompts: int = 256
+
+
+@dataclass
 class LaunchConfig:
     # How a training stage process is started (posttrain/train/launch.py). "direct": one process,
     # `python -m posttrain.train.<stage> CONFIG`; "torchrun" or "accelerate" (`accelerate launch`): `nproc`
@@ -304,6 +317,8 @@ class LaunchConfig:
     master_addr: Optional[str] = None
     master_port: Optional[int] = None  # None: any free port on one machine, 29500 across machines
     hostfile: Optional[str] = None
+    # The data stages' processes and shard sizes (the nodes and master address above are theirs too).
+    data: DataLaunch = field(default_factory=DataLaunch)
 
 
 @dataclass
@@ -382,6 +397,14 @@ class GenerateJob:
     round: int
     seed: int
     prompt_start: int = 0
+    launch: LaunchConfig = field(default_factory=LaunchConfig)  # how it runs: out of the stage's hash
+
+
+@dataclass
+class ScoreJob(RewardConfig):
+    """The score stage: the `reward` section plus how its processes run (`launch`, out of the stage's hash)."""
+
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
 
 
 @dataclass
@@ -401,6 +424,7 @@ class EvalJob:
     training_prompts: List[Any] = field(default_factory=list)  # data.prompts' sources (paths or mappings)
     # The reward that judges win rates when a suite names none: the recipe's reward.primary (or its first reward).
     primary: Optional[str] = None
+    launch: LaunchConfig = field(default_factory=LaunchConfig)  # how it runs: out of the stage's hash
 
 
 @dataclass

@@ -26,7 +26,8 @@ from data_gen.generate import generate
 from evals.report import build_report, terminal_table
 from evals.stage import eval_stage
 from evals.tracking import log_eval
-from posttrain.config import EvalJob, GenerateJob, Init, SelectJob, Source, TrainJob, round_config, section
+from posttrain.config import (EvalJob, GenerateJob, Init, ScoreJob, SelectJob, Source, TrainJob, round_config,
+                              section)
 from posttrain.models import resolve_path
 from posttrain.rundir import RunDir, Stage, redact, redact_override
 from posttrain.sources import fingerprint_path, parse_sources
@@ -41,7 +42,7 @@ from reward.select import select
 STAGES = [
     Stage("rm", rm_stage, resumable=True, module="posttrain.train.rm"),
     Stage("generate", generate, resumable=True),
-    Stage("score", score),
+    Stage("score", score, resumable=True),  # finished shards survive a crash
     Stage("filter", filter_stage),
     Stage("select", select),
     Stage("sft", sft_stage, resumable=True, module="posttrain.train.sft"),
@@ -86,14 +87,15 @@ def run_round(rd: RunDir, rc: DictConfig, r: int, policy: str, prompt_start: int
 
     gen_model = rc.teacher.path if rc.generate.source == Source.teacher else policy
     job = GenerateJob(generate=section(rc, "generate"), data=section(rc, "data"), round=r, seed=rc.seed,
-                      prompt_start=prompt_start)
+                      prompt_start=prompt_start, launch=section(rc, "launch"))
     prompts = _sources(rc, "data.prompts", rc.data.split)
     gen = rd.run_stage(r, "generate", job, {"prompts": prompts[0] if len(prompts) == 1 else prompts,
                                             "model": gen_model})
     sft_data, pairs = rd.output(gen, "generations"), None
 
     if reward.rewards:
-        scored = rd.run_stage(r, "score", reward, {"generations": sft_data, **score_inputs})
+        scored = rd.run_stage(r, "score", ScoreJob(**vars(reward), launch=section(rc, "launch")),
+                              {"generations": sft_data, **score_inputs})
         candidates = rd.output(scored, "scored")
         if rc.filter.filters:
             # Earlier rounds' SFT data, so a response already trained on is not trained on again.
@@ -155,7 +157,7 @@ def run_eval(rd: RunDir, rc: DictConfig, r: int, policy: str) -> None:
     # The prompts every round trains on: the eval stage checks again that none is in the held-out set.
     training = training_prompts(rc)
     entry = rd.run_stage(r, "eval", EvalJob(evals=evals, round=r, seed=rc.seed, primary=primary,
-                                            training_prompts=training), inputs)
+                                            training_prompts=training, launch=section(rc, "launch")), inputs)
     if rd.dry_run:
         return
     if f"round_{r}/eval" in rd.ran:  # the tracker gets each round's results once, when they are made

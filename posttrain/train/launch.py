@@ -169,11 +169,12 @@ def stage_env(work_dir: Path, launch: dict, group: str) -> dict:
     return env
 
 
-def run_training(module: str, settings: dict, work_dir: Path, launch: dict, log_name: str = "train.log") -> None:
-    """Freeze `settings` to `work_dir/train_config.json`, run `module` on it, stream its output into
+def run_training(module: str, settings: dict, work_dir: Path, launch: dict, log_name: str = "train.log",
+                 config_name: str = "train_config.json") -> None:
+    """Freeze `settings` to `work_dir/<config_name>`, run `module` on it, stream its output into
     `work_dir/<log_name>` (appended, so a resumed stage keeps the first attempt's log) and to stderr."""
     launch = {**DEFAULTS, **launch}
-    config_path = work_dir / "train_config.json"
+    config_path = work_dir / config_name
     cmd = command(module, config_path, launch)
     ds = launch["deepspeed"]
     group, name = run_names(work_dir)

@@ -73,6 +73,10 @@ def test_eval_stage_writes_answers_and_metrics(tiny_run):
     # and where its seconds went: round 0 also answers as the teacher
     assert set(e0["metrics"].pop("seconds")) == {"teacher", "answer", "score"}
     assert set(e1["metrics"].pop("seconds")) == {"answer", "score"}
+    for entry in (e0, e1):  # rows and tokens answered per second, over the stage's shards
+        throughput = entry["metrics"].pop("throughput")
+        assert throughput["rows"] == 12 and throughput["shards"] == 1 and throughput["tokens"] > 0
+        assert throughput["rows_per_s"] > 0 and throughput["processes"] == 1
     assert e0["metrics"] == {**m0, "judged_by": {"win_rate": "words"}} and e1["metrics"] == {**m1, "judged_by": {
         "win_rate": "words"}}
     assert list(m1) == ["reward", "win_rate", "drift", "math", "ifeval"]

@@ -1,0 +1,304 @@
+"""Sharded, streaming, data-parallel data stages: the machinery `generate`, `score` and `eval` share.
+
+A data stage cuts its work into numbered shards that do not depend on how many processes run them (each shard's
+seed comes from its index, never from a rank). Every shard's rows are written as one Arrow file
+(`shards/NNNNN.arrow`, in the `datasets` library's own format), atomically, with a small `NNNNN.json` beside it
+(rows, tokens, seconds, rank); a shard whose file exists is done, so a stage killed anywhere, or a killed rank,
+resumes from the finished shards and redoes only the others. When every shard is there the files are renamed into
+a `datasets` folder (`publish`): nothing is parsed or copied again, and the folder is byte-identical whatever the
+number of processes that made it.
+
+Several processes: `run_ranks` starts `python -m posttrain.shards SETTINGS` under torchrun (the recipe's
+`launch` settings: nodes, master address; `launch.data.nproc.<stage>` processes per node), and rank r takes shards
+r, r + world, r + 2 x world, ... Ranks share nothing but the stage folder (a filesystem all nodes see), so no
+process group is needed; torchrun starts, watches and stops them (a rank that dies ends the others, and the stage
+fails; the rerun redoes the missing shards). One process: the same function runs in the driver's own process.
+
+Reading is streaming and memory-bounded: `iter_columns` reads a dataset's Arrow files in record batches through
+plain file reads (no memory map kept open, so the pages read are not held), `read_rows` reads one row range.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import datasets
+import pyarrow as pa
+
+from posttrain.errors import PosttrainError
+from posttrain.rundir import stable_hash, write_text_atomic
+
+SHARDS = "shards"
+
+
+# ---- reading ------------------------------------------------------------------------------------------------------
+
+
+def arrow_files(folder: str | Path) -> list[Path]:
+    """The Arrow files of a `datasets` folder (as `save_to_disk` or `publish` wrote it), in order."""
+    folder = Path(folder)
+    state = folder / "state.json"
+    if not state.exists():
+        raise PosttrainError(f"{folder} is not a datasets folder (no state.json)")
+    return [folder / f["filename"] for f in json.loads(state.read_text())["_data_files"]]
+
+
+def _batches(path: Path) -> Iterator[pa.RecordBatch]:
+    """Record batches of one Arrow stream file, read into memory one at a time (freed when dropped)."""
+    with pa.OSFile(str(path)) as f:
+        reader = pa.ipc.open_stream(f)
+        for batch in reader:
+            yield batch
+
+
+def _files_of(rows: datasets.Dataset | str | Path) -> list[Path] | None:
+    """The Arrow files holding exactly the rows and columns of `rows` (a folder or a file-backed dataset without
+    an indices mapping), or None when the dataset is something else (in memory, selected, with added columns)."""
+    if isinstance(rows, (str, Path)):
+        return arrow_files(rows)
+    if rows._indices is not None or not rows.cache_files:
+        return None
+    files = [Path(f["filename"]) for f in rows.cache_files]
+    if sum(pa.ipc.open_stream(pa.memory_map(str(f))).schema.names == rows.column_names for f in files) != len(files):
+        return None
+    return files
+
+
+def iter_columns(rows: datasets.Dataset | str | Path, columns: list[str] | None = None,
+                 batch_rows: int = 1024) -> Iterator[pa.Table]:
+    """`columns` (all when None) of a dataset or `datasets` folder, in row order, as Arrow tables of at most
+    `batch_rows` rows. File-backed datasets are read with plain reads, a record batch at a time, so a pass over a
+    large dataset holds one batch in memory (a memory-mapped read keeps every page it touched resident)."""
+    files = _files_of(rows)
+    if files is None:  # an in-memory or index-mapped dataset: datasets' own batches
+        assert isinstance(rows, datasets.Dataset)
+        view = rows.select_columns(columns) if columns is not None else rows
+        yield from view.with_format("arrow").iter(batch_size=batch_rows)
+        return
+    for path in files:
+        for batch in _batches(path):
+            table = pa.Table.from_batches([batch])
+            if columns is not None:
+                table = table.select(columns)
+            for start in range(0, len(table), batch_rows):
+                yield table.slice(start, batch_rows)
+
+
+def count_rows(folder: str | Path) -> int:
+    """Rows of a `datasets` folder, from its Arrow files' batch headers."""
+    total = 0
+    for path in arrow_files(folder):
+        with pa.memory_map(str(path)) as f:  # headers only: the buffers are not touched
+            total += sum(b.num_rows for b in pa.ipc.open_stream(f))
+    return total
+
+
+def read_rows(files: list[Path], start: int, stop: int) -> pa.Table:
+    """Rows [start, stop) of the Arrow files `files` taken as one table, copied into memory (the files are closed
+    again, so nothing beyond these rows stays resident)."""
+    parts, offset = [], 0
+    for path in files:
+        if offset >= stop:
+            break
+        with pa.memory_map(str(path)) as f:  # skipping a batch reads its header, not its buffers
+            for batch in pa.ipc.open_stream(f):
+                lo, hi = offset, offset + batch.num_rows
+                offset = hi
+                if hi <= start or lo >= stop:
+                    continue
+                part = batch.slice(max(start - lo, 0), min(stop, hi) - max(start, lo))
+                parts.append(_copy(part))
+    schema = parts[0].schema if parts else pa.ipc.open_stream(pa.memory_map(str(files[0]))).schema
+    return pa.Table.from_batches(parts, schema=schema)
+
+
+def _copy(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """`batch` with its own buffers (not the memory map's)."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, batch.schema) as w:
+        w.write_batch(batch)
+    return pa.ipc.open_stream(sink.getvalue()).read_next_batch()
+
+
+# ---- writing ------------------------------------------------------------------------------------------------------
+
+
+def write_table(path: Path, table: pa.Table | dict, features: datasets.Features) -> int:
+    """Write rows (an Arrow table, or a dict of columns) as one Arrow file in the `datasets` format, atomically
+    (a reader sees the whole file or none). Returns the number of rows."""
+    from datasets.arrow_writer import ArrowWriter
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    writer = ArrowWriter(features=features, path=str(tmp))
+    if isinstance(table, dict):
+        writer.write_batch(table)
+    else:
+        writer.write_table(table.cast(features.arrow_schema) if table.num_rows else table)
+    rows, _ = writer.finalize()
+    writer.close()
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return rows
+
+
+def publish(files: list[Path], folder: Path, features: datasets.Features) -> int:
+    """Make `files` (Arrow files of `write_table`, in order) the `datasets` folder `folder` by renaming them into it
+    and writing its `state.json` and `dataset_info.json`: no row is read or copied. Empty files are dropped (one is
+    kept when all are empty, so the folder reloads). Returns the number of rows."""
+    sizes = [_file_rows(f) for f in files]
+    keep = [(f, n) for f, n in zip(files, sizes) if n] or [(f, n) for f, n in zip(files[:1], sizes[:1])]
+    folder.mkdir(parents=True, exist_ok=True)
+    names = [f"data-{i:05d}-of-{len(keep):05d}.arrow" for i in range(len(keep))]
+    if not keep:  # no shard at all: an empty table
+        write_table(folder / "data-00000-of-00001.arrow", {k: [] for k in features}, features)
+        names = ["data-00000-of-00001.arrow"]
+    for (f, _), name in zip(keep, names):
+        os.replace(f, folder / name)
+    for f in files:
+        if f.exists():
+            f.unlink()
+    info = datasets.DatasetInfo(features=features)
+    (folder / "dataset_info.json").write_text(json.dumps(info._to_yaml_dict() | {"features": features.to_dict()},
+                                                         indent=2, sort_keys=True))
+    state = {"_data_files": [{"filename": n} for n in names],
+             "_fingerprint": stable_hash([n for n in names] + [sizes]),
+             "_format_columns": None, "_format_kwargs": {}, "_format_type": None,
+             "_output_all_columns": False, "_split": None}
+    (folder / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
+    return sum(sizes)
+
+
+def _file_rows(path: Path) -> int:
+    with pa.memory_map(str(path)) as f:
+        return sum(b.num_rows for b in pa.ipc.open_stream(f))
+
+
+# ---- shards and progress -----------------------------------------------------------------------------------------
+
+
+class Shards:
+    """The shards of one stage attempt under `out/shards/`: `n` numbered shards, rank `rank` of `world` taking
+    every world-th one. `done(i)`: its Arrow file is there; `finish(i, ...)` writes it and its sidecar."""
+
+    def __init__(self, out: Path, n: int, rank: int = 0, world: int = 1, desc: str = "", attempt: str = ""):
+        self.dir = out / SHARDS
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.n, self.rank, self.world, self.desc = n, rank, world, desc
+        self.attempt = attempt or f"{os.getpid()}"
+        self._started = time.perf_counter()
+        self._last_print = 0.0
+
+    def path(self, i: int) -> Path:
+        return self.dir / f"{i:05d}.arrow"
+
+    def done(self, i: int) -> bool:
+        return self.path(i).exists() and self.path(i).with_suffix(".json").exists()
+
+    def todo(self) -> list[int]:
+        """This rank's shards that are not done yet, in order."""
+        return [i for i in range(self.rank, self.n, self.world) if not self.done(i)]
+
+    def finish(self, i: int, table: pa.Table | dict, features: datasets.Features, tokens: int = 0,
+               seconds: float = 0.0, **extra) -> None:
+        """Write shard i's rows, then its sidecar (rows, tokens, seconds, rank): the sidecar marks it done."""
+        rows = write_table(self.path(i), table, features)
+        write_text_atomic(self.path(i).with_suffix(".json"), json.dumps(
+            {"rows": rows, "tokens": tokens, "seconds": round(seconds, 3), "rank": self.rank, "attempt": self.attempt,
+             **extra}))
+        self.report()
+
+    def sidecars(self) -> list[dict]:
+        return [json.loads(p.read_text()) for p in sorted(self.dir.glob("[0-9]*.json"))]
+
+    def this_attempt(self) -> list[dict]:
+        """The sidecars of the shards this attempt made (not those a killed attempt left)."""
+        return [d for d in self.sidecars() if d.get("attempt") == self.attempt]
+
+    def report(self, force: bool = False) -> None:
+        """Print the stage's progress across ranks (from the shared folder) to stderr, at most every 10 s."""
+        now = time.perf_counter()
+        if self.rank != 0 or (not force and now - self._last_print < 10 and self._last_print):
+            return
+        self._last_print = now
+        done = self.sidecars()
+        rows, tokens = sum(d["rows"] for d in done), sum(d["tokens"] for d in done)
+        mine = [d for d in done if d.get("attempt") == self.attempt]
+        elapsed = now - self._started
+        rate = len(mine) / elapsed if elapsed > 0 else 0.0
+        left = self.n - len(done)
+        eta = f"{left / rate:,.0f} s" if rate > 0 else "?"
+        speed = (f"{sum(d['rows'] for d in mine) / elapsed:,.1f} rows/s, "
+                 f"{sum(d['tokens'] for d in mine) / elapsed:,.0f} tokens/s") if elapsed > 0 else ""
+        print(f"posttrain: {self.desc}: {len(done)}/{self.n} shards ({rows:,} rows, {tokens:,} tokens); "
+              f"{speed} x {self.world} processes; ETA {eta}", file=sys.stderr, flush=True)
+
+    def throughput(self, seconds: float) -> dict:
+        """The manifest's `throughput`: rows, tokens and shards of this stage, the wall seconds of this attempt,
+        and rows/s and tokens/s over the shards this attempt made."""
+        done = self.sidecars()
+        mine = [d for d in done if d.get("attempt") == self.attempt]
+        return {"shards": len(done), "resumed_shards": len(done) - len(mine),
+                "processes": max(len({d["rank"] for d in mine}), 1),
+                "rows": sum(d["rows"] for d in done), "tokens": sum(d["tokens"] for d in done),
+                "seconds": round(seconds, 3),
+                "rows_per_s": round(sum(d["rows"] for d in mine) / seconds, 2) if seconds > 0 else None,
+                "tokens_per_s": round(sum(d["tokens"] for d in mine) / seconds, 1) if seconds > 0 else None}
+
+    def files(self) -> list[Path]:
+        missing = [i for i in range(self.n) if not self.done(i)]
+        if missing:
+            raise PosttrainError(f"{self.desc}: shards {missing[:10]} of {self.n} were not written")
+        return [self.path(i) for i in range(self.n)]
+
+
+# ---- running on several processes ---------------------------------------------------------------------------------
+
+
+def processes(launch: dict, stage: str) -> int:
+    """The processes a data stage runs on: `launch.data.nproc.<stage>` (default 1) on each of `launch.nnodes`."""
+    return int(((launch.get("data") or {}).get("nproc") or {}).get(stage, 1)) * int(launch.get("nnodes", 1))
+
+
+def run_ranks(fn: str, settings: dict, out: Path, launch: dict, stage: str) -> str:
+    """Run `fn` ("module:function", called as fn(settings, rank, world); `settings` gains `attempt`, an id the
+    shards it writes carry) over every shard: in this process when the stage has one process (`processes`), else
+    as torchrun processes (`launch`: the recipe's LaunchConfig as a dict), waiting for them; their output goes to
+    `out/<stage>.log` and the terminal. Returns the attempt id."""
+    from posttrain.train.launch import run_training
+
+    settings = {**settings, "attempt": f"{os.getpid()}-{time.time_ns()}"}
+    if processes(launch, stage) == 1:
+        _call(fn, settings, 0, 1)
+        return settings["attempt"]
+    data_launch = {k: launch[k] for k in ("nnodes", "node_rank", "master_addr", "master_port") if k in launch}
+    nproc = processes(launch, stage) // int(launch.get("nnodes", 1))
+    run_training("posttrain.shards", {"fn": fn, "settings": settings}, out,
+                 {**data_launch, "launcher": "torchrun", "nproc": nproc}, log_name=f"{stage}.log",
+                 config_name=f"{stage}_ranks.json")
+    return settings["attempt"]
+
+
+def _call(fn: str, settings: dict, rank: int, world: int) -> None:
+    module, name = fn.split(":")
+    getattr(importlib.import_module(module), name)(settings, rank, world)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """A rank of a data stage: `python -m posttrain.shards SETTINGS.json` under torchrun."""
+    from posttrain.train.launch import die_with_parent
+
+    die_with_parent()
+    path = Path((argv or sys.argv)[-1])
+    spec = json.loads(path.read_text())
+    _call(spec["fn"], spec["settings"], int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
+
+
+if __name__ == "__main__":
+    main()
