@@ -52,9 +52,7 @@ def arrow_files(folder: str | Path) -> list[Path]:
 def _batches(path: Path) -> Iterator[pa.RecordBatch]:
     """Record batches of one Arrow stream file, read into memory one at a time (freed when dropped)."""
     with pa.OSFile(str(path)) as f:
-        reader = pa.ipc.open_stream(f)
-        for batch in reader:
-            yield batch
+        yield from pa.ipc.open_stream(f)
 
 
 def _files_of(rows: datasets.Dataset | str | Path) -> list[Path] | None:
@@ -132,14 +130,23 @@ def _copy(batch: pa.RecordBatch) -> pa.RecordBatch:
 def write_table(path: Path, table: pa.Table | dict, features: datasets.Features) -> int:
     """Write rows (an Arrow table, or a dict of columns) as one Arrow file in the `datasets` format, atomically
     (a reader sees the whole file or none). Returns the number of rows."""
+    return write_batches(path, [table], features)
+
+
+def write_batches(path: Path, tables, features: datasets.Features) -> int:
+    """Write an iterable of Arrow tables (or dicts of columns, encoded by `features`) as one Arrow file in the
+    `datasets` format, atomically, holding one at a time. Returns the number of rows."""
     from datasets.arrow_writer import ArrowWriter
 
     tmp = path.with_name(f".{path.name}.tmp")
     writer = ArrowWriter(features=features, path=str(tmp))
-    if isinstance(table, dict):
-        writer.write_batch(table)
-    else:
-        writer.write_table(table.cast(features.arrow_schema) if table.num_rows else table)
+    for table in tables:
+        if isinstance(table, dict):
+            writer.write_batch(table)
+        elif table.num_rows:
+            writer.write_table(table.cast(features.arrow_schema))
+    if not writer.pa_writer:  # nothing written: the file still needs its schema
+        writer.write_batch({k: [] for k in features})
     rows, _ = writer.finalize()
     writer.close()
     with open(tmp, "rb") as f:

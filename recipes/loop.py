@@ -26,8 +26,7 @@ from data_gen.generate import generate
 from evals.report import build_report, terminal_table
 from evals.stage import eval_stage
 from evals.tracking import log_eval
-from posttrain.config import (EvalJob, GenerateJob, Init, ScoreJob, SelectJob, Source, TrainJob, round_config,
-                              section)
+from posttrain.config import EvalJob, GenerateJob, Init, ScoreJob, SelectJob, Source, TrainJob, round_config, section
 from posttrain.models import resolve_path
 from posttrain.rundir import RunDir, Stage, redact, redact_override
 from posttrain.sources import fingerprint_path, parse_sources
@@ -43,7 +42,7 @@ STAGES = [
     Stage("rm", rm_stage, resumable=True, module="posttrain.train.rm"),
     Stage("generate", generate, resumable=True),
     Stage("score", score, resumable=True),  # finished shards survive a crash
-    Stage("filter", filter_stage),
+    Stage("filter", filter_stage, resumable=True),  # finished filters' checkpoints survive a crash
     Stage("select", select),
     Stage("sft", sft_stage, resumable=True, module="posttrain.train.sft"),
     Stage("dpo", dpo_stage, resumable=True, module="posttrain.train.dpo"),

@@ -13,22 +13,32 @@ filters and select can read. Built in:
 
 The stage sits before select, so it sees all K samples of every prompt. Rows removed here are no candidates for
 best-of-K or for a DPO pair; the annotating filters (quality, difficulty, topic) remove nothing unless asked.
+
+Each filter's result is saved as it finishes (`checkpoints/NN_<name>.arrow`): a stage cut short resumes from the
+next filter. A filter is handed its rows as a file-backed dataset (the rows still in, with the columns added so
+far, written out once per filter), and the stage writes `kept/` and `removed/` in one streaming pass, so no step
+holds the rows themselves in memory; the built-in filters read them in batches (posttrain.shards.iter_columns).
 """
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 import datasets
 import numpy as np
+import pyarrow as pa
 
 from posttrain.config import FilterConfig
 from posttrain.errors import PosttrainError
 from posttrain.rundir import Inputs, StageResult
+from posttrain.shards import iter_columns, publish, write_batches
 from reward.protocol import build_reward
 
 
@@ -62,10 +72,56 @@ def load_previous_texts(paths: list[str]) -> list[str]:
     return [t for p in paths for t in datasets.load_from_disk(p)["text"]]
 
 
-def _set_column(ds: datasets.Dataset, name: str, values: list) -> datasets.Dataset:
-    if name in ds.column_names:
-        ds = ds.remove_columns(name)
-    return ds.add_column(name, [v.item() if isinstance(v, np.generic) else v for v in values])
+def _plain(values: list) -> list:
+    return [v.item() if isinstance(v, np.generic) else v for v in values]
+
+
+def _with_added(folder: str, added: dict[str, list], take: np.ndarray | None,
+                extra: dict[str, list] | None = None) -> Iterator[pa.Table]:
+    """The rows of `folder` where `take` (a boolean mask over its rows; None: all), with the `added` columns (one
+    value per row of `folder`) and `extra` columns (one value per row taken) appended, in batches."""
+    start = done = 0
+    for table in iter_columns(folder, None, 4096):
+        rows = np.arange(start, start + len(table))
+        start += len(table)
+        if take is not None:
+            mask = take[rows]
+            table, rows = table.filter(pa.array(mask)), rows[mask]
+        for name, values in added.items():
+            table = table.append_column(name, pa.array(_plain([values[i] for i in rows])))
+        for name, values in (extra or {}).items():
+            table = table.append_column(name, pa.array(values[done : done + len(table)], pa.string()))
+        done += len(table)
+        yield table
+
+
+def _features(folder: str, added: dict[str, list], extra: tuple[str, ...] = ()) -> datasets.Features:
+    features = datasets.load_from_disk(folder).features.copy()
+    for name, values in added.items():
+        features[name] = datasets.Features.from_arrow_schema(pa.schema([(name, pa.array(_plain(values)).type)]))[name]
+    features.update({name: datasets.Value("string") for name in extra})
+    return features
+
+
+def _checkpoint(path: Path, alive: np.ndarray, result: FilterResult) -> None:
+    """A filter's result for the rows it saw (their numbers in the stage's input), written atomically."""
+    columns = {"row": pa.array(alive, pa.int64()), "reason": pa.array(result.reasons, pa.string())}
+    columns.update({f"column.{k}": pa.array(_plain(list(v))) for k, v in result.columns.items()})
+    table = pa.table(columns, metadata={"metrics": json.dumps(result.metrics, default=str)})
+    tmp = path.with_name(f".{path.name}.tmp")
+    with pa.OSFile(str(tmp), "wb") as f, pa.ipc.new_stream(f, table.schema) as w:
+        w.write_table(table)
+    tmp.replace(path)
+
+
+def _load_checkpoint(path: Path) -> tuple[np.ndarray, FilterResult]:
+    with pa.OSFile(str(path)) as f:
+        table = pa.ipc.open_stream(f).read_all()
+    columns = {k.removeprefix("column."): table.column(k).to_pylist() for k in table.column_names
+               if k.startswith("column.")}
+    return (np.asarray(table.column("row").to_numpy(), dtype=np.int64),
+            FilterResult(table.column("reason").to_pylist(), columns,
+                         json.loads(table.schema.metadata[b"metrics"])))
 
 
 def filter_stage(cfg: FilterConfig, inputs: Inputs, out: Path) -> StageResult:
@@ -74,49 +130,69 @@ def filter_stage(cfg: FilterConfig, inputs: Inputs, out: Path) -> StageResult:
     folders (a response already trained on is not trained on again). Writes
     `kept/` (the scored columns plus any added by filters) and `removed/` (the same plus `filter` and `reason`);
     the manifest records per filter the rows it saw and removed, by reason, and the kept rows per topic."""
-    ds = datasets.load_from_disk(inputs["scored"])
-    n = len(ds)
+    source = inputs["scored"]
+    n = len(datasets.load_from_disk(source))
     context = FilterContext(previous_texts=load_previous_texts(list(inputs.get("previous_sft") or [])))
     alive = np.arange(n)
+    added: dict[str, list] = {}  # columns filters added: one value per input row (None where unseen)
     removed_by: dict[int, tuple[str, str]] = {}
     report: dict[str, dict] = {}
-    for name, node in cfg.filters.items():
-        fn = build_reward(node)
-        sub = ds.select(alive)
-        result = fn(sub, context)
-        if len(result.reasons) != len(sub) or any(len(v) != len(sub) for v in result.columns.values()):
-            raise PosttrainError(f"filter {name!r} returned results for a different number of rows than {len(sub)}")
+    checkpoints, scratch = out / "checkpoints", out / "scratch"
+    checkpoints.mkdir(exist_ok=True)
+    for j, (name, node) in enumerate(cfg.filters.items()):
+        saved = checkpoints / f"{j:02d}_{name}.arrow"
+        if saved.exists():  # finished by an attempt cut short
+            seen, result = _load_checkpoint(saved)
+            if not np.array_equal(seen, alive):
+                raise PosttrainError(f"filter {name!r}: its checkpoint {saved} is for other rows; delete the stage "
+                                     f"folder to start it again")
+        else:
+            if len(alive) == n and not added:
+                sub = datasets.load_from_disk(source)
+            else:  # the rows still in, with the columns added so far, as a file the filter reads in batches
+                shutil.rmtree(scratch, ignore_errors=True)
+                scratch.mkdir()
+                take = np.zeros(n, dtype=bool)
+                take[alive] = True
+                write_batches(scratch / "rows.arrow", _with_added(source, added, take), _features(source, added))
+                sub = datasets.Dataset.from_file(str(scratch / "rows.arrow"))
+            fn = build_reward(node)
+            result = fn(sub, context)
+            if len(result.reasons) != len(sub) or any(len(v) != len(sub) for v in result.columns.values()):
+                raise PosttrainError(f"filter {name!r} returned results for a different number of rows than "
+                                     f"{len(sub)}")
+            del sub
+            _checkpoint(saved, alive, result)
         for col, values in result.columns.items():
-            full = list(ds[col]) if col in ds.column_names else [None] * n
+            full = added.get(col) or [None] * n
             for i, v in zip(alive, values):
                 full[i] = v
-            ds = _set_column(ds, col, full)
+            added[col] = full
         counts = Counter(category(r) for r in result.reasons if r is not None)
         for i, r in zip(alive, result.reasons):
             if r is not None:
                 removed_by[int(i)] = (name, r)
         alive = np.array([i for i, r in zip(alive, result.reasons) if r is None], dtype=np.int64)
-        report[name] = {"rows_in": len(sub), "removed": sum(counts.values()), "reasons": dict(sorted(counts.items())),
-                        **result.metrics}
+        report[name] = {"rows_in": len(result.reasons), "removed": sum(counts.values()),
+                        "reasons": dict(sorted(counts.items())), **result.metrics}
+    shutil.rmtree(scratch, ignore_errors=True)
 
-    kept = ds.select(alive)
-    kept.save_to_disk(str(out / "kept"), num_shards=1 if not len(kept) else None)
+    keep = np.zeros(n, dtype=bool)
+    keep[alive] = True
+    write_batches(out / "kept.arrow", _with_added(source, added, keep), _features(source, added))
+    publish([out / "kept.arrow"], out / "kept", _features(source, added))
     gone = sorted(removed_by)
     extra = {"filter": [removed_by[i][0] for i in gone], "reason": [removed_by[i][1] for i in gone]}
-    features = datasets.Features({**ds.features, **{k: datasets.Value("string") for k in extra}})
-    if gone:
-        removed = ds.select(gone)
-        for col, values in extra.items():
-            removed = removed.add_column(col, values, feature=features[col])
-    else:  # add_column cannot add to an empty table
-        removed = datasets.Dataset.from_dict({k: [] for k in features}, features=features)
-    removed.save_to_disk(str(out / "removed"), num_shards=1 if not gone else None)  # 0 shards would not reload
-    metrics = {"rows_in": n, "rows_out": len(kept), "previous_texts": len(context.previous_texts),
+    features = _features(source, added, tuple(extra))
+    write_batches(out / "removed.arrow", _with_added(source, added, ~keep, extra), features)
+    publish([out / "removed.arrow"], out / "removed", features)
+    shutil.rmtree(checkpoints)
+    metrics = {"rows_in": n, "rows_out": len(alive), "previous_texts": len(context.previous_texts),
                "filters": report}
-    if "topic" in kept.column_names:
-        metrics["topics"] = dict(Counter(kept["topic"]).most_common())
+    if "topic" in added:
+        metrics["topics"] = dict(Counter(added["topic"][i] for i in alive).most_common())
     return StageResult(outputs={"kept": "kept", "removed": "removed"},
-                       rows={"kept": len(kept), "removed": len(gone)}, metrics=metrics)
+                       rows={"kept": len(alive), "removed": len(gone)}, metrics=metrics)
 
 
 # ---- rule-based cleaning ---------------------------------------------------------------------------------------
@@ -202,5 +278,9 @@ class RuleFilter:
         return None
 
     def __call__(self, rows: datasets.Dataset, context: FilterContext) -> FilterResult:
-        finish = rows["finish_reason"] if "finish_reason" in rows.column_names else [None] * len(rows)
-        return FilterResult([self.reason(t, f) for t, f in zip(rows["text"], finish)])
+        has_finish = "finish_reason" in rows.column_names
+        reasons = []
+        for table in iter_columns(rows, ["text", "finish_reason"] if has_finish else ["text"]):
+            finish = table.column("finish_reason").to_pylist() if has_finish else [None] * len(table)
+            reasons += [self.reason(t, f) for t, f in zip(table.column("text").to_pylist(), finish)]
+        return FilterResult(reasons)

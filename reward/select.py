@@ -7,6 +7,9 @@ Per prompt, among its scored samples:
 Ties are broken the same way every time: a higher score wins, then the shorter response (so ties never feed
 length drift), then the lower sample index. Prompts whose responses are all identical or all tied give no pair;
 pairs whose two responses are near-identical are dropped. Every drop is counted by reason.
+
+One streaming pass: the rows of a prompt are consecutive (the generate stage writes them so, and score and
+filter keep the order), so only one prompt's samples are in memory at a time, read without the wide columns.
 """
 
 from __future__ import annotations
@@ -14,13 +17,16 @@ from __future__ import annotations
 import difflib
 import random
 import re
-from collections import Counter, defaultdict
+from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import datasets
 
 from posttrain.config import Pairing, SelectJob
+from posttrain.errors import PosttrainError
 from posttrain.rundir import Inputs, StageResult
+from posttrain.shards import iter_columns
 
 
 def normalize_text(text: str) -> str:
@@ -65,6 +71,30 @@ def pair_for_prompt(samples: list[dict], pairing: Pairing | str, min_margin: flo
     return (chosen, rejected), None
 
 
+def _prompt_groups(folder: str, columns: list[str]) -> Iterator[tuple[str, list[dict]]]:
+    """(prompt id, its rows with `_index`, their row number) for each run of consecutive rows of one prompt, read
+    in batches without the wide columns (the teacher's log-probs). A prompt whose rows are not consecutive is an
+    error naming it: selection would see only part of its samples."""
+    light = [c for c in ("prompt_id", "messages", "meta", "text", "score", "sample_idx", "round") if c in columns]
+    seen: set[str] = set()
+    pid, group, index = None, [], 0
+    for table in iter_columns(folder, light, 4096):
+        for row in table.to_pylist():
+            if row["prompt_id"] != pid:
+                if group:
+                    yield pid, group
+                pid, group = row["prompt_id"], []
+                if pid in seen:
+                    raise PosttrainError(f"select: {folder}: the rows of prompt {pid!r} are not consecutive (row "
+                                         f"{index}); the stage reads each prompt's samples as one run, as the "
+                                         f"generate stage writes them")
+                seen.add(pid)
+            group.append({**row, "_index": index})
+            index += 1
+    if group:
+        yield pid, group
+
+
 def _save(rows: list[dict], features: datasets.Features, path: Path) -> None:
     # An empty selection is a valid (and counted) outcome; from_list cannot type an empty list, and an empty
     # dataset saved in 0 shards would not reload.
@@ -80,26 +110,21 @@ def select(job: SelectJob, inputs: Inputs, out: Path) -> StageResult:
     and `pairs/` (prompt_id, messages, chosen, rejected, their scores, sample indices and margin)."""
     cfg = job.select
     scored = datasets.load_from_disk(inputs["scored"])
-    by_prompt: dict[str, list[dict]] = defaultdict(list)
-    unscored = 0
-    # The columns selection reads, with each row's index: wide columns (the teacher's log-probs) stay in Arrow
-    light = [c for c in ("prompt_id", "messages", "meta", "text", "score", "sample_idx", "round")
-             if c in scored.column_names]
-    for index, row in enumerate(scored.select_columns(light)):
-        if row["score"] is None:
-            unscored += 1
-        else:
-            by_prompt[row["prompt_id"]].append({**row, "_index": index})
-
     drops: Counter = Counter()
-    sft_rows, pair_rows = [], []  # sft_rows: the chosen rows' indices in `scored`
-    for pid in sorted(by_prompt):
-        samples = by_prompt[pid]
+    sft_rows, pair_rows = [], []  # sft_rows: (prompt id, the chosen row's index in `scored`)
+    prompts = unscored = without_scores = 0
+    for pid, group in _prompt_groups(inputs["scored"], scored.column_names):
+        prompts += 1
+        samples = [row for row in group if row["score"] is not None]
+        unscored += len(group) - len(samples)
+        if not samples:
+            without_scores += 1
+            continue
         best = best_of_k(samples)
         if cfg.min_score is not None and best["score"] < cfg.min_score:
             drops["sft_below_min_score"] += 1
         else:
-            sft_rows.append(best["_index"])
+            sft_rows.append((pid, best["_index"]))
         pair, reason = pair_for_prompt(samples, cfg.pairs, cfg.min_margin, cfg.max_similarity, job.seed)
         if pair is None:
             drops[f"pair_{reason}"] += 1
@@ -120,6 +145,9 @@ def select(job: SelectJob, inputs: Inputs, out: Path) -> StageResult:
                 "round": chosen["round"],
             }
         )
+    # in prompt id order, as always
+    sft_rows = [index for _, index in sorted(sft_rows)]
+    pair_rows.sort(key=lambda row: row["prompt_id"])
     # the best rows whole, every column of `scored` (the teacher's log-probs too), copied in Arrow
     scored.select(sft_rows).save_to_disk(str(out / "sft"), **({"num_shards": 1} if not sft_rows else {}))
     pair_features = datasets.Features(
@@ -144,8 +172,8 @@ def select(job: SelectJob, inputs: Inputs, out: Path) -> StageResult:
         metrics={
             "rows": len(scored),
             "unscored_rows": unscored,
-            "prompts": len(set(scored["prompt_id"])),
-            "prompts_without_scores": len(set(scored["prompt_id"]) - set(by_prompt)),
+            "prompts": prompts,
+            "prompts_without_scores": without_scores,
             "sft_rows": len(sft_rows),
             "pairs": len(pair_rows),
             "dropped": dict(sorted(drops.items())),

@@ -13,8 +13,16 @@ import pytest
 
 from data_gen.generate import generate
 from evals.stage import eval_stage
-from posttrain.config import (DataConfig, DataLaunch, EvalConfig, EvalJob, GenerateConfig, GenerateJob, LaunchConfig,
-                              ScoreJob)
+from posttrain.config import (
+    DataConfig,
+    DataLaunch,
+    EvalConfig,
+    EvalJob,
+    GenerateConfig,
+    GenerateJob,
+    LaunchConfig,
+    ScoreJob,
+)
 from posttrain.rundir import tree_hash
 from reward.score import score
 
@@ -78,7 +86,8 @@ def test_generate_score_and_eval_on_two_processes_write_the_same_bytes_as_one(tm
         assert tree_hash(one[name]) == tree_hash(two[name]), name
     # three shards of two prompts, two answers each; the second process did its share (its own log)
     assert len(datasets.load_from_disk(str(one["generations"]))) == 12
-    assert (tmp_path / "generate_2" / "generate.log").exists() and not (tmp_path / "generate_1" / "generate.log").exists()
+    assert (tmp_path / "generate_2" / "generate.log").exists()
+    assert not (tmp_path / "generate_1" / "generate.log").exists()
     scored = datasets.load_from_disk(str(two["scored"]))
     assert scored["score"] == [float(len(t.split())) for t in scored["text"]]
     assert [f.name for f in sorted(one["scored"].iterdir())] == [
