@@ -297,11 +297,48 @@ def _call(fn: str, settings: dict, rank: int, world: int) -> None:
     getattr(importlib.import_module(module), name)(settings, rank, world)
 
 
+def gpu_slice(local_rank: int, local_world: int, visible: list[str]) -> list[str]:
+    """The GPUs a node's local rank `local_rank` of `local_world` uses out of the node's `visible` ones: an equal
+    slice each, so 8 GPUs and 2 processes give one 4-GPU tensor-parallel engine per process, 8 processes one
+    reward-model replica per GPU.
+
+    >>> gpu_slice(1, 2, list("01234567")), gpu_slice(3, 8, list("01234567")), gpu_slice(0, 2, [])
+    (['4', '5', '6', '7'], ['3'], [])
+    """
+    if not visible or local_world <= 1:
+        return visible
+    per = len(visible) // local_world
+    if per == 0:
+        raise PosttrainError(f"launch.data.nproc: {local_world} processes per node, but the node has {len(visible)} "
+                             f"GPUs; use at most one process per GPU")
+    return visible[local_rank * per : (local_rank + 1) * per]
+
+
+def _visible_gpus() -> list[str]:
+    """The node's GPUs, without initialising CUDA in this process (which would fix its device list)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES") is not None:
+        return [d for d in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if d.strip()]
+    import shutil
+    import subprocess
+
+    if not shutil.which("nvidia-smi"):
+        return []
+    found = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"], capture_output=True,
+                           text=True, check=False)
+    return [line.strip() for line in found.stdout.splitlines() if line.strip()] if found.returncode == 0 else []
+
+
 def main(argv: list[str] | None = None) -> None:
-    """A rank of a data stage: `python -m posttrain.shards SETTINGS.json` under torchrun."""
+    """A rank of a data stage: `python -m posttrain.shards SETTINGS.json` under torchrun, on its slice of the
+    node's GPUs (`gpu_slice`)."""
     from posttrain.train.launch import die_with_parent
 
     die_with_parent()
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if local_world > 1:
+        gpus = gpu_slice(int(os.environ.get("LOCAL_RANK", 0)), local_world, _visible_gpus())
+        if gpus:
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
     path = Path((argv or sys.argv)[-1])
     spec = json.loads(path.read_text())
     _call(spec["fn"], spec["settings"], int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))

@@ -92,7 +92,11 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "evals.batch_size": _positive,
     "launch.nproc": _positive,
     "launch.nnodes": _positive,
+    "launch.data.score_shard_rows": _positive,
+    "launch.data.eval_shard_prompts": _positive,
 }
+
+DATA_STAGES = ("generate", "score", "eval")  # the stages launch.data.nproc may spread over processes
 
 
 def _targets(node: Any, path: str = "", parent: Any = None):
@@ -615,6 +619,12 @@ def validate(cfg: DictConfig) -> list[DictConfig]:
         except PosttrainError as e:
             problems.append(f"launch: {e}")
             break
+    for stage, nproc in first.launch.data.nproc.items():
+        if stage not in DATA_STAGES:
+            problems.append(f"launch.data.nproc.{stage}: not a data stage; the stages that run on several processes "
+                            f"are {list(DATA_STAGES)}")
+        elif not isinstance(nproc, int) or nproc < 1:
+            problems.append(f"launch.data.nproc.{stage}={nproc!r}: must be a whole number of processes >= 1")
     problems += _heldout_problems(rounds, user_prompts)
     if problems:
         raise PosttrainError("invalid recipe:\n  - " + "\n  - ".join(problems))

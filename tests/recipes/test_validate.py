@@ -132,6 +132,10 @@ def test_allowlist_cannot_be_bypassed_through_an_allowed_module():
         ("rm.batch_size=0", "rm.batch_size: must be > 0"),
         ("dpo.grad_accum=0", "dpo.grad_accum: must be > 0"),
         ("launch.nproc=0", "launch.nproc: must be > 0"),
+        ("launch.data.score_shard_rows=0", "launch.data.score_shard_rows: must be > 0"),
+        ("+launch.data.nproc.scroe=2", "launch.data.nproc.scroe: not a data stage; the stages that run on several "
+                                       "processes are ['generate', 'score', 'eval']"),
+        ("+launch.data.nproc.score=0", "launch.data.nproc.score=0: must be a whole number of processes >= 1"),
     ],
 )
 def test_value_out_of_range(override, expected):
