@@ -196,3 +196,47 @@ def test_filter_stage_without_filters_keeps_everything(tmp_path):
     assert result.rows == {"kept": 1, "removed": 0}
     removed = datasets.load_from_disk(str(tmp_path / "removed"))
     assert len(removed) == 0 and {"filter", "reason"} <= set(removed.column_names)
+
+
+CALLS: list[str] = []
+
+
+def counting_filter(rows, context, name="count", crash=None):
+    """Removes nothing; logs that it ran; raises when `crash` is a file that exists (a crash mid-stage)."""
+    CALLS.append(name)
+    if crash is not None and __import__("os").path.exists(crash):
+        raise RuntimeError("killed")
+    return FilterResult([None] * len(rows), {f"seen_{name}": [1] * len(rows)})
+
+
+def test_a_filter_stage_cut_short_resumes_from_the_next_filter_and_ends_identical(tmp_path):
+    rows = [row("code", 0, FINE, 0.9), row("code", 1, "", 0.0), row("poem", 0, FINE, 0.3),
+            row("math", 0, "Subtract 5 from both sides to get 3x = 15, so x = 5 is the solution.", 1.0)]
+    dataset(rows).save_to_disk(str(tmp_path / "scored"))
+    crash = tmp_path / "crash"
+    crash.touch()
+    cfg = FilterConfig(filters={
+        "rules": {"_target_": "reward.filters.RuleFilter"},
+        "first": {"_target_": "tests.reward.test_filters.counting_filter", "name": "first"},
+        "second": {"_target_": "tests.reward.test_filters.counting_filter", "name": "second", "crash": str(crash)},
+        "dedup": {"_target_": "reward.dedup.TextDedup"},
+    })
+    out, ref = tmp_path / "out", tmp_path / "ref"
+    out.mkdir()
+    ref.mkdir()
+    CALLS.clear()
+    with pytest.raises(RuntimeError, match="killed"):
+        filter_stage(cfg, {"scored": str(tmp_path / "scored")}, out)
+    assert CALLS == ["first", "second"] and len(list((out / "checkpoints").iterdir())) == 2
+    crash.unlink()
+    CALLS.clear()
+    resumed = filter_stage(cfg, {"scored": str(tmp_path / "scored")}, out)
+    assert CALLS == ["second"]  # the rules and the first filter were not run again
+    CALLS.clear()
+    whole = filter_stage(cfg, {"scored": str(tmp_path / "scored")}, ref)
+    assert resumed.metrics == whole.metrics and resumed.rows == {"kept": 2, "removed": 2}
+    for name in ("kept", "removed"):
+        assert datasets.load_from_disk(str(out / name)).to_list() == datasets.load_from_disk(str(ref / name)).to_list()
+    kept = datasets.load_from_disk(str(out / "kept"))
+    assert kept["seen_first"] == [1, 1] and kept["seen_second"] == [1, 1]
+    assert not (out / "checkpoints").exists() and not (out / "scratch").exists()

@@ -121,3 +121,12 @@ def test_select_with_no_pairs_writes_empty_datasets(tmp_path):
     assert select(job, {"scored": _scored(tmp_path, rows)}, again).rows == {"sft": 0, "pairs": 0}
     empty = datasets.load_from_disk(str(again / "sft"))
     assert len(empty) == 0 and "text" in empty.column_names and "score" in empty.column_names
+
+
+def test_a_prompt_whose_rows_are_not_consecutive_is_an_error_naming_it(tmp_path):
+    rows = [{"prompt_id": pid, "messages": [{"role": "user", "content": "q"}], "meta": "{}", "sample_idx": i,
+             "text": f"answer {pid} {i}", "score": float(i), "round": 1} for pid, i in (("a", 0), ("b", 0), ("a", 1))]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "scored"))
+    (tmp_path / "out").mkdir()
+    with pytest.raises(Exception, match=r"the rows of prompt 'a' are not consecutive \(row 2\)"):
+        select(SelectJob(select=SelectConfig()), {"scored": str(tmp_path / "scored")}, tmp_path / "out")
