@@ -262,6 +262,10 @@ class RMConfig(TrainingConfig):
     # A pair is dropped when its responses differ by less than this: difflib similarity ratio of the
     # lower-cased, whitespace-collapsed texts > 1 - min_difference (default: ratio > 0.95).
     min_difference: float = 0.05
+    # Arguments of the reward.rm_scorer.RewardModelScorer that scores with the trained RM in the score and eval
+    # stages (batch_size, max_length, dtype, device_map; e.g. {dtype: bfloat16, device_map: auto} for a 70B RM
+    # spread over the GPUs of its score process).
+    scorer: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -9,10 +9,12 @@ a `datasets` folder (`publish`): nothing is parsed or copied again, and the fold
 number of processes that made it.
 
 Several processes: `run_ranks` starts `python -m posttrain.shards SETTINGS` under torchrun (the recipe's
-`launch` settings: nodes, master address; `launch.data.nproc.<stage>` processes per node), and rank r takes shards
-r, r + world, r + 2 x world, ... Ranks share nothing but the stage folder (a filesystem all nodes see), so no
-process group is needed; torchrun starts, watches and stops them (a rank that dies ends the others, and the stage
-fails; the rerun redoes the missing shards). One process: the same function runs in the driver's own process.
+`launch` settings: nodes, master address; `launch.data.nproc.<stage>` processes per node; with a DeepSpeed
+`launch.hostfile`, through `accelerate launch` and pdsh from this node, as the training stages start), and rank r
+takes shards r, r + world, r + 2 x world, ... Ranks share nothing but the stage folder (a filesystem all nodes
+see), so no process group is needed; the launcher starts, watches and stops them (a rank that dies ends the
+others, and the stage fails; the rerun redoes the missing shards). One process: the same function runs in the
+driver's own process.
 
 Reading is streaming and memory-bounded: `iter_columns` reads a dataset's Arrow files in record batches through
 plain file reads (no memory map kept open, so the pages read are not held), `read_rows` reads one row range.
@@ -284,11 +286,14 @@ def run_ranks(fn: str, settings: dict, out: Path, launch: dict, stage: str) -> s
     if processes(launch, stage) == 1:
         _call(fn, settings, 0, 1)
         return settings["attempt"]
-    data_launch = {k: launch[k] for k in ("nnodes", "node_rank", "master_addr", "master_port") if k in launch}
     nproc = processes(launch, stage) // int(launch.get("nnodes", 1))
-    run_training("posttrain.shards", {"fn": fn, "settings": settings}, out,
-                 {**data_launch, "launcher": "torchrun", "nproc": nproc}, log_name=f"{stage}.log",
-                 config_name=f"{stage}_ranks.json")
+    if launch.get("hostfile"):  # accelerate with DeepSpeed's pdsh launcher starts every node from this one
+        data_launch = {k: v for k, v in launch.items() if k != "data"}
+    else:
+        data_launch = {k: launch[k] for k in ("nnodes", "node_rank", "master_addr", "master_port") if k in launch}
+        data_launch["launcher"] = "torchrun"
+    run_training("posttrain.shards", {"fn": fn, "settings": settings}, out, {**data_launch, "nproc": nproc},
+                 log_name=f"{stage}.log", config_name=f"{stage}_ranks.json")
     return settings["attempt"]
 
 
@@ -334,14 +339,19 @@ def main(argv: list[str] | None = None) -> None:
     from posttrain.train.launch import die_with_parent
 
     die_with_parent()
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     if local_world > 1:
         gpus = gpu_slice(int(os.environ.get("LOCAL_RANK", 0)), local_world, _visible_gpus())
         if gpus:
             os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
-    path = Path((argv or sys.argv)[-1])
-    spec = json.loads(path.read_text())
-    _call(spec["fn"], spec["settings"], int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
+    # Ranks share only files: the launcher's variables would make an engine inside (vLLM's own workers, a device
+    # map) believe it is one rank of a process group.
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR",
+                 "MASTER_PORT", "CROSS_RANK", "CROSS_SIZE"):
+        os.environ.pop(name, None)
+    spec = json.loads(Path((argv or sys.argv)[-1]).read_text())
+    _call(spec["fn"], spec["settings"], rank, world)
 
 
 if __name__ == "__main__":

@@ -81,7 +81,7 @@ def run_round(rd: RunDir, rc: DictConfig, r: int, policy: str, prompt_start: int
         if data or rc.rm.data:
             rm = rd.run_stage(r, "rm", _train_job(rc, "rm"),
                               _with_user_data({"model": rc.rm.model or rc.model.path, "data": data}, rc, "rm"))
-            reward.rewards["rm"] = {"_target_": "reward.rm_scorer.RewardModelScorer"}
+            reward.rewards["rm"] = {"_target_": "reward.rm_scorer.RewardModelScorer", **section(rc, "rm").scorer}
             score_inputs["rm"] = rd.output(rm, "model")
 
     gen_model = rc.teacher.path if rc.generate.source == Source.teacher else policy
@@ -137,7 +137,7 @@ def run_eval(rd: RunDir, rc: DictConfig, r: int, policy: str) -> None:
     inputs = {"policy": policy, "heldout": str(resolve_path(rc.evals.heldout))}
     rm = rd.entry(r, "rm") if rc.rm.enabled else None
     if rm is not None and "rm" not in evals.rewards:  # this round's reward model judges the eval too
-        evals.rewards["rm"] = {"_target_": "reward.rm_scorer.RewardModelScorer"}
+        evals.rewards["rm"] = {"_target_": "reward.rm_scorer.RewardModelScorer", **section(rc, "rm").scorer}
         inputs["rm"] = rd.output(rm, "model")
     if r == 0 and rc.evals.teacher and rc.teacher is not None:
         inputs["teacher"] = rc.teacher.path

@@ -619,6 +619,16 @@ def validate(cfg: DictConfig) -> list[DictConfig]:
         except PosttrainError as e:
             problems.append(f"launch: {e}")
             break
+    if first.rm.scorer:
+        import inspect
+
+        from reward.rm_scorer import RewardModelScorer
+
+        known = set(inspect.signature(RewardModelScorer).parameters) - {"model"}
+        unknown = sorted(set(first.rm.scorer) - known)
+        if unknown:
+            problems.append(f"rm.scorer: {unknown} are not arguments of reward.rm_scorer.RewardModelScorer "
+                            f"({sorted(known)})")
     for stage, nproc in first.launch.data.nproc.items():
         if stage not in DATA_STAGES:
             problems.append(f"launch.data.nproc.{stage}: not a data stage; the stages that run on several processes "

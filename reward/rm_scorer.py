@@ -22,7 +22,9 @@ class RewardModelScorer:
     `model`: any spec `posttrain.models.resolve_model` understands (a folder written by the rm stage, pkg://,
     a hub id). `normalize=True` returns (score - mean) / std with the mean and std of the model's scores on its
     training responses, read from `<model folder>/posttrain_reward.json`; only models trained by posttrain have it.
-    `device="auto"` takes the GPU when there is one. Every response gets a float (never None).
+    `device="auto"` takes the GPU when there is one; `device_map` (e.g. "auto") instead spreads the model over
+    every GPU the process sees (accelerate's big-model loading), for an RM larger than one GPU. Every response gets
+    a float (never None).
 
     >>> rm = RewardModelScorer("runs/demo/round_1/00_rm/model")  # doctest: +SKIP
     >>> rm([{"messages": [{"role": "user", "content": "Hi"}]}], ["Hello! How can I help?"])  # doctest: +SKIP
@@ -37,6 +39,7 @@ class RewardModelScorer:
         normalize: bool = False,
         device: str = "auto",
         dtype: str = "float32",
+        device_map: str | dict | None = None,
     ):
         import torch
         from transformers import AutoModelForSequenceClassification
@@ -62,8 +65,10 @@ class RewardModelScorer:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.tokenizer = load_tokenizer(path)
         self.model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=1, dtype=torch_dtype(dtype)
-        ).to(device)
+            path, num_labels=1, dtype=torch_dtype(dtype), **({"device_map": device_map} if device_map else {})
+        )
+        if not device_map:
+            self.model.to(device)
         prepare_tokenizer(self.tokenizer, self.model)
         self.model.eval()
 

@@ -151,9 +151,10 @@ def _kill_when(args, run_dir, ready, timeout=120):
 def test_sigkill_during_generation_then_rerun_matches_uninterrupted(finished, tmp_path):
     run_dir = tmp_path / "run"
     shards = run_dir / "round_1" / ".01_generate.partial" / "shards"
-    _kill_when([*FAST, f"run_dir={run_dir}"], run_dir, lambda: len(list(shards.glob("*.jsonl"))) >= 2)
+    # a shard is done when its sidecar (rows, tokens, seconds) is written, after its Arrow file
+    _kill_when([*FAST, f"run_dir={run_dir}"], run_dir, lambda: len(list(shards.glob("[0-9]*.json"))) >= 2)
     assert "generate" not in [e["stage"] for e in manifest(run_dir)["stages"]]
-    done_before_rerun = {p.name for p in shards.glob("*.jsonl")}
+    done_before_rerun = {p.name for p in shards.glob("[0-9]*.json")}
     assert 2 <= len(done_before_rerun) < 12  # killed halfway: 12 shards of 2 prompts
 
     posttrain(*FAST, f"run_dir={run_dir}")

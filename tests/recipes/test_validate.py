@@ -136,6 +136,8 @@ def test_allowlist_cannot_be_bypassed_through_an_allowed_module():
         ("+launch.data.nproc.scroe=2", "launch.data.nproc.scroe: not a data stage; the stages that run on several "
                                        "processes are ['generate', 'score', 'eval']"),
         ("+launch.data.nproc.score=0", "launch.data.nproc.score=0: must be a whole number of processes >= 1"),
+        ("+rm.scorer.devicemap=auto", "rm.scorer: ['devicemap'] are not arguments of "
+                                      "reward.rm_scorer.RewardModelScorer"),
     ],
 )
 def test_value_out_of_range(override, expected):

@@ -203,6 +203,13 @@ def test_length_sorted_batches_give_the_scores_of_one_by_one(tiny_model_dir):
     assert batched == pytest.approx(single, abs=1e-5)
     assert len(set(round(s, 6) for s in single)) > 1  # the order really matters
     assert scorer([], []) == []
+    # loaded through accelerate's device map (how a 70B RM spreads over its process's GPUs): the same scores
+    # (the tiny model has no reward head: both get the same freshly seeded one)
+    torch.manual_seed(0)
+    plain = RewardModelScorer(str(tiny_model_dir), batch_size=3)
+    torch.manual_seed(0)
+    mapped = RewardModelScorer(str(tiny_model_dir), batch_size=3, device_map="auto")
+    assert mapped(prompts, responses) == pytest.approx(plain(prompts, responses), abs=1e-6)
 
 
 def test_normalize_needs_the_training_statistics(tiny_model_dir):
