@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -130,6 +131,7 @@ def filter_stage(cfg: FilterConfig, inputs: Inputs, out: Path) -> StageResult:
     folders (a response already trained on is not trained on again). Writes
     `kept/` (the scored columns plus any added by filters) and `removed/` (the same plus `filter` and `reason`);
     the manifest records per filter the rows it saw and removed, by reason, and the kept rows per topic."""
+    started = time.perf_counter()
     source = inputs["scored"]
     n = len(datasets.load_from_disk(source))
     context = FilterContext(previous_texts=load_previous_texts(list(inputs.get("previous_sft") or [])))
@@ -187,8 +189,10 @@ def filter_stage(cfg: FilterConfig, inputs: Inputs, out: Path) -> StageResult:
     write_batches(out / "removed.arrow", _with_added(source, added, ~keep, extra), features)
     publish([out / "removed.arrow"], out / "removed", features)
     shutil.rmtree(checkpoints)
+    seconds = time.perf_counter() - started
     metrics = {"rows_in": n, "rows_out": len(alive), "previous_texts": len(context.previous_texts),
-               "filters": report}
+               "filters": report, "throughput": {"rows": n, "seconds": round(seconds, 3),
+                                                 "rows_per_s": round(n / seconds, 2) if seconds > 0 else None}}
     if "topic" in added:
         metrics["topics"] = dict(Counter(added["topic"][i] for i in alive).most_common())
     return StageResult(outputs={"kept": "kept", "removed": "removed"},

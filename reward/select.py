@@ -17,6 +17,7 @@ from __future__ import annotations
 import difflib
 import random
 import re
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -108,6 +109,7 @@ def select(job: SelectJob, inputs: Inputs, out: Path) -> StageResult:
     """Stage function. `job`: the recipe's `select` section plus `seed`; `inputs`: `scored` (from the score
     stage, or the filter stage's `kept`). Writes `sft/` (best-of-K rows in the generations format, with `score`)
     and `pairs/` (prompt_id, messages, chosen, rejected, their scores, sample indices and margin)."""
+    started = time.perf_counter()
     cfg = job.select
     scored = datasets.load_from_disk(inputs["scored"])
     drops: Counter = Counter()
@@ -178,5 +180,7 @@ def select(job: SelectJob, inputs: Inputs, out: Path) -> StageResult:
             "pairs": len(pair_rows),
             "dropped": dict(sorted(drops.items())),
             "mean_margin": sum(p["margin"] for p in pair_rows) / len(pair_rows) if pair_rows else None,
+            "throughput": {"rows": len(scored), "seconds": round(time.perf_counter() - started, 3),
+                           "rows_per_s": round(len(scored) / max(time.perf_counter() - started, 1e-9), 2)},
         },
     )

@@ -71,6 +71,20 @@ def test_tiny_round_distills_teacher_into_student(finished):
     assert gen["dir"] == "round_1/01_generate" and sft["dir"] == "round_1/05_sft"
     for e in entries.values():
         assert {"round", "stage", "config_hash", "inputs", "outputs", "rows", "seconds"} <= set(e)
+    # The data stages leave their outputs as before and nothing of their work: no shard, prompt list or checkpoint
+    work = {"shards", "prompts.jsonl", "heldout.jsonl", "checkpoints", "scratch", "journal", "kept.arrow",
+            "removed.arrow"}
+    for e in manifest(run_dir)["stages"]:
+        folder = run_dir / e["dir"]
+        assert not {p.name for p in folder.iterdir()} & work, e["dir"]
+        for out in e["outputs"].values():
+            if (folder / out / "state.json").exists():  # a datasets folder: its Arrow files and two JSON files
+                names = {p.name for p in (folder / out).iterdir()}
+                assert {"state.json", "dataset_info.json"} < names, names
+                assert all(n.startswith("data-") and n.endswith(".arrow") for n in names - {"state.json",
+                                                                                            "dataset_info.json"})
+    assert entries["score"]["metrics"]["throughput"]["rows"] == 48 and entries["generate"]["metrics"][
+        "throughput"]["shards"] == 12  # 24 prompts in shards of the backend's batch size (2)
 
     rows = datasets.load_from_disk(str(run_dir / gen["outputs"]["generations"]))
     assert len(rows) == 24 * 2 == gen["rows"]  # K=2 completions per prompt
