@@ -58,16 +58,22 @@ def _batches(path: Path) -> Iterator[pa.RecordBatch]:
 
 
 def _files_of(rows: datasets.Dataset | str | Path) -> list[Path] | None:
-    """The Arrow files holding exactly the rows and columns of `rows` (a folder or a file-backed dataset without
-    an indices mapping), or None when the dataset is something else (in memory, selected, with added columns)."""
+    """The Arrow files holding exactly the rows and columns of `rows` (a folder, or a file-backed dataset without
+    an indices mapping that is all of its files: `select(range(a, b))` keeps no mapping but is a slice of them),
+    or None when the dataset is something else (in memory, selected, sliced, with added columns)."""
     if isinstance(rows, (str, Path)):
         return arrow_files(rows)
     if rows._indices is not None or not rows.cache_files:
         return None
     files = [Path(f["filename"]) for f in rows.cache_files]
-    if sum(pa.ipc.open_stream(pa.memory_map(str(f))).schema.names == rows.column_names for f in files) != len(files):
-        return None
-    return files
+    total = 0
+    for f in files:
+        with pa.memory_map(str(f)) as source:  # batch headers only
+            reader = pa.ipc.open_stream(source)
+            if reader.schema.names != rows.column_names:
+                return None
+            total += sum(b.num_rows for b in reader)
+    return files if total == len(rows) else None
 
 
 def iter_columns(rows: datasets.Dataset | str | Path, columns: list[str] | None = None,

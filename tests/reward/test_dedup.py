@@ -1,13 +1,14 @@
 """Exact, near (MinHash) and semantic duplicates: what each one catches, scopes, earlier rounds, scaling."""
 
 import importlib.util
+import random
 
 import datasets
 import pytest
 import torch
 import torch.nn.functional as F
 
-from reward.dedup import SemanticDedup, TextDedup, clusters, greedy_keep, semantic_dedup
+from reward.dedup import SemanticDedup, TextDedup, clusters, dialog_text, greedy_keep, semantic_dedup
 from reward.filters import FilterContext
 
 CTX = FilterContext()
@@ -72,6 +73,97 @@ def test_cross_round_dedup_against_earlier_sft_texts():
     assert res.reasons[0] == "exact_duplicate_previous: of previous[0]"
     assert res.reasons[1].startswith("near_duplicate_previous: of previous[0]")
     assert res.reasons[2] is None
+
+
+def reference_text_dedup(f: TextDedup, rows: list[dict], ctx: FilterContext) -> list[str | None]:
+    """TextDedup as it was before it streamed: texts in memory, datasketch's MinHashLSH index. Among candidates
+    of equal Jaccard the earliest inserted wins (the LSH query returns a set, so that choice was set-ordered)."""
+    from datasketch import MinHashLSH
+
+    from reward.dedup import _compared, _score_key
+
+    texts = [dialog_text(r["messages"], r["text"]) if f.on == "dialog" else r["text"] for r in rows]
+    items = [(None, f"previous[{j}]", t) for j, t in enumerate(ctx.previous_texts)]
+    items += [(rows[i]["prompt_id"], i, texts[i])
+              for i in sorted(range(len(rows)), key=lambda i: (_score_key(rows[i]["score"]), i))]
+    lsh = None if f.threshold is None else MinHashLSH(f.threshold, f.num_perm, weights=(0.1, 0.9))
+    exact, owners, out = {}, [], [None] * len(rows)
+    for pid, ref, text in items:
+        words = f._words(text)
+        if len(words) < f.min_words:
+            continue
+        digest = " ".join(words)
+        hit = next((o for o in exact.get(digest, []) if _compared(f.scope, o[0], pid)), None)
+        if hit is not None:
+            if pid is not None:
+                out[ref] = f"exact_duplicate{'_previous' if hit[0] is None else ''}: of {hit[1]}"
+            continue
+        m = f._minhash(words) if lsh is not None else None
+        if pid is not None and lsh is not None:
+            near = [(m.jaccard(owners[k][2]), owners[k]) for k in sorted(lsh.query(m))
+                    if _compared(f.scope, owners[k][0], pid)]
+            best = max(near, key=lambda x: x[0], default=None)
+            if best is not None and best[0] >= f.threshold:
+                prev = "_previous" if best[1][0] is None else ""
+                out[ref] = f"near_duplicate{prev}: of {best[1][1]} (jaccard~{best[0]:.2f})"
+                continue
+        label = ref if pid is None else f"{rows[ref]['prompt_id']}#{rows[ref]['sample_idx']}"
+        exact.setdefault(digest, []).append((pid, label))
+        if lsh is not None:
+            lsh.insert(len(owners), m)
+        owners.append((pid, label, m))
+    return out
+
+
+def synthetic_rows(n: int, seed: int = 0) -> tuple[list[dict], list[str]]:
+    """Rows of random-word answers, K=6 per prompt, with exact and near copies (within and across prompts,
+    a word or a few changed; a near copy of a text kept twice ties), short answers, scores with None; and earlier
+    rounds' texts with copies."""
+    rng = random.Random(seed)
+    vocab = [f"w{i}" for i in range(300)]
+    texts: list[str] = []
+    for i in range(n):
+        kind = rng.random()
+        same = texts[len(texts) - i % 6 :]  # this prompt's samples so far
+        source = rng.choice(same) if same and rng.random() < 0.5 else rng.choice(texts or [""])
+        if texts and kind < 0.15:
+            text = source.upper() if rng.random() < 0.3 else source  # an exact copy
+        elif texts and kind < 0.45:
+            words = source.split()
+            for _ in range(rng.choice([1, 1, 2, 3, 5])):
+                words[rng.randrange(len(words))] = rng.choice(vocab)
+            text = " ".join(words)
+        elif kind < 0.5:
+            text = "Yes, it is."
+        else:
+            text = " ".join(rng.choices(vocab, k=rng.randint(20, 60)))
+        texts.append(text)
+    rows = [row(f"p{i // 6}", i % 6, t, rng.choice([None, round(rng.random(), 1), rng.random()]))
+            for i, t in enumerate(texts)]
+    previous = [texts[3], " ".join(texts[10].split()[:-1] + ["zz"]), "short", texts[3]]
+    return rows, previous
+
+
+def test_text_dedup_matches_the_in_memory_datasketch_reference(tmp_path):
+    rows, previous = synthetic_rows(300)
+    ds = datasets.Dataset.from_list(rows)
+    for ctx in (CTX, FilterContext(previous_texts=previous)):
+        for f in [TextDedup(scope=s) for s in ("across", "within", "all")] + [
+                TextDedup(on="dialog", scope="all", threshold=0.7), TextDedup(threshold=None)]:
+            res = f(ds, ctx)
+            assert res.reasons == reference_text_dedup(f, rows, ctx), (f.scope, f.on, f.threshold)
+            short = sum(len(f._words(t)) < f.min_words for t in ([dialog_text(r["messages"], r["text"]) for r in rows]
+                                                                  if f.on == "dialog" else [r["text"] for r in rows]))
+            assert res.metrics == {"too_short_to_compare": short} and short > 0
+    folder = tmp_path / "rows"  # read from its Arrow file, whole and as a contiguous part of it
+    ds.save_to_disk(str(folder))
+    ctx = FilterContext(previous_texts=previous)
+    for part in (range(300), range(40, 200)):
+        expected = reference_text_dedup(TextDedup(), [rows[i] for i in part], ctx)
+        assert TextDedup()(datasets.load_from_disk(str(folder)).select(part), ctx).reasons == expected
+    removed = [r for r in TextDedup(scope="all")(ds, FilterContext(previous_texts=previous)).reasons if r]
+    assert {r.split(":")[0] for r in removed} == {"exact_duplicate", "near_duplicate", "exact_duplicate_previous",
+                                                  "near_duplicate_previous"}
 
 
 # ---- semantic dedup ------------------------------------------------------------------------------------------
