@@ -137,7 +137,7 @@ class TextDedup:
             return np.ones(len(pids), dtype=bool)
         return (pids < 0) | ((pids != pid) if self.scope == "across" else (pids == pid))
 
-    def _read(self, rows: datasets.Dataset, previous: list[str]) -> dict:
+    def _read(self, rows: datasets.Dataset, previous) -> dict:
         """Pass 1, streaming in row order: per item (previous texts first, then the rows) whether it is too short,
         its hash, its MinHash signature, its prompt code, and each row's score key."""
         from datasketch import MinHash
@@ -186,7 +186,7 @@ class TextDedup:
         return out
 
     def __call__(self, rows: datasets.Dataset, context: FilterContext) -> FilterResult:
-        previous = list(context.previous_texts)
+        previous = context.previous_texts  # iterated once (a list, or texts streamed from disk)
         p, n = len(previous), len(rows)
         total = p + n
         if self.threshold is not None:

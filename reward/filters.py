@@ -27,7 +27,7 @@ import re
 import shutil
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -39,7 +39,7 @@ import pyarrow as pa
 from posttrain.config import FilterConfig
 from posttrain.errors import PosttrainError
 from posttrain.rundir import Inputs, StageResult
-from posttrain.shards import iter_columns, publish, write_batches
+from posttrain.shards import count_rows, iter_columns, publish, write_batches
 from reward.protocol import build_reward
 
 
@@ -47,7 +47,7 @@ from reward.protocol import build_reward
 class FilterContext:
     """What a filter may need beyond the rows: the response texts of earlier rounds' SFT data."""
 
-    previous_texts: list[str] = field(default_factory=list)
+    previous_texts: Sequence[str] = field(default_factory=list)  # a list, or PreviousTexts read from disk
 
 
 @dataclass
@@ -68,9 +68,37 @@ def category(reason: str) -> str:
     return reason.split(":", 1)[0]
 
 
-def load_previous_texts(paths: list[str]) -> list[str]:
-    """Response texts of earlier rounds' SFT datasets."""
-    return [t for p in paths for t in datasets.load_from_disk(p)["text"]]
+class PreviousTexts(Sequence):
+    """The response texts of earlier rounds' SFT datasets, read from disk in batches each time they are iterated
+    (six rounds of 50,000 prompts are ~600 MB of text), never held as a list."""
+
+    def __init__(self, paths: list[str]):
+        self.paths = list(paths)
+        self._sizes = [count_rows(p) for p in self.paths]
+
+    def __len__(self) -> int:
+        return sum(self._sizes)
+
+    def __iter__(self) -> Iterator[str]:
+        for path in self.paths:
+            for table in iter_columns(path, ["text"], 4096):
+                yield from table.column("text").to_pylist()
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        i %= len(self)
+        for path, size in zip(self.paths, self._sizes):
+            if i < size:
+                return datasets.load_from_disk(path)[i]["text"]
+            i -= size
+
+
+def load_previous_texts(paths: list[str]) -> PreviousTexts:
+    """Response texts of earlier rounds' SFT datasets (streamed, see PreviousTexts)."""
+    return PreviousTexts(paths)
 
 
 def _plain(values: list) -> list:
