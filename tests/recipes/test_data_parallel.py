@@ -79,9 +79,15 @@ def _stage_runs(tmp_path: Path, nproc: int, model: Path, prompts: Path) -> dict[
             "metrics": ev / "metrics.json"}
 
 
-def test_generate_score_and_eval_on_two_processes_write_the_same_bytes_as_one(tmp_path, tiny_model_dir, prompts):
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_model_dir, prompts):
+    tmp_path = tmp_path_factory.mktemp("runs")
     one = _stage_runs(tmp_path, 1, tiny_model_dir, prompts)
-    two = _stage_runs(tmp_path, 2, tiny_model_dir, prompts)
+    return tmp_path, one, _stage_runs(tmp_path, 2, tiny_model_dir, prompts)
+
+
+def test_generate_score_and_eval_on_two_processes_write_the_same_bytes_as_one(runs):
+    tmp_path, one, two = runs
     for name in one:
         assert tree_hash(one[name]) == tree_hash(two[name]), name
     # three shards of two prompts, two answers each; the second process did its share (its own log)
@@ -95,13 +101,8 @@ def test_generate_score_and_eval_on_two_processes_write_the_same_bytes_as_one(tm
         "state.json"]  # 12 rows in shards of 4: the files published as they were written
 
 
-def test_a_rank_killed_mid_score_reruns_only_its_unfinished_shards(tmp_path, tiny_model_dir, prompts):
-    gen = tmp_path / "generate"
-    gen.mkdir()
-    generate(GenerateJob(generate=GenerateConfig(k=2, max_new_tokens=8, shard_size=2, backend={
-        "_target_": "data_gen.hf_backend.HFBackend", "batch_size": 2}), data=DataConfig(
-        prompts=str(prompts), num_prompts=6), round=1, seed=3), {"prompts": str(prompts), "model": str(tiny_model_dir)},
-        gen)
+def test_a_rank_killed_mid_score_reruns_only_its_unfinished_shards(tmp_path, runs):
+    gen = runs[1]["generations"].parent
     rows = datasets.load_from_disk(str(gen / "generations"))
     texts = rows["text"]
     # shards of 2 rows: 6 shards, rank 1 of 2 takes shards 1, 3, 5; it dies on the first row of shard 3
