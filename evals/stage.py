@@ -40,7 +40,7 @@ from data_gen.prompts import load_prompts
 from posttrain.config import DataLaunch, EvalJob
 from posttrain.errors import PosttrainError
 from posttrain.rundir import Inputs, StageResult, stable_hash, write_text_atomic
-from posttrain.shards import Shards, publish, run_ranks
+from posttrain.shards import Shards, publish, run_ranks, shard_plan
 from posttrain.timing import Phases
 from reward.protocol import build_reward, with_trained_model
 from reward.score import reward_prompt, score_rows
@@ -280,7 +280,8 @@ def eval_stage(job: EvalJob, inputs: Inputs, out: Path) -> StageResult:
 
     launch = asdict(job.launch)
     data = launch.get("data") or asdict(DataLaunch())
-    size = _shard_prompts(int(data["eval_shard_prompts"]), backend_cfg.get("batch_size"), cfg.batch_size)
+    wanted = _shard_prompts(int(data["eval_shard_prompts"]), backend_cfg.get("batch_size"), cfg.batch_size)
+    size = shard_plan(out, {"shard_prompts": wanted})["shard_prompts"]
     write_text_atomic(out / "heldout.jsonl", "".join(json.dumps(p, default=str) + "\n" for p in heldout))
     settings = {"out": str(out), "shard_prompts": size, "backend": backend_cfg, "policy": inputs["policy"],
                 "rewards": dict(cfg.rewards), "inputs": dict(inputs), "batch_size": cfg.batch_size, "seed": job.seed,

@@ -198,6 +198,18 @@ def _file_rows(path: Path) -> int:
 # ---- shards and progress -----------------------------------------------------------------------------------------
 
 
+def shard_plan(out: Path, plan: dict) -> dict:
+    """How a stage's work is cut: the plan an attempt cut short recorded in `out/shards/plan.json` (its finished
+    shards were cut that way; shard sizes are launch settings, which may change between attempts), else `plan`,
+    recorded now."""
+    path = out / SHARDS / "plan.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps(plan, sort_keys=True))
+    return plan
+
+
 class Shards:
     """The shards of one stage attempt under `out/shards/`: `n` numbered shards, rank `rank` of `world` taking
     every world-th one. `done(i)`: its Arrow file is there; `finish(i, ...)` writes it and its sidecar."""

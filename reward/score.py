@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from posttrain.config import DataLaunch, RewardConfig
 from posttrain.errors import PosttrainError
 from posttrain.rundir import Inputs, StageResult, write_text_atomic
-from posttrain.shards import Shards, arrow_files, count_rows, iter_columns, publish, read_rows, run_ranks
+from posttrain.shards import Shards, arrow_files, count_rows, iter_columns, publish, read_rows, run_ranks, shard_plan
 from reward.protocol import build_reward, with_trained_model
 
 
@@ -154,7 +154,8 @@ def score(cfg: RewardConfig, inputs: Inputs, out: Path) -> StageResult:
     # A primary that is not there this round (the RM, before any preference data exists) falls back to the first.
     primary = cfg.primary if cfg.primary in cfg.rewards else next(iter(cfg.rewards))
     n = count_rows(inputs["generations"])
-    size = -(-max(int(data["score_shard_rows"]), 1) // cfg.batch_size) * cfg.batch_size
+    size = shard_plan(out, {"shard_rows": -(-max(int(data["score_shard_rows"]), 1) // cfg.batch_size)
+                            * cfg.batch_size})["shard_rows"]
     settings = {"generations": inputs["generations"], "out": str(out), "rows": n, "shard_rows": size,
                 "rewards": dict(cfg.rewards), "batch_size": cfg.batch_size, "primary": primary,
                 "inputs": dict(inputs), "desc": "score"}

@@ -121,7 +121,8 @@ def test_a_rank_killed_mid_score_reruns_only_its_unfinished_shards(tmp_path, run
     finished = sorted(p.name for p in (out / "shards").glob("*.arrow"))
     assert "00003.arrow" not in finished and len(finished) < 6
     log.unlink()
-    score(ScoreJob(rewards=reward, batch_size=1, launch=_launch(2, score_rows=2)),
+    # resumed with another shard size (a launch setting, not part of the stage's hash): the first plan stands
+    score(ScoreJob(rewards=reward, batch_size=1, launch=_launch(2, score_rows=3)),
           {"generations": str(gen / "generations")}, out)
     again = [json.loads(line)["text"] for line in open(log)]
     # the rerun scored exactly the rows of the shards that were not finished, once each
