@@ -191,9 +191,6 @@ def generate(job: GenerateJob, inputs: Inputs, out: Path) -> StageResult:
         stats[side["rank"]] = side.get("backend")  # each rank's latest
     with phases("save"):  # the shards become the dataset's files: renamed, not copied
         publish(shards.files(), out / "generations", features)
-    shutil.rmtree(shard_dir)
-    shutil.rmtree(out / "journal", ignore_errors=True)
-    (out / "prompts.jsonl").unlink()
     # the columns the metrics read, not the teacher's log-probs
     light = ["prompt_id", "text", "finish_reason", "completion_tokens"]
     finish: Counter = Counter()
@@ -218,6 +215,10 @@ def generate(job: GenerateJob, inputs: Inputs, out: Path) -> StageResult:
             print(f"posttrain: warning: round {job.round} generate: {share:.0%} of "
                   f"{'prompts have all K samples identical' if what == 'identical_k_rate' else 'answers are empty'}"
                   f" ({what} in the manifest): best-of-K and DPO pairs learn little from them", file=sys.stderr)
+    # the work files go last: a crash before this point leaves every shard for the rerun
+    shutil.rmtree(shard_dir)
+    shutil.rmtree(out / "journal", ignore_errors=True)
+    (out / "prompts.jsonl").unlink()
     return StageResult(
         outputs={"generations": "generations"},
         rows=rows,

@@ -293,10 +293,7 @@ def eval_stage(job: EvalJob, inputs: Inputs, out: Path) -> StageResult:
     shards = Shards(out, -(-len(heldout) // size), desc=settings["desc"], attempt=attempt)
     throughput = shards.throughput(time.perf_counter() - started)
     quarantine = [json.loads(line) for i in range(shards.n) for line in open(shards.path(i).with_suffix(".quarantine"))]
-    shutil.rmtree(out / "responses", ignore_errors=True)  # left by an attempt cut short
     publish(shards.files(), out / "responses", _response_features(list(cfg.rewards)))
-    shutil.rmtree(shards.dir)
-    (out / "heldout.jsonl").unlink()
     scored = datasets.load_from_disk(str(out / "responses")).to_list()  # held-out sets are small
     responses = [{k: r[k] for k in GENERATION_FEATURES} for r in scored]
 
@@ -333,6 +330,8 @@ def eval_stage(job: EvalJob, inputs: Inputs, out: Path) -> StageResult:
     finally:
         _LOADED.clear()  # free the policy and reward models
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    shutil.rmtree(shards.dir)  # last: a crash before this point leaves every shard for the rerun
+    (out / "heldout.jsonl").unlink()
     rows = {"responses": len(responses)}
     if "teacher_responses" in outputs:
         rows["teacher_responses"] = len(teacher)

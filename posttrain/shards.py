@@ -25,6 +25,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -164,29 +165,32 @@ def write_batches(path: Path, tables, features: datasets.Features) -> int:
 
 
 def publish(files: list[Path], folder: Path, features: datasets.Features) -> int:
-    """Make `files` (Arrow files of `write_table`, in order) the `datasets` folder `folder` by renaming them into it
-    and writing its `state.json` and `dataset_info.json`: no row is read or copied. Empty files are dropped (one is
-    kept when all are empty, so the folder reloads). Returns the number of rows."""
+    """Make `files` (Arrow files of `write_table`, in order) the `datasets` folder `folder` (replacing whatever an
+    attempt cut short left there) by hard-linking them into it and writing its `dataset_info.json` and, last,
+    `state.json`: no row is read or copied, and the files stay where they were until the caller deletes them, so a
+    crash here loses nothing. Empty files are left out (one is kept when all are empty, so the folder reloads).
+    Returns the number of rows."""
     sizes = [_file_rows(f) for f in files]
-    keep = [(f, n) for f, n in zip(files, sizes) if n] or [(f, n) for f, n in zip(files[:1], sizes[:1])]
-    folder.mkdir(parents=True, exist_ok=True)
+    keep = [f for f, n in zip(files, sizes) if n] or files[:1]
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
     names = [f"data-{i:05d}-of-{len(keep):05d}.arrow" for i in range(len(keep))]
     if not keep:  # no shard at all: an empty table
-        write_table(folder / "data-00000-of-00001.arrow", {k: [] for k in features}, features)
         names = ["data-00000-of-00001.arrow"]
-    for (f, _), name in zip(keep, names):
-        os.replace(f, folder / name)
-    for f in files:
-        if f.exists():
-            f.unlink()
+        write_table(folder / names[0], {k: [] for k in features}, features)
+    for f, name in zip(keep, names):
+        try:
+            os.link(f, folder / name)
+        except OSError:  # a filesystem without hard links
+            shutil.copyfile(f, folder / name)
     info = datasets.DatasetInfo(features=features)
-    (folder / "dataset_info.json").write_text(json.dumps(info._to_yaml_dict() | {"features": features.to_dict()},
-                                                         indent=2, sort_keys=True))
+    write_text_atomic(folder / "dataset_info.json", json.dumps(
+        info._to_yaml_dict() | {"features": features.to_dict()}, indent=2, sort_keys=True))
     state = {"_data_files": [{"filename": n} for n in names],
              "_fingerprint": stable_hash([n for n in names] + [sizes]),
              "_format_columns": None, "_format_kwargs": {}, "_format_type": None,
              "_output_all_columns": False, "_split": None}
-    (folder / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
+    write_text_atomic(folder / "state.json", json.dumps(state, indent=2, sort_keys=True))
     return sum(sizes)
 
 

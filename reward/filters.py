@@ -216,6 +216,8 @@ def filter_stage(cfg: FilterConfig, inputs: Inputs, out: Path) -> StageResult:
     features = _features(source, added, tuple(extra))
     write_batches(out / "removed.arrow", _with_added(source, added, ~keep, extra), features)
     publish([out / "removed.arrow"], out / "removed", features)
+    for work in (out / "kept.arrow", out / "removed.arrow"):
+        work.unlink()
     shutil.rmtree(checkpoints)
     seconds = time.perf_counter() - started
     metrics = {"rows_in": n, "rows_out": len(alive), "previous_texts": len(context.previous_texts),

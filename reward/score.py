@@ -166,7 +166,6 @@ def score(cfg: RewardConfig, inputs: Inputs, out: Path) -> StageResult:
     quarantine = [json.loads(line) for i in range(shards.n)
                   for line in open(shards.path(i).with_suffix(".quarantine"))]
     publish(shards.files(), out / "scored", _features(inputs["generations"], list(cfg.rewards)))
-    shutil.rmtree(shards.dir)
     columns = {name: [] for name in cfg.rewards}
     lengths: list[int] = []
     for table in iter_columns(out / "scored", ["completion_tokens", *(f"reward.{r}" for r in cfg.rewards)], 8192):
@@ -177,6 +176,7 @@ def score(cfg: RewardConfig, inputs: Inputs, out: Path) -> StageResult:
                for name in cfg.rewards}
     if quarantine:
         write_text_atomic(out / "quarantine.jsonl", "".join(json.dumps(q) + "\n" for q in quarantine))
+    shutil.rmtree(shards.dir)  # last: a crash before this point leaves every shard for the rerun
     return StageResult(
         outputs={"scored": "scored"},
         rows=n,

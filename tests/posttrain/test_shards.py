@@ -7,6 +7,7 @@ import datasets
 import pytest
 
 from posttrain.errors import PosttrainError
+from posttrain.rundir import tree_hash
 from posttrain.shards import Shards, arrow_files, count_rows, gpu_slice, iter_columns, publish, read_rows
 
 FEATURES = datasets.Features({"i": datasets.Value("int64"), "text": datasets.Value("string"),
@@ -29,7 +30,12 @@ def test_shards_publish_as_a_dataset_and_read_back_in_batches_and_ranges(tmp_pat
     assert publish(files, tmp_path / "out", FEATURES) == 13
     ds = datasets.load_from_disk(str(tmp_path / "out"))
     assert ds["i"] == list(range(13)) and ds[6]["messages"] == [{"role": "user", "content": "q6"}]
-    assert len(arrow_files(tmp_path / "out")) == 3 and not any(f.exists() for f in files)  # moved, empty one dropped
+    # linked (the shards stay until the stage deletes them, so a crash while publishing loses nothing); the empty
+    # shard is left out, and publishing again (a rerun) gives the same folder
+    assert len(arrow_files(tmp_path / "out")) == 3 and all(f.exists() for f in files)
+    before = tree_hash(tmp_path / "out")
+    publish(files, tmp_path / "out", FEATURES)
+    assert tree_hash(tmp_path / "out") == before
     assert count_rows(tmp_path / "out") == 13
     batches = list(iter_columns(tmp_path / "out", ["text"], 4))
     assert max(len(b) for b in batches) <= 4 and [t for b in batches for t in b.column("text").to_pylist()] == \
