@@ -141,8 +141,15 @@ def generate_shards(settings: dict, rank: int, world: int) -> None:
 
 
 def _sum_stats(stats: list[dict]) -> dict:
-    """An endpoint backend's counters summed over ranks."""
-    return {k: sum(s[k] for s in stats if s) for k in stats[0] or {}}
+    """A backend's stats over ranks: its counters (numbers) summed, anything else (an engine's name, a flag, its
+    tensor-parallel size) as the first rank reports it."""
+    first = next(s for s in stats if s)
+
+    def counter(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    return {k: sum(s.get(k, 0) for s in stats if s) if counter(v) and len(stats) > 1 and k != "tensor_parallel_size"
+            else v for k, v in first.items()}
 
 
 def _features(teacher_logprobs: int) -> datasets.Features:
@@ -189,7 +196,7 @@ def generate(job: GenerateJob, inputs: Inputs, out: Path) -> StageResult:
         for name, seconds in side["phases"].items():
             phases.add(name, seconds)
         stats[side["rank"]] = side.get("backend")  # each rank's latest
-    with phases("save"):  # the shards become the dataset's files: renamed, not copied
+    with phases("save"):  # the shards become the dataset's files: linked, not copied
         publish(shards.files(), out / "generations", features)
     # the columns the metrics read, not the teacher's log-probs
     light = ["prompt_id", "text", "finish_reason", "completion_tokens"]
@@ -215,11 +222,7 @@ def generate(job: GenerateJob, inputs: Inputs, out: Path) -> StageResult:
             print(f"posttrain: warning: round {job.round} generate: {share:.0%} of "
                   f"{'prompts have all K samples identical' if what == 'identical_k_rate' else 'answers are empty'}"
                   f" ({what} in the manifest): best-of-K and DPO pairs learn little from them", file=sys.stderr)
-    # the work files go last: a crash before this point leaves every shard for the rerun
-    shutil.rmtree(shard_dir)
-    shutil.rmtree(out / "journal", ignore_errors=True)
-    (out / "prompts.jsonl").unlink()
-    return StageResult(
+    result = StageResult(
         outputs={"generations": "generations"},
         rows=rows,
         metrics={
@@ -235,3 +238,8 @@ def generate(job: GenerateJob, inputs: Inputs, out: Path) -> StageResult:
             **({"backend": _sum_stats(list(stats.values()))} if any(stats.values()) else {}),
         },
     )
+    # the work files go last: a crash before this point leaves every shard for the rerun
+    shutil.rmtree(shard_dir)
+    shutil.rmtree(out / "journal", ignore_errors=True)
+    (out / "prompts.jsonl").unlink()
+    return result

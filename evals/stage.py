@@ -293,7 +293,9 @@ def eval_stage(job: EvalJob, inputs: Inputs, out: Path) -> StageResult:
     shards = Shards(out, -(-len(heldout) // size), desc=settings["desc"], attempt=attempt)
     throughput = shards.throughput(time.perf_counter() - started)
     quarantine = [json.loads(line) for i in range(shards.n) for line in open(shards.path(i).with_suffix(".quarantine"))]
-    publish(shards.files(), out / "responses", _response_features(list(cfg.rewards)))
+    if publish(shards.files(), out / "responses", _response_features(list(cfg.rewards))) != len(heldout):
+        raise PosttrainError(f"eval: the shards in {shards.dir} do not hold one answer per held-out prompt "
+                             f"({len(heldout)}); delete {shards.dir} to answer again")
     scored = datasets.load_from_disk(str(out / "responses")).to_list()  # held-out sets are small
     responses = [{k: r[k] for k in GENERATION_FEATURES} for r in scored]
 

@@ -3,10 +3,11 @@
 A data stage cuts its work into numbered shards that do not depend on how many processes run them (each shard's
 seed comes from its index, never from a rank). Every shard's rows are written as one Arrow file
 (`shards/NNNNN.arrow`, in the `datasets` library's own format), atomically, with a small `NNNNN.json` beside it
-(rows, tokens, seconds, rank); a shard whose file exists is done, so a stage killed anywhere, or a killed rank,
-resumes from the finished shards and redoes only the others. When every shard is there the files are renamed into
-a `datasets` folder (`publish`): nothing is parsed or copied again, and the folder is byte-identical whatever the
-number of processes that made it.
+(rows, tokens, seconds, rank) written after it; a shard with both is done, so a stage killed anywhere, or a
+killed rank, resumes from the finished shards and redoes only the others. When every shard is there the files are
+hard-linked into a `datasets` folder (`publish`): nothing is parsed or copied again, and the folder is
+byte-identical whatever the number of processes that made it. How the work was cut is recorded with the first
+attempt (`shard_plan`), so a rerun with other shard sizes keeps the finished shards' cut.
 
 Several processes: `run_ranks` starts `python -m posttrain.shards SETTINGS` under torchrun (the recipe's
 `launch` settings: nodes, master address; `launch.data.nproc.<stage>` processes per node; with a DeepSpeed
@@ -52,10 +53,16 @@ def arrow_files(folder: str | Path) -> list[Path]:
     return [folder / f["filename"] for f in json.loads(state.read_text())["_data_files"]]
 
 
-def _batches(path: Path) -> Iterator[pa.RecordBatch]:
-    """Record batches of one Arrow stream file, read into memory one at a time (freed when dropped)."""
+def _batches(path: Path, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
+    """Record batches of one Arrow stream file (only `columns`, when given: the others are skipped unread), read
+    into memory one at a time (freed when dropped)."""
+    options = None
+    if columns is not None:
+        with pa.memory_map(str(path)) as f:  # the schema: a header
+            names = pa.ipc.open_stream(f).schema.names
+        options = pa.ipc.IpcReadOptions(included_fields=[names.index(c) for c in columns])
     with pa.OSFile(str(path)) as f:
-        yield from pa.ipc.open_stream(f)
+        yield from pa.ipc.open_stream(f, options=options)
 
 
 def _files_of(rows: datasets.Dataset | str | Path) -> list[Path] | None:
@@ -89,10 +96,10 @@ def iter_columns(rows: datasets.Dataset | str | Path, columns: list[str] | None 
         yield from view.with_format("arrow").iter(batch_size=batch_rows)
         return
     for path in files:
-        for batch in _batches(path):
+        for batch in _batches(path, columns):
             table = pa.Table.from_batches([batch])
             if columns is not None:
-                table = table.select(columns)
+                table = table.select(columns)  # in the order asked
             for start in range(0, len(table), batch_rows):
                 yield table.slice(start, batch_rows)
 
@@ -209,7 +216,8 @@ def shard_plan(out: Path, plan: dict) -> dict:
     path = out / SHARDS / "plan.json"
     if path.exists():
         return json.loads(path.read_text())
-    path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(path.parent, ignore_errors=True)  # shards cut by an unknown plan cannot be trusted
+    path.parent.mkdir(parents=True)
     write_text_atomic(path, json.dumps(plan, sort_keys=True))
     return plan
 
@@ -293,8 +301,10 @@ class Shards:
 
 
 def processes(launch: dict, stage: str) -> int:
-    """The processes a data stage runs on: `launch.data.nproc.<stage>` (default 1) on each of `launch.nnodes`."""
-    return int(((launch.get("data") or {}).get("nproc") or {}).get(stage, 1)) * int(launch.get("nnodes", 1))
+    """The processes a data stage runs on: `launch.data.nproc.<stage>` on each of `launch.nnodes`, when the recipe
+    names the stage there; otherwise 1, the driver's own (an endpoint's concurrency, say, is not multiplied)."""
+    nproc = ((launch.get("data") or {}).get("nproc") or {}).get(stage)
+    return int(nproc) * int(launch.get("nnodes", 1)) if nproc else 1
 
 
 def run_ranks(fn: str, settings: dict, out: Path, launch: dict, stage: str) -> str:
@@ -341,14 +351,14 @@ def gpu_slice(local_rank: int, local_world: int, visible: list[str]) -> list[str
     return visible[local_rank * per : (local_rank + 1) * per]
 
 
-def _visible_gpus() -> list[str]:
-    """The node's GPUs, without initialising CUDA in this process (which would fix its device list)."""
-    if os.environ.get("CUDA_VISIBLE_DEVICES") is not None:
+def _visible_gpus(ignore_env: bool = False) -> list[str]:
+    """The node's GPUs, without initialising CUDA in this process (which would fix its device list):
+    CUDA_VISIBLE_DEVICES unless `ignore_env`, else what nvidia-smi lists."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES") is not None and not ignore_env:
         return [d for d in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if d.strip()]
-    import shutil
     import subprocess
 
-    if not shutil.which("nvidia-smi"):
+    if not shutil.which("nvidia-smi"):  # no NVIDIA GPU here
         return []
     found = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"], capture_output=True,
                            text=True, check=False)
@@ -362,9 +372,13 @@ def main(argv: list[str] | None = None) -> None:
 
     die_with_parent()
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    if local_world > 1:
-        gpus = gpu_slice(int(os.environ.get("LOCAL_RANK", 0)), local_world, _visible_gpus())
+    # torchrun says LOCAL_WORLD_SIZE; DeepSpeed's launcher (a hostfile) says LOCAL_SIZE and narrows
+    # CUDA_VISIBLE_DEVICES to one GPU a process, so there the node's GPUs come from nvidia-smi.
+    deepspeed = "LOCAL_SIZE" in os.environ and "LOCAL_WORLD_SIZE" not in os.environ
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
+    gpus = _visible_gpus(ignore_env=deepspeed)
+    if local_world > 1 or deepspeed:
+        gpus = gpu_slice(int(os.environ.get("LOCAL_RANK", 0)), local_world, gpus)
         if gpus:
             os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
     # Ranks share only files: the launcher's variables would make an engine inside (vLLM's own workers, a device

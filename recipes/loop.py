@@ -50,8 +50,10 @@ STAGES = [
 ]
 
 def _train_job(rc: DictConfig, key: str) -> TrainJob:
-    return TrainJob(train=section(rc, key), dtype=rc[key].dtype or rc.model.dtype, seed=rc.seed,
-                    launch=section(rc, "launch"))
+    train = section(rc, key)
+    if key == "rm":  # how the trained RM scores is the score stage's business, not part of training it
+        train = dataclasses.replace(train, scorer={})
+    return TrainJob(train=train, dtype=rc[key].dtype or rc.model.dtype, seed=rc.seed, launch=section(rc, "launch"))
 
 
 def _sources(rc: DictConfig, key: str, split: str = "train") -> list[str]:

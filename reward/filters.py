@@ -17,12 +17,15 @@ best-of-K or for a DPO pair; the annotating filters (quality, difficulty, topic)
 Each filter's result is saved as it finishes (`checkpoints/NN_<name>.arrow`): a stage cut short resumes from the
 next filter. A filter is handed its rows as a file-backed dataset (the rows still in, with the columns added so
 far, written out once per filter), and the stage writes `kept/` and `removed/` in one streaming pass, so no step
-holds the rows themselves in memory; the built-in filters read them in batches (posttrain.shards.iter_columns).
+holds the rows themselves in memory. The rule filter and text dedup read them in batches
+(posttrain.shards.iter_columns) and keep a value, hash or signature a row; semantic dedup keeps an embedding a
+row, and the quality, difficulty and topic annotators a value a row (topics read each row's prompt).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import time
@@ -140,6 +143,8 @@ def _checkpoint(path: Path, alive: np.ndarray, result: FilterResult) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with pa.OSFile(str(tmp), "wb") as f, pa.ipc.new_stream(f, table.schema) as w:
         w.write_table(table)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
     tmp.replace(path)
 
 
@@ -218,7 +223,9 @@ def filter_stage(cfg: FilterConfig, inputs: Inputs, out: Path) -> StageResult:
     publish([out / "removed.arrow"], out / "removed", features)
     for work in (out / "kept.arrow", out / "removed.arrow"):
         work.unlink()
-    shutil.rmtree(checkpoints)
+    for saved in sorted(checkpoints.iterdir(), reverse=True):  # last filter first: what a kill leaves is a prefix
+        saved.unlink()
+    checkpoints.rmdir()
     seconds = time.perf_counter() - started
     metrics = {"rows_in": n, "rows_out": len(alive), "previous_texts": len(context.previous_texts),
                "filters": report, "throughput": {"rows": n, "seconds": round(seconds, 3),

@@ -31,6 +31,8 @@ class RewardModelScorer:
     [1.73]
     """
 
+    unhashed = ("device", "device_map")  # where it runs, not what it computes: out of the stage hash
+
     def __init__(
         self,
         model: str,

@@ -199,3 +199,11 @@ def test_real_engine_greedy_equals_hf_backend_greedy(engine):
     sampling = Sampling(temperature=0, max_new_tokens=16)
     hf = HFBackend(TINY, batch_size=2)
     assert engine.generate(PROMPTS, n=2, sampling=sampling) == hf.generate(PROMPTS, n=2, sampling=sampling)
+
+
+def test_backend_stats_over_ranks_sum_the_counters_and_keep_the_rest():
+    from data_gen.generate import _sum_stats
+
+    rank = {"engine": "vllm", "tensor_parallel_size": 8, "prefix_caching": True, "requests": 3, "seconds": 1.5}
+    assert _sum_stats([rank]) == rank
+    assert _sum_stats([rank, {**rank, "requests": 4}]) == {**rank, "requests": 7, "seconds": 3.0}

@@ -74,3 +74,11 @@ def test_a_contiguous_slice_of_a_dataset_is_read_as_the_slice(tmp_path):
     publish(shards.files(), tmp_path / "out", FEATURES)
     part = datasets.load_from_disk(str(tmp_path / "out")).select(range(3, 7))  # no indices mapping: a slice
     assert [i for b in iter_columns(part, ["i"], 2) for i in b.column("i").to_pylist()] == [3, 4, 5, 6]
+
+
+def test_a_data_stage_runs_on_several_processes_only_where_the_recipe_says_so():
+    from posttrain.shards import processes
+
+    assert processes({"nnodes": 8}, "generate") == 1  # a multi-node recipe alone does not spread the data stages
+    launch = {"nnodes": 8, "data": {"nproc": {"score": 2}}}
+    assert (processes(launch, "score"), processes(launch, "generate")) == (16, 1)

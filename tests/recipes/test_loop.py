@@ -138,3 +138,24 @@ def test_a_changed_setting_stops_at_the_stage_it_changes(tmp_path):
     loop.run(recipe("round=1", "launch.nproc=2", "launch.launcher=torchrun"), run_dir=str(tmp_path),
              stages=rec.table())
     assert rec.called() == []
+
+
+def test_where_the_trained_rm_scores_is_out_of_every_stage_hash():
+    """rm.scorer's placement (device_map) changes no hash; its other arguments change the score stage's only, never
+    the reward model's training."""
+    from posttrain.config import ScoreJob, register, round_config, section
+    from posttrain.rundir import config_hash_of, plain
+
+    register()
+
+    def hashes(*overrides):
+        with initialize_config_module(config_module="recipes", version_base="1.3"):
+            rc = round_config(compose("config", overrides=["experiment=tiny", "rm.enabled=true", *overrides]), 1)
+        reward = section(rc, "reward")
+        reward.rewards["rm"] = {"_target_": "reward.rm_scorer.RewardModelScorer", **section(rc, "rm").scorer}
+        return (config_hash_of(plain(loop._train_job(rc, "rm"))), config_hash_of(plain(ScoreJob(**vars(reward)))))
+
+    base = hashes()
+    assert hashes("+rm.scorer.device_map=auto", "+rm.scorer.device=cpu") == base
+    rm, scored = hashes("+rm.scorer.dtype=bfloat16")
+    assert rm == base[0] and scored != base[1]
