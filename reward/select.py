@@ -51,6 +51,36 @@ def best_of_k(samples: list[dict]) -> dict:
 
 def pair_for_prompt(samples: list[dict], pairing: Pairing | str, min_margin: float, max_similarity: float, seed: int):
     """(chosen, rejected) for one prompt's scored samples, or (None, reason) when it gives no pair."""
+    pair, reason = candidate_pair(samples, pairing, min_margin, seed)
+    if pair is not None and near_duplicate(pair[0]["text"], pair[1]["text"], max_similarity):
+        return None, "near_duplicate"
+    return pair, reason
+
+
+def near_duplicate(chosen: str, rejected: str, max_similarity: float) -> bool:
+    """Whether a pair's two responses are more similar than `max_similarity` (never, at 1.0 or more)."""
+    return max_similarity < 1.0 and similarity(chosen, rejected) > max_similarity
+
+
+def _near_duplicates(pairs: list[tuple[str, str]], max_similarity: float) -> list[bool]:
+    """`near_duplicate` of every pair, in a pool of processes over this machine's cores when there are many: difflib
+    on two 2 KB answers takes ~0.1 s of one core, so 50,000 pairs would take hours in one."""
+    from posttrain.train.launch import threads_per_process
+
+    workers = min(threads_per_process(), len(pairs) // 256)
+    if max_similarity >= 1.0 or workers < 2:
+        return [near_duplicate(a, b, max_similarity) for a, b in pairs]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from itertools import repeat
+
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(near_duplicate, (a for a, _ in pairs), (b for _, b in pairs), repeat(max_similarity),
+                             chunksize=64))
+
+
+def candidate_pair(samples: list[dict], pairing: Pairing | str, min_margin: float, seed: int):
+    """`pair_for_prompt` before the near-duplicate check."""
     if len(samples) < 2:
         return None, "fewer_than_two_scored"
     if len({normalize_text(s["text"]) for s in samples}) == 1:
@@ -67,8 +97,6 @@ def pair_for_prompt(samples: list[dict], pairing: Pairing | str, min_margin: flo
     margin = chosen["score"] - rejected["score"]
     if margin <= min_margin:
         return None, "below_margin"
-    if similarity(chosen["text"], rejected["text"]) > max_similarity:
-        return None, "near_duplicate"
     return (chosen, rejected), None
 
 
@@ -127,7 +155,7 @@ def select(job: SelectJob, inputs: Inputs, out: Path) -> StageResult:
             drops["sft_below_min_score"] += 1
         else:
             sft_rows.append((pid, best["_index"]))
-        pair, reason = pair_for_prompt(samples, cfg.pairs, cfg.min_margin, cfg.max_similarity, job.seed)
+        pair, reason = candidate_pair(samples, cfg.pairs, cfg.min_margin, job.seed)
         if pair is None:
             drops[f"pair_{reason}"] += 1
             continue
@@ -147,6 +175,12 @@ def select(job: SelectJob, inputs: Inputs, out: Path) -> StageResult:
                 "round": chosen["round"],
             }
         )
+    # near-identical pairs out, in a pool of processes (the costly part of the stage at scale)
+    near = _near_duplicates([(p["chosen"], p["rejected"]) for p in pair_rows], cfg.max_similarity)
+    drops["pair_near_duplicate"] += sum(near)
+    if not drops["pair_near_duplicate"]:
+        del drops["pair_near_duplicate"]
+    pair_rows = [p for p, dropped in zip(pair_rows, near) if not dropped]
     # in prompt id order, as always
     sft_rows = [index for _, index in sorted(sft_rows)]
     pair_rows.sort(key=lambda row: row["prompt_id"])

@@ -130,3 +130,17 @@ def test_a_prompt_whose_rows_are_not_consecutive_is_an_error_naming_it(tmp_path)
     (tmp_path / "out").mkdir()
     with pytest.raises(Exception, match=r"the rows of prompt 'a' are not consecutive \(row 2\)"):
         select(SelectJob(select=SelectConfig()), {"scored": str(tmp_path / "scored")}, tmp_path / "out")
+
+
+def test_near_duplicate_checks_in_a_process_pool_equal_the_plain_loop():
+    from reward.select import _near_duplicates, near_duplicate
+
+    rng = __import__("random").Random(0)
+    words = ["alpha", "beta", "gamma", "delta", "sky", "blue", "sea", "tree"]
+    pairs = []
+    for i in range(600):
+        a = " ".join(rng.choice(words) for _ in range(30))
+        pairs.append((a, a + " end" if i % 3 == 0 else " ".join(rng.choice(words) for _ in range(30))))
+    plain = [near_duplicate(a, b, 0.95) for a, b in pairs]
+    assert _near_duplicates(pairs, 0.95) == plain and 150 < sum(plain) < 450
+    assert not any(_near_duplicates(pairs, 1.0))  # the check off: nothing computed, nothing dropped
