@@ -23,11 +23,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import datasets
+import pyarrow as pa
 
 from posttrain.config import Pairing, SelectJob
 from posttrain.errors import PosttrainError
 from posttrain.rundir import Inputs, StageResult
-from posttrain.shards import iter_columns
+from posttrain.shards import iter_columns, publish, write_batches
 
 
 def normalize_text(text: str) -> str:
@@ -98,6 +99,26 @@ def candidate_pair(samples: list[dict], pairing: Pairing | str, min_margin: floa
     if margin <= min_margin:
         return None, "below_margin"
     return (chosen, rejected), None
+
+
+def _take(folder: str, indices: list[int], schema: pa.Schema) -> pa.Table:
+    """Rows `indices` of a dataset folder, in that order, read in one streaming pass: only the rows taken are held
+    (a `take` on the memory-mapped dataset can combine whole columns in memory)."""
+    wanted = sorted(indices)
+    parts, start, w = [], 0, 0
+    for table in iter_columns(folder, None, 4096):
+        end, take = start + len(table), []
+        while w < len(wanted) and wanted[w] < end:
+            take.append(wanted[w] - start)
+            w += 1
+        if take:
+            parts.append(table.take(take))
+        start = end
+    if not parts:
+        return schema.empty_table()
+    rows = pa.concat_tables(parts)
+    position = {index: k for k, index in enumerate(wanted)}
+    return rows.take([position[i] for i in indices])
 
 
 def _prompt_groups(folder: str, columns: list[str]) -> Iterator[tuple[str, list[dict]]]:
@@ -185,7 +206,9 @@ def select(job: SelectJob, inputs: Inputs, out: Path) -> StageResult:
     sft_rows = [index for _, index in sorted(sft_rows)]
     pair_rows.sort(key=lambda row: row["prompt_id"])
     # the best rows whole, every column of `scored` (the teacher's log-probs too), copied in Arrow
-    scored.select(sft_rows).save_to_disk(str(out / "sft"), **({"num_shards": 1} if not sft_rows else {}))
+    write_batches(out / "sft.arrow", [_take(inputs["scored"], sft_rows, scored.features.arrow_schema)], scored.features)
+    publish([out / "sft.arrow"], out / "sft", scored.features)
+    (out / "sft.arrow").unlink()
     pair_features = datasets.Features(
         {
             "prompt_id": datasets.Value("string"),
