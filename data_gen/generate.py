@@ -148,8 +148,12 @@ def _sum_stats(stats: list[dict]) -> dict:
     def counter(v):
         return isinstance(v, (int, float)) and not isinstance(v, bool)
 
-    return {k: sum(s.get(k, 0) for s in stats if s) if counter(v) and len(stats) > 1 and k != "tensor_parallel_size"
-            else v for k, v in first.items()}
+    ranks = [s for s in stats if s]
+    return {k: sum(s[k] for s in ranks) if k not in SETTINGS and all(counter(s.get(k)) for s in ranks) else v
+            for k, v in first.items()}
+
+
+SETTINGS = ("tensor_parallel_size", "max_model_len", "gpu_memory_utilization", "max_num_seqs")  # not counters
 
 
 def _features(teacher_logprobs: int) -> datasets.Features:

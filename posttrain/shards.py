@@ -373,7 +373,7 @@ def main(argv: list[str] | None = None) -> None:
     die_with_parent()
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     # torchrun says LOCAL_WORLD_SIZE; DeepSpeed's launcher (a hostfile) says LOCAL_SIZE and narrows
-    # CUDA_VISIBLE_DEVICES to one GPU a process, so there the node's GPUs come from nvidia-smi.
+    # CUDA_VISIBLE_DEVICES to the node's first nproc GPUs, so there the node's GPUs come from nvidia-smi.
     deepspeed = "LOCAL_SIZE" in os.environ and "LOCAL_WORLD_SIZE" not in os.environ
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
     gpus = _visible_gpus(ignore_env=deepspeed)

@@ -31,7 +31,7 @@ class RewardModelScorer:
     [1.73]
     """
 
-    unhashed = ("device", "device_map")  # where it runs, not what it computes: out of the stage hash
+    unhashed = ("device_map",)  # where it runs, not what it computes: out of the stage hash (`device` was always in)
 
     def __init__(
         self,

@@ -165,10 +165,11 @@ def score(cfg: RewardConfig, inputs: Inputs, out: Path) -> StageResult:
     throughput = shards.throughput(time.perf_counter() - started)
     quarantine = [json.loads(line) for i in range(shards.n)
                   for line in open(shards.path(i).with_suffix(".quarantine"))]
-    published = publish(shards.files(), out / "scored", _features(inputs["generations"], list(cfg.rewards)))
-    if published != n:  # shards cut another way than this plan: never publish a partial dataset
-        raise PosttrainError(f"score: the shards in {shards.dir} hold {published} rows, the generations {n}; delete "
+    held = sum(d["rows"] for d in shards.sidecars())
+    if held != n:  # shards cut another way than this plan: never publish a partial dataset
+        raise PosttrainError(f"score: the shards in {shards.dir} hold {held} rows, the generations {n}; delete "
                              f"{shards.dir} to score again")
+    publish(shards.files(), out / "scored", _features(inputs["generations"], list(cfg.rewards)))
     columns = {name: [] for name in cfg.rewards}
     lengths: list[int] = []
     for table in iter_columns(out / "scored", ["completion_tokens", *(f"reward.{r}" for r in cfg.rewards)], 8192):

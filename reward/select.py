@@ -28,7 +28,7 @@ import pyarrow as pa
 from posttrain.config import Pairing, SelectJob
 from posttrain.errors import PosttrainError
 from posttrain.rundir import Inputs, StageResult
-from posttrain.shards import iter_columns, publish, write_batches
+from posttrain.shards import iter_columns, write_batches
 
 
 def normalize_text(text: str) -> str:
@@ -101,24 +101,19 @@ def candidate_pair(samples: list[dict], pairing: Pairing | str, min_margin: floa
     return (chosen, rejected), None
 
 
-def _take(folder: str, indices: list[int], schema: pa.Schema) -> pa.Table:
-    """Rows `indices` of a dataset folder, in that order, read in one streaming pass: only the rows taken are held
-    (a `take` on the memory-mapped dataset can combine whole columns in memory)."""
-    wanted = sorted(indices)
-    parts, start, w = [], 0, 0
+def _taken(folder: str, wanted: list[int]) -> Iterator[pa.Table]:
+    """Rows `wanted` (sorted) of a dataset folder, in one streaming pass, a batch's worth at a time."""
+    start = w = 0
     for table in iter_columns(folder, None, 4096):
+        if w == len(wanted):
+            return
         end, take = start + len(table), []
         while w < len(wanted) and wanted[w] < end:
             take.append(wanted[w] - start)
             w += 1
         if take:
-            parts.append(table.take(take))
+            yield table.take(take)
         start = end
-    if not parts:
-        return schema.empty_table()
-    rows = pa.concat_tables(parts)
-    position = {index: k for k, index in enumerate(wanted)}
-    return rows.take([position[i] for i in indices])
 
 
 def _prompt_groups(folder: str, columns: list[str]) -> Iterator[tuple[str, list[dict]]]:
@@ -206,9 +201,15 @@ def select(job: SelectJob, inputs: Inputs, out: Path) -> StageResult:
     sft_rows = [index for _, index in sorted(sft_rows)]
     pair_rows.sort(key=lambda row: row["prompt_id"])
     # the best rows whole, every column of `scored` (the teacher's log-probs too), copied in Arrow
-    write_batches(out / "sft.arrow", [_take(inputs["scored"], sft_rows, scored.features.arrow_schema)], scored.features)
-    publish([out / "sft.arrow"], out / "sft", scored.features)
-    (out / "sft.arrow").unlink()
+    # (to a file in row order, streaming, then put in prompt id order by datasets in batches)
+    wanted = sorted(sft_rows)
+    write_batches(out / "chosen.arrow", _taken(inputs["scored"], wanted), scored.features)
+    position = {index: k for k, index in enumerate(wanted)}
+    chosen = datasets.Dataset.from_file(str(out / "chosen.arrow"))
+    chosen.select([position[i] for i in sft_rows]).save_to_disk(str(out / "sft"),
+                                                                **({"num_shards": 1} if not sft_rows else {}))
+    del chosen
+    (out / "chosen.arrow").unlink()
     pair_features = datasets.Features(
         {
             "prompt_id": datasets.Value("string"),
