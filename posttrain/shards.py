@@ -106,11 +106,7 @@ def iter_columns(rows: datasets.Dataset | str | Path, columns: list[str] | None 
 
 def count_rows(folder: str | Path) -> int:
     """Rows of a `datasets` folder, from its Arrow files' batch headers."""
-    total = 0
-    for path in arrow_files(folder):
-        with pa.memory_map(str(path)) as f:  # headers only: the buffers are not touched
-            total += sum(b.num_rows for b in pa.ipc.open_stream(f))
-    return total
+    return sum(_file_rows(path) for path in arrow_files(folder))
 
 
 def read_rows(files: list[Path], start: int, stop: int) -> pa.Table:
@@ -202,7 +198,7 @@ def publish(files: list[Path], folder: Path, features: datasets.Features) -> int
 
 
 def _file_rows(path: Path) -> int:
-    with pa.memory_map(str(path)) as f:
+    with pa.memory_map(str(path)) as f:  # headers only: the buffers are not touched
         return sum(b.num_rows for b in pa.ipc.open_stream(f))
 
 

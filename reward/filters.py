@@ -214,8 +214,9 @@ def filter_stage(cfg: FilterConfig, inputs: Inputs, out: Path) -> StageResult:
 
     keep = np.zeros(n, dtype=bool)
     keep[alive] = True
-    write_batches(out / "kept.arrow", _with_added(source, added, keep), _features(source, added))
-    publish([out / "kept.arrow"], out / "kept", _features(source, added))
+    kept_features = _features(source, added)
+    write_batches(out / "kept.arrow", _with_added(source, added, keep), kept_features)
+    publish([out / "kept.arrow"], out / "kept", kept_features)
     gone = sorted(removed_by)
     extra = {"filter": [removed_by[i][0] for i in gone], "reason": [removed_by[i][1] for i in gone]}
     features = _features(source, added, tuple(extra))
