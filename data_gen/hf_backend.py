@@ -12,7 +12,7 @@ from transformers import DynamicCache
 from data_gen.backend import Sampling
 from data_gen.logprobs import sample_fields
 from posttrain.chat import end_of_turn_ids
-from posttrain.models import load_causal_lm, load_tokenizer
+from posttrain.models import inference_dtype, load_causal_lm, load_tokenizer
 
 __all__ = ["HFBackend", "Sampling"]
 
@@ -36,7 +36,7 @@ class HFBackend:
         self,
         model: str,
         batch_size: int = 8,
-        dtype: str = "float32",
+        dtype: str = "auto",
         device: str = "auto",
         prefix_sharing: bool = True,
     ):
@@ -47,7 +47,10 @@ class HFBackend:
         self.tokenizer = load_tokenizer(model)
         # Decoder-only models continue from the last position: pad on the left so it is the prompt's end.
         self.tokenizer.padding_side = "left"
-        self.model = load_causal_lm(model, dtype=dtype).to(self.device).eval()
+        chosen, why = inference_dtype(dtype, self.device)
+        self.model = load_causal_lm(model, dtype=chosen).to(self.device).eval()
+        self.dtype = str(chosen).removeprefix("torch.")
+        print(f"posttrain: {self.model_spec} runs in {self.dtype} on {self.device} ({why})", flush=True)
         self.stop_ids = end_of_turn_ids(self.tokenizer)
 
     @torch.inference_mode()
@@ -166,7 +169,7 @@ class HFBackend:
                 tokens = logits.argmax(-1)
             else:
                 scores = warpers(answers[active, :step], logits)
-                tokens = torch.multinomial(torch.softmax(scores, dim=-1), 1).squeeze(1)
+                tokens = draw(torch.softmax(scores, dim=-1))
             answers[active, step] = tokens
             if k:
                 chosen_lps[active, step] = logprobs.gather(1, tokens[:, None]).squeeze(1)
@@ -182,3 +185,16 @@ class HFBackend:
             step_ids = tokens[:, None]
         sequences = torch.cat([input_ids, answers], dim=1)
         return sequences, ((top_ids, top_lps, chosen_lps) if k else None)
+
+
+def draw(probs: torch.Tensor) -> torch.Tensor:
+    """One token id per row of `probs`, drawn from it by inverse transform sampling: one uniform number a row,
+    found in the row's cumulative sums (float64). The distribution of `torch.multinomial(probs, 1)`, which on a
+    CPU costs ~1.5 ms a row over a 49k vocabulary (40% of a sampling step of SmolLM2-135M) against ~0.03 ms here;
+    the draws are not multinomial's, so a seed gives other samples than before, as repeatably. A token of zero
+    probability is never drawn (the first cumulative sum above the draw belongs to a token that adds mass)."""
+    cdf = probs.double().cumsum(-1)
+    total = cdf[:, -1:]
+    u = torch.rand(total.shape, dtype=torch.float64, device=probs.device) * total
+    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # strictly below the total
+    return torch.searchsorted(cdf, u, right=True).squeeze(1)

@@ -14,9 +14,11 @@ free port).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hmac
 import json
 import os
+import sys
 import threading
 import time
 import uuid
@@ -121,7 +123,8 @@ def main(argv: list[str] | None = None) -> None:
         api_key = os.environ.get(args.api_key_env)
         if not api_key:
             parser.error(f"--api-key-env {args.api_key_env}: that environment variable is not set")
-    backend = HFBackend(args.model, batch_size=args.batch_size)
+    with contextlib.redirect_stdout(sys.stderr):  # stdout's first line is the address, for whoever started us
+        backend = HFBackend(args.model, batch_size=args.batch_size)
     handler = make_handler(backend, args.served_model_name or args.model, api_key, args.delay)
     server = ThreadingHTTPServer(("127.0.0.1", args.port), handler)
     print(f"listening on http://127.0.0.1:{server.server_address[1]}", flush=True)

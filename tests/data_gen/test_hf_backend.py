@@ -15,9 +15,14 @@ PROMPTS = [
 ]
 
 
+# The backends here run in float32: the tests compare token for token with transformers' own `generate`, which
+# bf16 rounding (different for other batch shapes) would break on a CPU where dtype=auto picks bf16.
+FP32 = {"dtype": "float32"}
+
+
 @pytest.fixture(scope="module")
 def backend(tiny_model_dir):
-    return HFBackend(str(tiny_model_dir), batch_size=2)
+    return HFBackend(str(tiny_model_dir), batch_size=2, **FP32)
 
 
 def test_k_completions_per_prompt_with_token_counts(backend):
@@ -58,7 +63,7 @@ class _FixedHead(torch.nn.Module):
 
 
 def test_stops_at_the_templates_end_of_turn(tiny_model_dir):
-    backend = HFBackend(str(tiny_model_dir), batch_size=4)
+    backend = HFBackend(str(tiny_model_dir), batch_size=4, **FP32)
     eot = backend.tokenizer.convert_tokens_to_ids("<|eot_id|>")
     assert eot in backend.stop_ids
     vocab = backend.model.config.vocab_size
@@ -80,7 +85,7 @@ def test_stops_at_the_templates_end_of_turn(tiny_model_dir):
 @pytest.fixture(scope="module")
 def plain(tiny_model_dir):
     """The old path, `generate(num_return_sequences=n)`, as the reference."""
-    return HFBackend(str(tiny_model_dir), batch_size=2, prefix_sharing=False)
+    return HFBackend(str(tiny_model_dir), batch_size=2, prefix_sharing=False, **FP32)
 
 
 def test_prefix_shared_sampling_gives_n_completions_deterministically(backend):
@@ -134,12 +139,13 @@ def _embedded_shapes(backend, prompts, n):
 
 def test_each_prompt_is_prefilled_once_not_n_times(tiny_model_dir):
     n = 8
-    shared, lengths = _embedded_shapes(HFBackend(str(tiny_model_dir), batch_size=1), PROMPTS, n)
+    shared, lengths = _embedded_shapes(HFBackend(str(tiny_model_dir), batch_size=1, **FP32), PROMPTS, n)
     # Per prompt: its first len - 1 tokens once, then its last token once per sample.
     assert shared == [shape for length in lengths for shape in [(1, length - 1), (n, 1)]]
     assert sum(a * b for a, b in shared) == sum(lengths) + len(PROMPTS) * (n - 1)
 
-    plain, _ = _embedded_shapes(HFBackend(str(tiny_model_dir), batch_size=1, prefix_sharing=False), PROMPTS, n)
+    plain, _ = _embedded_shapes(HFBackend(str(tiny_model_dir), batch_size=1, prefix_sharing=False, **FP32),
+                                PROMPTS, n)
     assert plain == [(n, length) for length in lengths]  # the old path encodes each prompt n times
 
 
@@ -169,8 +175,8 @@ def _decode_feeds(backend, prompts, n, sampling):
 
 
 def test_finished_answers_leave_the_batch_and_greedy_answers_still_equal_generates(tiny_model_dir):
-    ours = HFBackend(str(tiny_model_dir), batch_size=4)
-    plain = HFBackend(str(tiny_model_dir), batch_size=4, prefix_sharing=False)
+    ours = HFBackend(str(tiny_model_dir), batch_size=4, **FP32)
+    plain = HFBackend(str(tiny_model_dir), batch_size=4, prefix_sharing=False, **FP32)
     eot = ours.tokenizer.convert_tokens_to_ids("<|eot_id|>")
     for backend in (ours, plain):
         backend.model.lm_head = _EndsSometimes(backend.model.lm_head, eot, 0.3)
@@ -191,3 +197,46 @@ def test_finished_answers_leave_the_batch_and_greedy_answers_still_equal_generat
     assert sum(feeds) == sum(s["completion_tokens"] + (s["finish_reason"] == "stop") for s in answers)
     assert sum(feeds) < len(answers) * max(s["completion_tokens"] for s in answers)
     assert ours.generate(prompts, n=4, sampling=sampled) == out  # still one answer set per seed
+
+
+def test_draw_samples_the_given_distribution_and_never_a_zero_probability_token():
+    from data_gen.hf_backend import draw
+
+    torch.manual_seed(0)
+    probs = torch.zeros(4000, 50)
+    probs[:, [3, 7, 20, 49]] = torch.tensor([0.5, 0.3, 0.15, 0.05])  # the last token included; others impossible
+    counts = torch.bincount(draw(probs), minlength=50).double()
+    assert counts.sum() == 4000 and set(counts.nonzero().squeeze(1).tolist()) == {3, 7, 20, 49}
+    expected = 4000 * torch.tensor([0.5, 0.3, 0.15, 0.05], dtype=torch.float64)
+    chi2 = float(((counts[[3, 7, 20, 49]] - expected) ** 2 / expected).sum())
+    assert chi2 < 16.3  # chi-square, 3 degrees of freedom, p = 0.001
+    # A row whose mass is all on its last token, and unnormalised rows (a total of 2).
+    edge = torch.zeros(3, 5)
+    edge[0, 4] = 1.0
+    edge[1:, 0] = 2.0
+    assert draw(edge).tolist() == [4, 0, 0]
+    torch.manual_seed(1)
+    a = draw(probs[:100])
+    torch.manual_seed(1)
+    assert torch.equal(a, draw(probs[:100]))  # seeded by torch's generator, like multinomial
+
+
+def test_auto_dtype_is_bf16_only_where_the_hardware_has_it(tiny_model_dir, monkeypatch, capsys):
+    from posttrain import models
+
+    backend = HFBackend(str(tiny_model_dir), batch_size=2)  # dtype=auto
+    native = models.native_bf16("cpu")
+    assert backend.dtype == ("bfloat16" if native else "float32")
+    assert f"runs in {backend.dtype} on cpu (dtype=auto: {native or 'no native bf16 here'})" in capsys.readouterr().out
+    # Sampling in bf16 is as repeatable per seed as in fp32.
+    sampling = Sampling(temperature=1.0, max_new_tokens=8, seed=3)
+    assert backend.generate(PROMPTS, n=2, sampling=sampling) == backend.generate(PROMPTS, n=2, sampling=sampling)
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    assert models.inference_dtype("auto", "cpu") == (torch.float32, "dtype=auto: no native bf16 here")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert models.inference_dtype("auto", "cpu") == (torch.bfloat16, "dtype=auto: AVX512-BF16")
+    assert models.inference_dtype("float32", "cpu") == (torch.float32, "dtype=float32")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert models.inference_dtype("auto", "cuda")[0] == torch.float32
