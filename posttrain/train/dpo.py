@@ -53,7 +53,8 @@ def dpo_stage(job: TrainJob, inputs: Inputs, out: Path) -> StageResult:
     """Stage function. `job.train`: the recipe's `dpo` section (DPOConfig); `inputs`: `model` (spec of the SFT
     policy, which is also the reference), `data` (a list of pairs `datasets` folders with prompt_id, messages,
     chosen, rejected) and `user_data` (the local paths of `dpo.data`'s sources, read from `job.train.data`).
-    Output: `model/` (HF folder); `ref_logps/` keeps the pairs with their reference log-probs.
+    Output: `model/` (HF folder); `ref_logps/` keeps the pairs with their reference log-probs (computed once,
+    shared by the seeds of `dpo.seeds`).
     Rows: train and held-out pairs."""
     import datasets
 
@@ -68,6 +69,9 @@ def dpo_stage(job: TrainJob, inputs: Inputs, out: Path) -> StageResult:
         **{k: v for k, v in asdict(job.train).items() if k not in ("enabled", "seeds", "data")},
         "model": resolve_model(inputs["model"]),
         "data": data,
+        # One store for all of `dpo.seeds`: the pairs and the reference (this round's SFT model) are the same for
+        # every seed, so the seeds after the first read the log-probs back (checked against the store's key).
+        "ref_store": str(out / "ref_logps"),
     }
     first, metrics = launch_stage("posttrain.train.dpo", job, settings, out)
     if user_data:
@@ -352,7 +356,7 @@ def train(settings: dict) -> dict:
             processing_class=tokenizer,
             peft_config=peft_config,
             mask_format_tokens=settings["mask_format_tokens"],
-            ref_store=out / "ref_logps",
+            ref_store=Path(settings.get("ref_store") or out / "ref_logps"),
         )
     metrics: dict = {
         "train_rows": len(trainer.train_dataset),

@@ -305,3 +305,25 @@ def test_content_that_spells_special_tokens_stays_text(tiny_model_dir, tmp_path)
     batch = _batch(trainer)
     assert batch["format_mask"].sum(dim=1).tolist() == [1] * 8  # one terminator per chosen and rejected
     assert torch.equal(batch["format_mask"], _end_tokens(trainer, batch))
+
+
+def test_seeds_share_one_reference_pass(tiny_model_dir, pairs_dir, tmp_path, monkeypatch):
+    """`dpo.seeds`: the pairs and the reference are every seed's, so the stage computes the reference log-probs
+    once (the first seed) and the other seeds read them back from the stage's `ref_logps/`."""
+    from posttrain.train import dpo
+
+    out = tmp_path / "dpo"
+    out.mkdir()
+    settings = _settings(tiny_model_dir, pairs_dir, out, eval_fraction=0.2, max_steps=1)
+    sent = {}
+    monkeypatch.setattr(dpo, "launch_stage", lambda module, job, s, o: sent.update(s) or ({"train_rows": 1,
+                                                                                         "eval_rows": 1}, {}))
+    dpo.dpo_stage(TrainJob(train=DPOConfig(seeds=[1, 2])), {"model": str(tiny_model_dir), "data": [str(pairs_dir)]},
+                  out)
+    assert sent["ref_store"] == str(out / "ref_logps")
+    seeds = [train({**settings, "seed": s, "output_dir": str(out / f"seed_{s}"), "ref_store": sent["ref_store"]})
+             for s in (1, 2)]
+    assert [m["ref_logps"] for m in seeds] == [{"train": "computed", "eval": "computed"},
+                                               {"train": "stored", "eval": "stored"}]
+    assert not (out / "seed_1" / "ref_logps").exists() and (out / "ref_logps" / "train").is_dir()
+    assert seeds[0]["train_logp_accuracy_before"] == seeds[1]["train_logp_accuracy_before"]
