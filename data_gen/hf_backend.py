@@ -107,35 +107,37 @@ class HFBackend:
             eos_token_id=self.stop_ids,
             pad_token_id=self.tokenizer.pad_token_id,
         )
-        if not self.prefix_sharing or input_ids.shape[1] < 2:
+        if not self.prefix_sharing:
             return self.model.generate(
                 input_ids=input_ids, attention_mask=attention_mask, num_return_sequences=k, **options
             ), None
-        # Prefill all but the last prompt token once per prompt. The last one is the decoding loop's first input:
-        # its logits give the first answer token; positions come from the full mask, as in the plain path.
+        # Prefill each prompt once; the logits at its last token give the first answer token of all k samples.
         cache = DynamicCache(config=self.model.config)
-        head_ids, head_mask = input_ids[:, :-1], attention_mask[:, :-1]
-        self.model(
-            input_ids=head_ids,
-            attention_mask=head_mask,
+        first = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
             # What `generate` would use: left padding does not shift the real tokens' positions.
-            position_ids=(head_mask.long().cumsum(-1) - 1).masked_fill(head_mask == 0, 0),
+            position_ids=(attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0),
             past_key_values=cache,
             use_cache=True,
-            logits_to_keep=1,  # the prefill's logits are not used
-        )
-        # Honest limit: the prefill compute is shared, but the cache is then copied k times, one per sample;
-        # memory is not shared copy-on-write pages as in vLLM's PagedAttention.
-        cache.batch_repeat_interleave(k)
-        return self._decode(input_ids.repeat_interleave(k, dim=0), attention_mask.repeat_interleave(k, dim=0),
-                            cache, sampling)
+            logits_to_keep=1,
+        ).logits[:, -1, :].float()
+        if k > 1:
+            # Honest limit: the prefill compute is shared, but the cache is then copied k times, one per sample;
+            # memory is not shared copy-on-write pages as in vLLM's PagedAttention.
+            cache.batch_repeat_interleave(k)
+            first = first.repeat_interleave(k, dim=0)
+            input_ids = input_ids.repeat_interleave(k, dim=0)
+            attention_mask = attention_mask.repeat_interleave(k, dim=0)
+        return self._decode(input_ids, attention_mask, cache, first, sampling)
 
-    def _decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache, sampling: Sampling):
-        """Decode from `cache` (every prompt token but the last already in it) until each row writes an
-        end-of-turn token or `max_new_tokens`; a finished row is dropped from the batch. Returns the rows as
-        `generate` does: prompt + answer, right-padded with the pad token after an answer's end; and, with
-        `sampling.top_logprobs` = k, the k most likely next tokens of every row's steps ([rows, steps, k] ids and
-        log-probs, and the log-prob of each token taken [rows, steps]), else None."""
+    def _decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache, first: torch.Tensor,
+                sampling: Sampling):
+        """Decode from `cache` (the prompts prefilled) and `first`, the float logits at each row's last prompt
+        token, until each row writes an end-of-turn token or `max_new_tokens`; a finished row is dropped from the
+        batch. Returns the rows as `generate` does: prompt + answer, right-padded with the pad token after an
+        answer's end; and, with `sampling.top_logprobs` = k, the k most likely next tokens of every row's steps
+        ([rows, steps, k] ids and log-probs, and the log-prob of each token taken [rows, steps]), else None."""
         from transformers.generation.logits_process import (
             LogitsProcessorList,
             TemperatureLogitsWarper,
@@ -151,16 +153,18 @@ class HFBackend:
                              device=input_ids.device)
         active = torch.arange(rows, device=input_ids.device)  # the batch's rows, by their index in `answers`
         mask = attention_mask
-        step_ids = input_ids[:, -1:]
+        step_ids = None
         positions = mask.long().sum(-1, keepdim=True) - 1  # left padding does not shift the real tokens
         k = sampling.top_logprobs
         if k:
             top_ids = torch.zeros((rows, sampling.max_new_tokens, k), dtype=torch.int32, device=input_ids.device)
             top_lps = torch.zeros((rows, sampling.max_new_tokens, k), dtype=torch.float32, device=input_ids.device)
             chosen_lps = torch.zeros((rows, sampling.max_new_tokens), dtype=torch.float32, device=input_ids.device)
+        logits = first
         for step in range(sampling.max_new_tokens):
-            logits = self.model(input_ids=step_ids, attention_mask=mask, position_ids=positions,
-                                past_key_values=cache, use_cache=True).logits[:, -1, :].float()
+            if step:  # the prefill gave step 0's logits; then each step feeds the token drawn before it
+                logits = self.model(input_ids=step_ids, attention_mask=mask, position_ids=positions,
+                                    past_key_values=cache, use_cache=True).logits[:, -1, :].float()
             if k:
                 logprobs = torch.log_softmax(logits, dim=-1)
                 top_lps[active, step], ids = logprobs.topk(k, dim=-1)
