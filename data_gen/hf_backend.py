@@ -53,6 +53,10 @@ class HFBackend:
         print(f"posttrain: {self.model_spec} runs in {self.dtype} on {self.device} ({why})", flush=True)
         self.stop_ids = end_of_turn_ids(self.tokenizer)
 
+    def stats(self) -> dict:
+        """What the generate stage's manifest entry records of this backend: the precision it chose."""
+        return {"engine": "hf", "dtype": self.dtype, "device": self.device}
+
     @torch.inference_mode()
     def generate(self, prompts: list[list[dict]], n: int, sampling: Sampling) -> list[list[dict]]:
         """Sample `n` completions for each chat prompt (a list of messages). Returns, per prompt, `n` dicts with

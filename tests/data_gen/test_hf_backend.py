@@ -228,6 +228,7 @@ def test_auto_dtype_is_bf16_only_where_the_hardware_has_it(tiny_model_dir, monke
     backend = HFBackend(str(tiny_model_dir), batch_size=2)  # dtype=auto
     native = models.native_bf16("cpu")
     assert backend.dtype == ("bfloat16" if native else "float32")
+    assert backend.stats() == {"engine": "hf", "dtype": backend.dtype, "device": "cpu"}
     assert f"runs in {backend.dtype} on cpu (dtype=auto: {native or 'no native bf16 here'})" in capsys.readouterr().out
     # Sampling in bf16 is as repeatable per seed as in fp32.
     sampling = Sampling(temperature=1.0, max_new_tokens=8, seed=3)
