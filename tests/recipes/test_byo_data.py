@@ -110,6 +110,7 @@ def test_the_tiny_recipe_trains_on_the_users_data_mixed_by_weight(seeded):
     # Token-level distillation: the teacher's top-32 at every generated token, stored compactly, carried through
     # score, filter and select to the SFT rows; the user's rows train with cross-entropy only.
     assert gen.features["topk_logprobs"].feature.feature.dtype == "float16"
+    assert entry(manifest, "generate")["metrics"]["backend"]["dtype"] == "float32"  # not bf16 for KD targets
     assert gen.features["topk_ids"].feature.feature.dtype == "int32"
     for r in gen:
         assert len(r["topk_ids"]) == r["completion_tokens"] + (r["finish_reason"] == "stop")
