@@ -203,6 +203,8 @@ def draw(probs: torch.Tensor) -> torch.Tensor:
     probability is never drawn (the first cumulative sum above the draw belongs to a token that adds mass)."""
     cdf = probs.double().cumsum(-1)
     total = cdf[:, -1:]
+    if not (torch.isfinite(total) & (total > 0)).all():  # as torch.multinomial refuses such rows
+        raise ValueError("draw: a row of probabilities is NaN, infinite or all zero (logits overflowed?)")
     u = torch.rand(total.shape, dtype=torch.float64, device=probs.device) * total
     u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # strictly below the total
     return torch.searchsorted(cdf, u, right=True).squeeze(1)

@@ -281,14 +281,18 @@ def native_bf16(device: str = "cpu") -> str | None:
     import torch
 
     if str(device).startswith("cuda"):
-        return "CUDA" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else None
+        # emulated on GPUs before Ampere (T4, V100), which `is_bf16_supported()` counts by default
+        native = torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+        return "CUDA" if native else None
     cpu = getattr(torch, "cpu", None)
     if str(device) != "cpu" or cpu is None:
         return None
-    for name, check in (("AMX-BF16", "_is_amx_tile_supported"), ("AVX512-BF16", "_is_avx512_bf16_supported")):
-        probe = getattr(cpu, check, None)
-        if probe is not None and probe():
-            return name
+    flags = cpu.get_capabilities() if hasattr(cpu, "get_capabilities") else {}
+    if flags.get("amx_bf16"):
+        return "AMX-BF16"
+    probe = getattr(cpu, "_is_avx512_bf16_supported", None)
+    if flags.get("avx512_bf16") or (probe is not None and probe()):
+        return "AVX512-BF16"
     return None
 
 

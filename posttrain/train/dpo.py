@@ -267,18 +267,30 @@ def _llama3_dpo_trainer_class():
             return datasets.load_from_disk(str(folder))  # memory-mapped
 
         def _model_hash(self) -> str:
-            """TRL's hash of the initial policy's weights. Under ZeRO-3 TRL hashes a rank's state_dict, which holds
-            empty shards (the key would not change with the weights), so the weights are gathered and hashed one
-            tensor at a time instead, on every rank."""
+            """The reference's weights, hashed. TRL's hash (`hash_module`) covers every parameter: with a LoRA
+            adapter that includes its randomly initialised factors, different for every seed, though TRL's
+            reference is the model with the adapter switched off; and under ZeRO-3 a rank's state_dict holds empty
+            shards (the key would not change with the weights). In those two cases the base weights are hashed
+            here instead, one tensor at a time (gathered under ZeRO-3, on every rank)."""
             plugin = self.accelerator.state.deepspeed_plugin
-            if plugin is None or plugin.zero_stage != 3:
+            zero3 = plugin is not None and plugin.zero_stage == 3
+            lora = any("lora_" in name for name, _ in self.model.named_parameters())
+            if not (zero3 or lora):
                 return self._precompute_model_hash
             if self._gathered_hash is None:
-                import deepspeed
+                import contextlib
 
                 h = hashlib.sha256()
                 for name, param in sorted(self.model.named_parameters(), key=lambda item: item[0]):
-                    with deepspeed.zero.GatheredParameters([param]):
+                    if "lora_" in name:
+                        continue
+                    if zero3:
+                        import deepspeed
+
+                        gathered = deepspeed.zero.GatheredParameters([param])
+                    else:
+                        gathered = contextlib.nullcontext()
+                    with gathered:
                         h.update(name.encode())
                         h.update(param.detach().float().cpu().numpy().tobytes())
                 self._gathered_hash = h.hexdigest()

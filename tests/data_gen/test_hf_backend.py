@@ -226,19 +226,37 @@ def test_auto_dtype_is_bf16_only_where_the_hardware_has_it(tiny_model_dir, monke
     from posttrain import models
 
     backend = HFBackend(str(tiny_model_dir), batch_size=2)  # dtype=auto
-    native = models.native_bf16("cpu")
+    native = models.native_bf16(backend.device)
     assert backend.dtype == ("bfloat16" if native else "float32")
-    assert backend.stats() == {"engine": "hf", "dtype": backend.dtype, "device": "cpu"}
-    assert f"runs in {backend.dtype} on cpu (dtype=auto: {native or 'no native bf16 here'})" in capsys.readouterr().out
+    assert next(backend.model.parameters()).dtype == getattr(torch, backend.dtype)
+    assert backend.stats() == {"engine": "hf", "dtype": backend.dtype, "device": backend.device}
+    assert (f"runs in {backend.dtype} on {backend.device} (dtype=auto: {native or 'no native bf16 here'})"
+            in capsys.readouterr().out)
     # Sampling in bf16 is as repeatable per seed as in fp32.
     sampling = Sampling(temperature=1.0, max_new_tokens=8, seed=3)
     assert backend.generate(PROMPTS, n=2, sampling=sampling) == backend.generate(PROMPTS, n=2, sampling=sampling)
 
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    # The CPU's flags decide: AMX-BF16 or AVX512-BF16 (recent Xeons), else fp32 (bf16 would be emulated).
+    def cpu_with(**flags):
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"amx_bf16": False, "avx512_bf16": False, **flags},
+                            raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: flags.get("avx512_bf16", False),
+                            raising=False)
+
+    cpu_with()
     assert models.inference_dtype("auto", "cpu") == (torch.float32, "dtype=auto: no native bf16 here")
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    cpu_with(avx512_bf16=True)
     assert models.inference_dtype("auto", "cpu") == (torch.bfloat16, "dtype=auto: AVX512-BF16")
+    cpu_with(amx_bf16=True, avx512_bf16=True)
+    assert models.inference_dtype("auto", "cpu") == (torch.bfloat16, "dtype=auto: AMX-BF16")
     assert models.inference_dtype("float32", "cpu") == (torch.float32, "dtype=float32")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert models.inference_dtype("auto", "cuda")[0] == torch.float32
+
+
+def test_draw_refuses_a_row_without_probability_mass():
+    from data_gen.hf_backend import draw
+
+    for bad in (torch.zeros(2, 5), torch.full((1, 5), float("nan"))):
+        with pytest.raises(ValueError, match="NaN, infinite or all zero"):
+            draw(bad)

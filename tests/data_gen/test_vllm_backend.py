@@ -188,7 +188,7 @@ def test_real_engine_n_samples_finish_reasons_and_seeding(engine):
 
 def test_real_engine_top_logprobs_equal_the_hf_backends(engine):
     sampling = Sampling(temperature=0, max_new_tokens=12, top_logprobs=5)
-    hf = HFBackend(TINY, batch_size=2)
+    hf = HFBackend(TINY, batch_size=2, dtype="float32")  # as the engine above
     for got, want in zip(engine.generate(PROMPTS, 1, sampling), hf.generate(PROMPTS, 1, sampling)):
         assert got[0]["completion_ids"] == want[0]["completion_ids"]
         assert got[0]["topk_ids"] == want[0]["topk_ids"]
@@ -197,7 +197,7 @@ def test_real_engine_top_logprobs_equal_the_hf_backends(engine):
 
 def test_real_engine_greedy_equals_hf_backend_greedy(engine):
     sampling = Sampling(temperature=0, max_new_tokens=16)
-    hf = HFBackend(TINY, batch_size=2)
+    hf = HFBackend(TINY, batch_size=2, dtype="float32")  # as the engine above
     assert engine.generate(PROMPTS, n=2, sampling=sampling) == hf.generate(PROMPTS, n=2, sampling=sampling)
 
 

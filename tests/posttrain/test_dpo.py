@@ -307,14 +307,18 @@ def test_content_that_spells_special_tokens_stays_text(tiny_model_dir, tmp_path)
     assert torch.equal(batch["format_mask"], _end_tokens(trainer, batch))
 
 
-def test_seeds_share_one_reference_pass(tiny_model_dir, pairs_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("lora", [False, True])
+def test_seeds_share_one_reference_pass(tiny_model_dir, pairs_dir, tmp_path, monkeypatch, lora):
     """`dpo.seeds`: the pairs and the reference are every seed's, so the stage computes the reference log-probs
-    once (the first seed) and the other seeds read them back from the stage's `ref_logps/`."""
+    once (the first seed) and the other seeds read them back from the stage's `ref_logps/`; with LoRA too, whose
+    adapter starts from other random factors in every seed (the reference is the model without it)."""
+    from posttrain.config import LoraConfig
     from posttrain.train import dpo
 
     out = tmp_path / "dpo"
     out.mkdir()
-    settings = _settings(tiny_model_dir, pairs_dir, out, eval_fraction=0.2, max_steps=1)
+    adapter = LoraConfig(enabled=lora, r=4, alpha=8, target_modules=["q_proj", "v_proj"])
+    settings = _settings(tiny_model_dir, pairs_dir, out, eval_fraction=0.2, max_steps=1, lora=adapter)
     sent = {}
     monkeypatch.setattr(dpo, "launch_stage", lambda module, job, s, o: sent.update(s) or ({"train_rows": 1,
                                                                                          "eval_rows": 1}, {}))

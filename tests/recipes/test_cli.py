@@ -85,10 +85,13 @@ def test_tiny_round_distills_teacher_into_student(finished):
                                                                                             "dataset_info.json"})
     assert entries["score"]["metrics"]["throughput"]["rows"] == 48 and entries["generate"]["metrics"][
         "throughput"]["shards"] == 12  # 24 prompts in shards of the backend's batch size (2)
+    import torch
+
     from posttrain.models import native_bf16  # the precision the backend chose, on record
 
-    assert gen["metrics"]["backend"] == {"engine": "hf", "dtype": "bfloat16" if native_bf16() else "float32",
-                                         "device": "cpu"}
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    assert gen["metrics"]["backend"] == {"engine": "hf", "dtype": "bfloat16" if native_bf16(device) else "float32",
+                                         "device": device}
 
     rows = datasets.load_from_disk(str(run_dir / gen["outputs"]["generations"]))
     assert len(rows) == 24 * 2 == gen["rows"]  # K=2 completions per prompt
