@@ -116,6 +116,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--served-model-name", default=None, help="the name reported back (default: --model)")
     parser.add_argument("--api-key-env", default=None, help="environment variable holding the required key")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--dtype", default="auto",
+                        help="auto (bf16 where the hardware has it, posttrain.models.inference_dtype), float32, ...")
     parser.add_argument("--delay", type=float, default=0.0, help="seconds to wait before each completion (tests)")
     args = parser.parse_args(argv)
     api_key = None
@@ -124,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
         if not api_key:
             parser.error(f"--api-key-env {args.api_key_env}: that environment variable is not set")
     with contextlib.redirect_stdout(sys.stderr):  # stdout's first line is the address, for whoever started us
-        backend = HFBackend(args.model, batch_size=args.batch_size)
+        backend = HFBackend(args.model, batch_size=args.batch_size, dtype=args.dtype)
     handler = make_handler(backend, args.served_model_name or args.model, api_key, args.delay)
     server = ThreadingHTTPServer(("127.0.0.1", args.port), handler)
     print(f"listening on http://127.0.0.1:{server.server_address[1]}", flush=True)
