@@ -261,15 +261,16 @@ def load_tokenizer(spec: str):
 
 def torch_dtype(dtype):
     """A torch dtype from a recipe's `model.dtype` ("auto", "float32", "bfloat16", "float16") or a torch.dtype.
-    "auto": bfloat16 on a CUDA GPU that supports it (weights and training, as Llama 3 trains), float32 elsewhere
-    (CPU training in bf16 is slower to converge and not what the tests measure)."""
+    "auto": bfloat16 on a CUDA GPU that has it natively (Ampere and later; weights and training, as Llama 3
+    trains), float32 elsewhere (emulated bf16 on older GPUs is slower than fp32; on CPU, see the README)."""
     import torch
 
     if isinstance(dtype, torch.dtype):
         return dtype
     name = str(dtype)
     if name == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+        native = torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+        return torch.bfloat16 if native else torch.float32  # emulated bf16 (T4, V100) is slower than fp32
     if name not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, not {name!r}")
     return getattr(torch, name)

@@ -237,6 +237,7 @@ def _llama3_dpo_trainer_class():
                 "mask_format_tokens": self._mask_format_tokens,
                 "max_length": self.args.max_length,
                 "truncation_mode": self.args.truncation_mode,
+                "precision": "bf16" if self.args.bf16 else "fp16" if self.args.fp16 else "fp32",  # autocast
             }
             key_file = folder / "posttrain_ref_key.json"
             if key_file.is_file() and json.loads(key_file.read_text()) == key:
@@ -274,7 +275,9 @@ def _llama3_dpo_trainer_class():
             here instead, one tensor at a time (gathered under ZeRO-3, on every rank)."""
             plugin = self.accelerator.state.deepspeed_plugin
             zero3 = plugin is not None and plugin.zero_stage == 3
-            lora = any("lora_" in name for name, _ in self.model.named_parameters())
+            # A PeftModel whose reference is its own "ref" adapter (TRL's other LoRA path) keeps TRL's hash.
+            own_ref = "ref" in getattr(self.model, "peft_config", {})
+            lora = not own_ref and any("lora_" in name for name, _ in self.model.named_parameters())
             if not (zero3 or lora):
                 return self._precompute_model_hash
             if self._gathered_hash is None:
@@ -291,7 +294,7 @@ def _llama3_dpo_trainer_class():
                     else:
                         gathered = contextlib.nullcontext()
                     with gathered:
-                        h.update(name.encode())
+                        h.update(f"{name} {param.dtype}".encode())
                         h.update(param.detach().float().cpu().numpy().tobytes())
                 self._gathered_hash = h.hexdigest()
             return self._gathered_hash
