@@ -285,7 +285,7 @@ def _llama3_dpo_trainer_class():
 
                 h = hashlib.sha256()
                 for name, param in sorted(self.model.named_parameters(), key=lambda item: item[0]):
-                    if "lora_" in name:
+                    if lora and "lora_" in name:  # the seed's adapter, not the reference
                         continue
                     if zero3:
                         import deepspeed
