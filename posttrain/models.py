@@ -269,8 +269,7 @@ def torch_dtype(dtype):
         return dtype
     name = str(dtype)
     if name == "auto":
-        native = torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
-        return torch.bfloat16 if native else torch.float32  # emulated bf16 (T4, V100) is slower than fp32
+        return torch.bfloat16 if native_bf16("cuda") else torch.float32  # emulated bf16 (T4, V100): fp32
     if name not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, not {name!r}")
     return getattr(torch, name)
@@ -289,12 +288,7 @@ def native_bf16(device: str = "cpu") -> str | None:
     if str(device) != "cpu" or cpu is None:
         return None
     flags = cpu.get_capabilities() if hasattr(cpu, "get_capabilities") else {}
-    if flags.get("amx_bf16"):
-        return "AMX-BF16"
-    probe = getattr(cpu, "_is_avx512_bf16_supported", None)
-    if flags.get("avx512_bf16") or (probe is not None and probe()):
-        return "AVX512-BF16"
-    return None
+    return "AMX-BF16" if flags.get("amx_bf16") else "AVX512-BF16" if flags.get("avx512_bf16") else None
 
 
 def inference_dtype(dtype="auto", device: str = "cpu"):

@@ -283,17 +283,18 @@ def _llama3_dpo_trainer_class():
             if self._gathered_hash is None:
                 import contextlib
 
+                def gather(param):  # the whole tensor on every rank under ZeRO-3; as it is otherwise
+                    if not zero3:
+                        return contextlib.nullcontext()
+                    import deepspeed
+
+                    return deepspeed.zero.GatheredParameters([param])
+
                 h = hashlib.sha256()
                 for name, param in sorted(self.model.named_parameters(), key=lambda item: item[0]):
                     if lora and "lora_" in name:  # the seed's adapter, not the reference
                         continue
-                    if zero3:
-                        import deepspeed
-
-                        gathered = deepspeed.zero.GatheredParameters([param])
-                    else:
-                        gathered = contextlib.nullcontext()
-                    with gathered:
+                    with gather(param):
                         h.update(f"{name} {param.dtype}".encode())
                         h.update(param.detach().float().cpu().numpy().tobytes())
                 self._gathered_hash = h.hexdigest()

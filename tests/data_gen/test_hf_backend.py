@@ -240,8 +240,6 @@ def test_auto_dtype_is_bf16_only_where_the_hardware_has_it(tiny_model_dir, monke
     def cpu_with(**flags):
         monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"amx_bf16": False, "avx512_bf16": False, **flags},
                             raising=False)
-        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: flags.get("avx512_bf16", False),
-                            raising=False)
 
     cpu_with()
     assert models.inference_dtype("auto", "cpu") == (torch.float32, "dtype=auto: no native bf16 here")
