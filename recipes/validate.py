@@ -35,6 +35,8 @@ DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_
               "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm")
 
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # the hf backend's (posttrain.models.inference_dtype)
+
 def _optimizers() -> set[str]:
     from transformers.training_args import OptimizerNames
 
@@ -287,6 +289,9 @@ def _round_problems(rc: DictConfig, where: str) -> list[str]:
                             f"reward.rewards or rm.enabled")
     for key in ("generate.backend", "evals.backend"):
         node = OmegaConf.select(rc, key)
+        dtype = node.get("dtype", "auto") if node is not None else "auto"
+        if node is not None and node.get("_target_") == "data_gen.hf_backend.HFBackend" and dtype not in DTYPES:
+            problems.append(f"{where}{key}.dtype: {dtype!r} is not one of {list(DTYPES)}")
         if node is not None and node.get("_target_") == "data_gen.openai_backend.OpenAIBackend":
             env = node.get("api_key_env", "OPENAI_API_KEY")
             if env and not os.environ.get(env) and rc.dry_run:

@@ -88,6 +88,13 @@ def test_unknown_backend_argument():
     assert "'model'" not in msg  # posttrain passes `model` itself; the hint lists only what a recipe may set
 
 
+def test_an_unknown_backend_dtype_is_refused_by_key():
+    msg = problems("+generate.backend.dtype=fp8", "+evals.backend.dtype=bf16")
+    assert "generate.backend.dtype: 'fp8' is not one of ['auto', 'float32', 'bfloat16', 'float16']" in msg
+    assert "evals.backend.dtype: 'bf16' is not one of" in msg
+    validate(recipe("+generate.backend.dtype=float32"))  # a known one passes
+
+
 @pytest.fixture
 def user_backend(tmp_path, monkeypatch):
     """A user's backend class in a module `mypkg` on sys.path."""
