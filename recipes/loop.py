@@ -30,6 +30,7 @@ from posttrain.config import EvalJob, GenerateJob, Init, ScoreJob, SelectJob, So
 from posttrain.models import resolve_path
 from posttrain.rundir import RunDir, Stage, redact, redact_override
 from posttrain.sources import fingerprint_path, parse_sources
+from posttrain.train import forkserver
 from posttrain.train.dpo import dpo_stage
 from posttrain.train.rm import rm_stage
 from posttrain.train.sft import sft_stage
@@ -180,6 +181,10 @@ def run(cfg: DictConfig, run_dir: str | None = None, stages: list[Stage] = STAGE
     """Bring the run in `run_dir` (default `cfg.run_dir`) up to round `cfg.round`. `stages`: the stage table
     (tests swap in stub stages with the same names); `overrides`: the command line's, kept (redacted) in
     overrides.yaml beside config.yaml."""
+    launcher = OmegaConf.select(cfg, "launch.launcher")
+    if not cfg.dry_run and cfg.round >= 1 and getattr(launcher, "name", launcher) == "direct" \
+            and OmegaConf.select(cfg, "launch.preload", default=True):
+        forkserver.start()  # its imports run beside the validation's (posttrain/train/forkserver.py)
     rounds = validate(cfg)
     rd = RunDir(run_dir or cfg.run_dir, stages, redo=list(cfg.redo), dry_run=cfg.dry_run)
     log = contextlib.ExitStack()

@@ -26,11 +26,9 @@ directory.
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -40,6 +38,7 @@ from pathlib import Path
 
 from posttrain.config import TrainJob
 from posttrain.errors import PosttrainError
+from posttrain.train.forkserver import die_with_parent
 
 LAUNCHERS = ("direct", "torchrun", "accelerate")
 DEFAULTS = {"launcher": "direct", "nproc": 1, "nnodes": 1, "node_rank": 0, "master_addr": None, "master_port": None,
@@ -50,12 +49,6 @@ class StageFailed(PosttrainError):
     pass
 
 
-def die_with_parent() -> None:
-    """Have the kernel SIGKILL this process when its parent dies (Linux; elsewhere a no-op)."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:  # not Linux: the child may outlive a killed driver
-        pass
 
 
 def threads_per_process(processes: int = 1) -> int:
@@ -183,20 +176,31 @@ def run_training(module: str, settings: dict, work_dir: Path, launch: dict, log_
     config_path.write_text(json.dumps(settings, indent=2, sort_keys=True, default=str))
     env = stage_env(work_dir, launch, group)
     tail: deque[bytes] = deque(maxlen=64)  # last chunks of output, for the error message
+    forked = launch["launcher"] == "direct" and launch.get("preload", True)
     with open(work_dir / log_name, "ab") as log:
-        log.write(f"$ {' '.join(cmd)}\n".encode())
-        with subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent
-        ) as proc:
-            assert proc.stdout is not None
+        how = "  (a fork of the preloaded server: posttrain/train/forkserver.py)" if forked else ""
+        log.write(f"$ {' '.join(cmd)}{how}\n".encode())
+
+        def relay(fd: int) -> None:
             # Chunks, not lines: progress bars redraw with \r and would otherwise show only when they finish.
-            for chunk in iter(lambda: os.read(proc.stdout.fileno(), 1 << 16), b""):
+            for chunk in iter(lambda: os.read(fd, 1 << 16), b""):
                 log.write(chunk)
                 log.flush()
                 sys.stderr.buffer.write(chunk)
                 sys.stderr.flush()
                 tail.append(chunk)
-            code = proc.wait()
+
+        if forked:
+            from posttrain.train import forkserver
+
+            code = forkserver.run(module, config_path, env, relay)
+        else:
+            with subprocess.Popen(
+                cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_parent
+            ) as proc:
+                assert proc.stdout is not None
+                relay(proc.stdout.fileno())
+                code = proc.wait()
     if code != 0:
         last = b"".join(tail).decode(errors="replace").replace("\r", "\n").splitlines()[-30:]
         raise StageFailed(

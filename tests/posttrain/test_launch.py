@@ -285,3 +285,103 @@ def test_cpu_threads_are_the_cores_this_process_may_use_shared_by_the_nodes_proc
     assert (direct["OMP_NUM_THREADS"], torchrun["OMP_NUM_THREADS"]) == ("16", "4")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # what the user (or the tests) exported wins
     assert stage_env(tmp_path, DEFAULTS, "g")["OMP_NUM_THREADS"] == "1"
+
+
+PROBE = '''
+import os, sys
+import torch
+print("name", __name__, "argv", sys.argv[1:], "cwd", os.getcwd(), flush=True)
+print("env", os.environ.get("PROBE_VALUE"), os.environ["TENSORBOARD_LOGGING_DIR"], "threads", torch.get_num_threads())
+print("to stderr", file=sys.stderr)
+sys.exit(int(os.environ.get("PROBE_EXIT", "0")))
+'''
+
+
+@pytest.mark.parametrize("preload", [True, False])
+def test_a_forked_stage_process_is_a_python_dash_m_run(tmp_path, monkeypatch, preload):
+    """launch.preload forks the stage's process from the server that imported the libraries: it sees what a fresh
+    `python -m module CONFIG` would (its own `__main__`, argv, the stage's environment and working directory,
+    OMP_NUM_THREADS applied), its output reaches the log, and its exit code fails the stage the same way."""
+    (tmp_path / "probe_trainer.py").write_text(PROBE)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    monkeypatch.setenv("PROBE_VALUE", "seen")
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    monkeypatch.chdir(tmp_path)
+    launch = {"launcher": "direct", "preload": preload}
+    run_training("probe_trainer", {}, tmp_path, launch)
+    log = (tmp_path / "train.log").read_text()
+    assert (" (a fork of the preloaded server" in log.splitlines()[0]) is preload
+    config = tmp_path / "train_config.json"
+    assert f"name __main__ argv ['{config}'] cwd {tmp_path}\n" in log
+    assert f"env seen {tmp_path / 'tensorboard'} threads 2\n" in log and "to stderr\n" in log
+    monkeypatch.setenv("PROBE_EXIT", "3")
+    with pytest.raises(StageFailed, match="probe_trainer exited with code 3") as err:
+        run_training("probe_trainer", {}, tmp_path, launch)
+    assert "to stderr" in str(err.value)
+
+
+def test_a_killed_driver_leaves_no_forked_trainer(tmp_path):
+    """SIGKILL the driver while a forked stage runs: the server and the stage's process die with it. The driver is
+    a script without an `if __name__ == "__main__"` guard (the fork never re-imports it)."""
+    import signal
+    import subprocess
+    import time
+
+    (tmp_path / "sleepy_trainer.py").write_text(
+        "import os, sys, time\nopen(sys.argv[1] + '.pid', 'w').write(str(os.getpid()))\ntime.sleep(120)\n")
+    (tmp_path / "driver.py").write_text(
+        "import sys\nfrom pathlib import Path\nfrom posttrain.train.launch import run_training\n"
+        "run_training('sleepy_trainer', {}, Path(sys.argv[1]), {'launcher': 'direct'})\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    driver = subprocess.Popen([sys.executable, str(tmp_path / "driver.py"), str(tmp_path)], env=env)
+    pid_file = tmp_path / "train_config.json.pid"
+    deadline = time.monotonic() + 120
+    while not pid_file.exists() or not pid_file.read_text():
+        assert driver.poll() is None and time.monotonic() < deadline, "the forked trainer never started"
+        time.sleep(0.2)
+    trainer = int(pid_file.read_text())
+    assert trainer != driver.pid and _parent(trainer) != driver.pid  # a fork of the server, not of the driver
+    server = _parent(trainer)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    deadline = time.monotonic() + 20
+    while _alive(trainer) or _alive(server):
+        assert time.monotonic() < deadline, "a process outlived the killed driver"
+        time.sleep(0.2)
+
+
+def _parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_forked_stage_trains_the_same_model_as_a_subprocess(tmp_path):
+    """The tiny model's SFT stage, forked (launch.preload, the default) and as a plain subprocess: the same
+    weights to the last bit."""
+    import datasets
+    from safetensors.torch import load_file
+
+    from posttrain.config import SFTConfig, TrainJob
+    from posttrain.train.sft import sft_stage
+
+    rows = [{"prompt_id": f"p{i}", "messages": [{"role": "user", "content": f"Name a number near {i}."}],
+             "text": f"{i + 1} is near {i}."} for i in range(12)]
+    data = tmp_path / "generations"
+    datasets.Dataset.from_list(rows).save_to_disk(str(data))
+    sft = SFTConfig(learning_rate=3e-3, epochs=1, batch_size=4, max_length=64, logging_steps=1, save_steps=1000,
+                    eval_fraction=0.0, lr_scheduler="constant")
+    weights = {}
+    for preload in (True, False):
+        out = tmp_path / str(preload)
+        out.mkdir()
+        job = TrainJob(train=sft, seed=0, launch=LaunchConfig(preload=preload))
+        sft_stage(job, {"model": "tiny://layers=2,hidden=64,seed=0", "data": [str(data)]}, out)
+        weights[preload] = load_file(str(out / "model" / "model.safetensors"))
+    assert weights[True].keys() == weights[False].keys()
+    assert all(weights[True][k].equal(weights[False][k]) for k in weights[True])

@@ -1,0 +1,211 @@
+"""Training processes forked from a server that imported the training libraries once (`launch.preload`).
+
+A training process of the direct launcher spends ~7 s on a small CPU importing torch, transformers, peft, datasets
+and TRL before its first step, at every stage and every seed. With `launch.preload` (the default) the driver starts
+one server process at the beginning of a run, `python -m posttrain.train.forkserver FD`, which imports `PRELOAD`
+while the driver validates the recipe, then waits. Each training stage asks it for a process: the server forks,
+and the fork becomes `python -m <module> CONFIG` (runpy, `__main__`, `sys.argv`) with the stage's environment,
+working directory and output (the stage's log), as the subprocess it replaces would. The fork's `OMP_NUM_THREADS`
+is applied with `torch.set_num_threads` (OpenMP read the server's value at import).
+
+What stays as it was: the stage runs in a process of its own, never in the driver; its output, exit code and
+failure message are the same; a driver that dies takes the server with it and the server its fork (both ask the
+kernel, PR_SET_PDEATHSIG), so no trainer outlives a killed run. The server imports third-party libraries only
+(nothing of posttrain's or the user's, which the fork imports fresh) and is replaced when a variable libraries read
+at import changes in the driver (`IMPORT_TIME`: HF_*, TRANSFORMERS_*, TORCH_*...; a test's monkeypatch, say).
+Unlike `multiprocessing`'s forkserver, the fork never re-imports the driver's `__main__`: a user's script without
+an `if __name__ == "__main__"` guard works as before.
+
+The protocol: one SOCK_SEQPACKET socket pair; a request is one JSON message (module, config, env, cwd) carrying the
+output's file descriptor; the server answers {"pid"} when forked and {"code"} when the fork ended (the exit code,
+or minus the signal that ended it). One request at a time: the driver runs its stages one after another.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+PRELOAD = ["torch", "transformers", "transformers.trainer", "datasets", "accelerate", "peft",
+           "trl.trainer.sft_trainer", "trl.trainer.dpo_trainer", "trl.trainer.reward_trainer"]
+_MESSAGE = 1 << 20  # the largest message: a request carries the stage's environment
+# Variables libraries read when they are imported (the server's imports keep the values it started with), less those
+# each fork applies itself
+IMPORT_TIME = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "DATASETS_", "TOKENIZERS_", "ACCELERATE_", "TRL_", "PEFT_",
+               "TORCH_", "PYTORCH_", "CUDA_", "NCCL_", "MKL_", "KMP_", "OMP_", "DS_", "PYTHON", "LD_")
+PER_FORK = ("PYTHONPATH", "PYTHONUNBUFFERED", "OMP_NUM_THREADS")
+
+
+def import_env() -> dict:
+    """This process's variables in `IMPORT_TIME`, less `PER_FORK`: a server started under others is replaced."""
+    return {k: v for k, v in os.environ.items() if k.startswith(IMPORT_TIME) and k not in PER_FORK}
+
+
+def die_with_parent() -> None:
+    """Have the kernel SIGKILL this process when its parent dies (Linux; elsewhere a no-op)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:  # not Linux: the child may outlive a killed driver
+        pass
+
+
+class _Server:
+    def __init__(self) -> None:
+        self.env = import_env()
+        self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with theirs:
+            self.proc = subprocess.Popen([sys.executable, "-m", "posttrain.train.forkserver", str(theirs.fileno())],
+                                         pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
+                                         preexec_fn=die_with_parent)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def close(self) -> None:
+        self.sock.close()
+        self.proc.kill()  # idle, or still importing: nothing of a run's is lost
+        self.proc.wait()
+
+
+_server: _Server | None = None
+
+
+def start() -> None:
+    """Have a server running that started under this process's `import_env()` (starting one returns at once; it
+    imports in the background)."""
+    global _server
+    if _server is not None and (_server.env != import_env() or not _server.alive()):
+        if _server.alive():
+            now = import_env()
+            changed = sorted(k for k in {*now, *_server.env} if now.get(k) != _server.env.get(k))
+            print(f"posttrain: the fork server starts again: {', '.join(changed)} changed", file=sys.stderr)
+        _server.close()
+        _server = None
+    if _server is None:
+        _server = _Server()
+
+
+def run(module: str, config_path, env: dict, relay) -> int:
+    """Run `python -m module config_path` as a fork of the server, with `env` and this process's working directory;
+    its stdout and stderr go to `relay(fd)` (which reads the fd to its end). Returns the exit code (negative: the
+    signal that ended it). If this process is interrupted meanwhile, the fork is killed."""
+    start()
+    assert _server is not None
+    read, write = os.pipe()
+    try:
+        request = {"module": module, "config": str(config_path), "env": env, "cwd": os.getcwd()}
+        socket.send_fds(_server.sock, [json.dumps(request).encode()], [write])
+    finally:
+        os.close(write)  # the fork holds the only write end: the pipe ends when the fork does
+    pid = None
+    try:
+        pid = _answer()["pid"]
+        relay(read)
+        return _answer()["code"]
+    except BaseException:
+        if pid is not None:  # interrupted: the stage's process goes, and the server says so
+            try:
+                os.kill(pid, signal.SIGKILL)
+                _answer()
+            except (OSError, RuntimeError):
+                pass
+        raise
+    finally:
+        os.close(read)
+
+
+def _answer() -> dict:
+    assert _server is not None
+    message = _server.sock.recv(_MESSAGE)
+    if not message:
+        raise RuntimeError(f"posttrain's fork server (pid {_server.proc.pid}) ended; exit code {_server.proc.poll()}")
+    return json.loads(message)
+
+
+# ---- the server process -------------------------------------------------------------------------------------
+
+
+def serve(fd: int) -> None:
+    die_with_parent()  # the driver's death ends the server
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the fork and the driver; the server reports it
+    sock = socket.socket(fileno=fd)
+    # the installation's part of the path: without the server's directory and PYTHONPATH, which the fork replaces
+    own = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    base_path = [p for p in sys.path[1:] if p not in own]
+    for name in PRELOAD:
+        try:
+            __import__(name)
+        except ImportError:  # a library this install lacks: the fork imports what it needs itself
+            pass
+    while True:
+        message, fds, _, _ = socket.recv_fds(sock, _MESSAGE, 1)
+        if not message:  # the driver closed its end, or died
+            return
+        request = json.loads(message)
+        pid = os.fork()
+        if pid == 0:
+            sock.close()
+            _become(request, fds[0], base_path)  # never returns
+        for each in fds:
+            os.close(each)
+        sock.send(json.dumps({"pid": pid}).encode())
+        _, status = os.waitpid(pid, 0)
+        sock.send(json.dumps({"code": os.waitstatus_to_exitcode(status)}).encode())
+
+
+def _become(request: dict, out: int, base_path: list[str]) -> None:
+    """In the fork: `python -m module config` with the request's environment, directory and output; exits."""
+    import atexit
+    import io
+    import runpy
+    import traceback
+
+    code = 1
+    try:
+        die_with_parent()  # the server's death (it follows the driver's) ends this process
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for fd in (1, 2):
+            os.dup2(out, fd)
+        os.close(out)
+        # unbuffered, as PYTHONUNBUFFERED makes a subprocess's streams
+        sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), write_through=True, line_buffering=True)
+        sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), write_through=True, line_buffering=True,
+                                      errors="backslashreplace")
+        env = request["env"]
+        os.chdir(request["cwd"])
+        os.environ.clear()
+        os.environ.update(env)
+        # the path a fresh `python -m` starts with: the working directory, PYTHONPATH, then the installation's
+        python_path = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+        sys.path[:] = [request["cwd"], *python_path, *base_path]
+        if env.get("OMP_NUM_THREADS", "").isdigit():  # OpenMP read the server's value when torch was imported
+            import torch
+
+            torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
+        sys.argv = [request["module"], request["config"]]
+        try:
+            runpy.run_module(request["module"], run_name="__main__", alter_sys=True)
+            code = 0
+        except SystemExit as e:  # as the interpreter treats it
+            if e.code is None or isinstance(e.code, int):
+                code = e.code or 0
+            else:
+                print(e.code, file=sys.stderr)
+    except BaseException:  # noqa: BLE001 - reported as a `python -m` run reports it
+        traceback.print_exc()
+    finally:
+        try:
+            atexit._run_exitfuncs()  # a fork ends with os._exit: the libraries' exit hooks run here
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
+if __name__ == "__main__":
+    serve(int(sys.argv[1]))
