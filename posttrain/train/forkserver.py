@@ -37,7 +37,7 @@ _MESSAGE = 1 << 20  # the largest message: a request carries the stage's environ
 # Variables libraries read when they are imported (the server's imports keep the values it started with), less those
 # each fork applies itself
 IMPORT_TIME = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "DATASETS_", "TOKENIZERS_", "ACCELERATE_", "TRL_", "PEFT_",
-               "TORCH_", "PYTORCH_", "CUDA_", "NCCL_", "MKL_", "KMP_", "OMP_", "DS_", "PYTHON", "LD_")
+               "TORCH_", "PYTORCH_", "CUDA_", "NCCL_", "MKL_", "OMP_", "DS_", "PYTHON", "LD_")
 PER_FORK = ("PYTHONPATH", "PYTHONUNBUFFERED", "OMP_NUM_THREADS")
 
 
