@@ -444,6 +444,10 @@ class TrainJob:
     dtype: Dtype = Dtype.auto
     seed: int = 0
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    # With LoRA, save the adapter alone rather than merging it into a full copy of the model: the loop sets it for
+    # an SFT whose only consumer is the DPO stage right after it, which merges it in memory as it loads (no full
+    # write and read back between the two; posttrain.models.load_causal_lm).
+    adapter_only: bool = False
 
 
 def section(rc: DictConfig, key: str):

@@ -93,8 +93,9 @@ def _local_path(spec: str) -> Path | None:
     else:
         return None
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise _SpecError(f"folder {str(path)!r} has no config.json, so it is not a Hugging Face model folder")
+        if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+            raise _SpecError(f"folder {str(path)!r} has no config.json, so it is not a Hugging Face model folder "
+                             "(nor a PEFT adapter folder: adapter_config.json)")
     elif path.suffix.lower() != ".gguf":
         raise _SpecError(f"file {str(path)!r} is neither a model folder nor a .gguf file")
     return path.resolve()
@@ -310,4 +311,21 @@ def load_causal_lm(spec: str, dtype="float32", **kwargs):
     Output: an AutoModelForCausalLM loaded from resolve_model(spec)."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(resolve_model(spec), dtype=torch_dtype(dtype), **kwargs)
+    path = resolve_model(spec)
+    base = adapter_base(path)
+    if base is not None:  # an SFT stage's LoRA adapter (TrainJob.adapter_only): merged into its base as it loads
+        from peft import PeftModel
+
+        model = load_causal_lm(base, dtype, **kwargs)
+        # PEFT froze the base weights to load the adapter: as from_pretrained, the merged model's are trainable
+        return PeftModel.from_pretrained(model, path).merge_and_unload().requires_grad_(True)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype), **kwargs)
+
+
+def adapter_base(path: str) -> str | None:
+    """The base model of a folder that holds a PEFT adapter and no model of its own (`adapter_config.json`, no
+    `config.json`), else None."""
+    folder = Path(path)
+    if not (folder / "adapter_config.json").is_file() or (folder / "config.json").is_file():
+        return None
+    return json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]

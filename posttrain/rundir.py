@@ -145,7 +145,8 @@ def _hash_recorded(recorded: dict) -> str:
 ADDED_AT_DEFAULT = {"warmup_steps": 0, "optim": None, "max_grad_norm": None, "gradient_checkpointing": None,
                     "attn_implementation": None, "dtype": None, "data": [], "packing": False, "loss_type": "sigmoid",
                     "label_smoothing": 0.0, "num_prompts": None, "report_to": None,
-                    "teacher_logprobs": 0, "kd": {"weight": 0.0, "temperature": 1.0}, "scorer": {}}
+                    "teacher_logprobs": 0, "kd": {"weight": 0.0, "temperature": 1.0}, "scorer": {},
+                    "adapter_only": False}
 
 
 def _hashed_part(recorded: dict) -> dict:

@@ -50,11 +50,12 @@ STAGES = [
     Stage("eval", eval_stage, resumable=True),  # a paid teacher's journal in its partial folder survives
 ]
 
-def _train_job(rc: DictConfig, key: str) -> TrainJob:
+def _train_job(rc: DictConfig, key: str, adapter_only: bool = False) -> TrainJob:
     train = section(rc, key)
     if key == "rm":  # how the trained RM scores is the score stage's business, not part of training it
         train = dataclasses.replace(train, scorer={})
-    return TrainJob(train=train, dtype=rc[key].dtype or rc.model.dtype, seed=rc.seed, launch=section(rc, "launch"))
+    return TrainJob(train=train, dtype=rc[key].dtype or rc.model.dtype, seed=rc.seed, launch=section(rc, "launch"),
+                    adapter_only=adapter_only)
 
 
 def _sources(rc: DictConfig, key: str, split: str = "train") -> list[str]:
@@ -108,16 +109,20 @@ def run_round(rd: RunDir, rc: DictConfig, r: int, policy: str, prompt_start: int
                                 {"scored": candidates})
         sft_data, pairs = rd.output(selected, "sft"), rd.output(selected, "pairs")
 
+    dpo_follows = bool(rc.dpo.enabled and (pairs is not None or rc.dpo.data))
     if rc.sft.enabled:  # with the recipe's own SFT sets (sft.data) beside them
         data = [sft_data]
         if rc.sft.accumulate:  # SFT data of earlier rounds (Llama 3 trains each round on everything so far)
             data = [d for i in range(1, r) if (d := _sft_data(rd, i))] + data
         start = rc.model.path if rc.sft.init == Init.base else policy
-        sft = rd.run_stage(r, "sft", _train_job(rc, "sft"), _with_user_data({"model": start, "data": data}, rc, "sft"))
+        # A LoRA SFT whose only consumer is this round's DPO hands it its adapter, unmerged (TrainJob.adapter_only)
+        handoff = dpo_follows and rc.sft.lora.enabled and not rc.sft.seeds and not rc.launch.deepspeed
+        sft = rd.run_stage(r, "sft", _train_job(rc, "sft", adapter_only=handoff),
+                           _with_user_data({"model": start, "data": data}, rc, "sft"))
         policy = rd.output(sft, "model")
 
     # On the latest pairs only (they are close to the current policy), with the recipe's own (dpo.data).
-    if rc.dpo.enabled and (pairs is not None or rc.dpo.data):
+    if dpo_follows:
         dpo = rd.run_stage(r, "dpo", _train_job(rc, "dpo"),
                            _with_user_data({"model": policy, "data": [pairs] if pairs else []}, rc, "dpo"))
         policy = rd.output(dpo, "model")

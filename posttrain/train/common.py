@@ -152,6 +152,21 @@ def save_model(trainer, model_dir: Path, tokenizer, merge_lora: bool, dtype: str
     barrier()
 
 
+def save_adapter(trainer, model_dir: Path, tokenizer, base: str) -> None:
+    """Write the trained LoRA adapter alone (PEFT's folder: adapter_config.json, adapter_model.safetensors) plus the
+    tokenizer, the config naming `base` (the model spec training started from, not the cache folder it resolved
+    to); `posttrain.models.load_causal_lm` loads it merged into that base. Without DeepSpeed only (the loop asks
+    for it only then)."""
+    if trainer.is_deepspeed_enabled:
+        raise RuntimeError("adapter_only saves are for training without DeepSpeed")
+    if is_main():
+        trainer.model.save_pretrained(str(model_dir), safe_serialization=True)
+        tokenizer.save_pretrained(str(model_dir))
+        config = model_dir / "adapter_config.json"
+        config.write_text(json.dumps({**json.loads(config.read_text()), "base_model_name_or_path": base}, indent=2))
+    barrier()
+
+
 def _merge_adapter(adapter_dir: Path, model_dir: Path, tokenizer, dtype: str) -> None:
     import shutil
 

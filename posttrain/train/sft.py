@@ -4,7 +4,8 @@
 with the loss on the assistant's completion only (TRL prompt-completion format: the prompt is masked whatever
 the chat template is), optionally through a LoRA adapter merged on save. It resumes from the last Trainer
 checkpoint in its folder, measures the loss on held-out prompts before and after training, and leaves a plain
-Hugging Face folder in `model/`.
+Hugging Face folder in `model/` (or, with `TrainJob.adapter_only`, the LoRA adapter alone, which the next stage
+merges into its base as it loads).
 
 The driver side, `sft_stage`, builds the frozen settings and launches this module (one process, or one per
 rank under torchrun / accelerate launch with DeepSpeed ZeRO-3: see posttrain/train/common.py).
@@ -43,6 +44,9 @@ def sft_stage(job: TrainJob, inputs: Inputs, out: Path) -> StageResult:
         **{k: v for k, v in sft.items() if k not in ("enabled", "init", "accumulate", "seeds", "data")},
         "model": resolve_model(inputs["model"]),
         "data": data,
+        "adapter_only": job.adapter_only,
+        # the spec (a local folder made absolute), which an adapter_only folder names as its base
+        "base": str(Path(inputs["model"]).resolve()) if Path(inputs["model"]).exists() else inputs["model"],
     }
     first, metrics = launch_stage("posttrain.train.sft", job, settings, out)
     if user_data:
@@ -136,8 +140,11 @@ def train(settings: dict) -> dict:
             metrics["eval_loss_after"] = trainer.evaluate()["eval_loss"]
 
     with phases("save"):
-        common.save_model(trainer, out / "model", tokenizer, merge_lora=peft_config is not None,
-                          dtype=settings.get("dtype") or "auto")
+        if peft_config is not None and settings.get("adapter_only"):  # the DPO stage after it merges it
+            common.save_adapter(trainer, out / "model", tokenizer, settings["base"])
+        else:
+            common.save_model(trainer, out / "model", tokenizer, merge_lora=peft_config is not None,
+                              dtype=settings.get("dtype") or "auto")
     metrics["seconds"] = phases.seconds()
     if common.is_main():
         if not settings["keep_checkpoints"]:

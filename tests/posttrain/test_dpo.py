@@ -331,3 +331,46 @@ def test_seeds_share_one_reference_pass(tiny_model_dir, pairs_dir, tmp_path, mon
                                                {"train": "stored", "eval": "stored"}]
     assert not (out / "seed_1" / "ref_logps").exists() and (out / "ref_logps" / "train").is_dir()
     assert seeds[0]["train_logp_accuracy_before"] == seeds[1]["train_logp_accuracy_before"]
+
+
+def test_an_sft_adapter_is_handed_to_dpo_without_a_merged_copy(tiny_model_dir, pairs_dir, tmp_path):
+    """TrainJob.adapter_only (the loop's choice for a LoRA SFT followed by DPO): the SFT stage saves its adapter
+    alone, naming its base; loading it merges it into the base, to the same weights the merged save holds; and
+    the DPO stage trains from it."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from posttrain.config import LoraConfig, SFTConfig
+    from posttrain.models import load_causal_lm
+    from posttrain.train.sft import sft_stage
+
+    rows = datasets.load_from_disk(str(pairs_dir)).to_list()
+    sft_rows = tmp_path / "sft_rows"
+    datasets.Dataset.from_list([{"prompt_id": r["prompt_id"], "messages": r["messages"], "text": r["chosen"]}
+                                for r in rows]).save_to_disk(str(sft_rows))
+    lora = LoraConfig(enabled=True, r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
+    sft = SFTConfig(learning_rate=3e-3, epochs=1, batch_size=4, max_length=128, logging_steps=1, save_steps=1000,
+                    eval_fraction=0.0, lr_scheduler="constant", lora=lora)
+    models = {}
+    for adapter_only in (True, False):
+        out = tmp_path / f"sft_{adapter_only}"
+        out.mkdir()
+        sft_stage(TrainJob(train=sft, adapter_only=adapter_only),
+                  {"model": str(tiny_model_dir), "data": [str(sft_rows)]}, out)
+        models[adapter_only] = out / "model"
+    adapter, merged = models[True], models[False]
+    assert not (adapter / "config.json").exists() and not (adapter / "model.safetensors").exists()
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(
+        tiny_model_dir.resolve())
+    assert (adapter / "adapter_model.safetensors").stat().st_size < (merged / "model.safetensors").stat().st_size / 4
+    loaded, saved = load_causal_lm(str(adapter)).state_dict(), load_file(str(merged / "model.safetensors"))
+    assert {k for k in loaded if k != "lm_head.weight"} <= saved.keys()
+    assert all(loaded[k].equal(saved[k]) for k in saved)
+    assert not saved["model.layers.0.self_attn.q_proj.weight"].equal(
+        load_file(str(tiny_model_dir / "model.safetensors"))["model.layers.0.self_attn.q_proj.weight"])
+
+    out = tmp_path / "dpo"
+    out.mkdir()
+    metrics = train(_settings(adapter, pairs_dir, out, eval_fraction=0.0, max_steps=2, learning_rate=1e-3))
+    assert metrics["steps"] == 2 and (out / "model" / "config.json").is_file()
