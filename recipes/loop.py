@@ -138,8 +138,31 @@ def _sft_data(rd: RunDir, r: int) -> str | None:
     return None
 
 
-def run_eval(rd: RunDir, rc: DictConfig, r: int, policy: str) -> None:
-    """Evaluate `policy` on the held-out prompts as round `r` (0: the starting policy), then rebuild the report."""
+class Reports:
+    """When report.md and its plots are rebuilt: after an eval when `every` seconds have passed since the last
+    build (a round of a real run takes hours, plotting ~3 s), and at the end of the invocation whenever an eval came
+    after the last build, the run failing included. A driver killed outright leaves the report at most `every`
+    seconds behind; `posttrain-report RUN_DIR` rebuilds it."""
+
+    def __init__(self, every: float = 300.0) -> None:
+        self.every, self.built, self.pending = every, time.monotonic(), False
+
+    def after_eval(self, root: Path) -> None:
+        self.pending = True
+        if time.monotonic() - self.built >= self.every:
+            self.build(root)
+
+    def build(self, root: Path) -> None:
+        self.pending, self.built = False, time.monotonic()
+        try:
+            build_report(root)
+        except Exception as e:  # noqa: BLE001 - a plotting problem must not stop a run whose stages are saved
+            print(f"posttrain: warning: the report could not be built ({type(e).__name__}: {e}); "
+                  f"rebuild it with `posttrain-report {root}`")
+
+
+def run_eval(rd: RunDir, rc: DictConfig, r: int, policy: str, reports: Reports) -> None:
+    """Evaluate `policy` on the held-out prompts as round `r` (0: the starting policy), then tell `reports`."""
     evals = section(rc, "evals")
     evals = dataclasses.replace(evals, rewards=evals.rewards or section(rc, "reward").rewards)
     inputs = {"policy": policy, "heldout": str(resolve_path(rc.evals.heldout))}
@@ -174,11 +197,7 @@ def run_eval(rd: RunDir, rc: DictConfig, r: int, policy: str) -> None:
         except Exception as e:  # noqa: BLE001 - a tracker's failure must not stop a run whose stages are saved
             print(f"posttrain: warning: round {r}'s eval metrics did not reach the tracker ({type(e).__name__}: "
                   f"{e}); they are in {rd.root / entry['dir'] / 'metrics.json'}")
-    try:
-        build_report(rd.root)
-    except Exception as e:  # noqa: BLE001 - a plotting problem must not stop a run whose stages are saved
-        print(f"posttrain: warning: the report could not be built ({type(e).__name__}: {e}); "
-              f"rebuild it with `posttrain-report {rd.root}`")
+    reports.after_eval(rd.root)
 
 
 def run(cfg: DictConfig, run_dir: str | None = None, stages: list[Stage] = STAGES,
@@ -193,6 +212,7 @@ def run(cfg: DictConfig, run_dir: str | None = None, stages: list[Stage] = STAGE
     rounds = validate(cfg)
     rd = RunDir(run_dir or cfg.run_dir, stages, redo=list(cfg.redo), dry_run=cfg.dry_run)
     log = contextlib.ExitStack()
+    reports = Reports()
     try:
         if cfg.dry_run:
             print(f"dry run: the plan for {rd.root}, up to round {cfg.round}; nothing is loaded, run or written")
@@ -203,12 +223,14 @@ def run(cfg: DictConfig, run_dir: str | None = None, stages: list[Stage] = STAGE
         policy, prompt_start = cfg.model.path, 0
         start = round_config(cfg, 0)
         if start.evals.heldout:
-            run_eval(rd, start, 0, policy)
+            run_eval(rd, start, 0, policy, reports)
         for r, rc in enumerate(rounds, 1):
             policy = run_round(rd, rc, r, policy, prompt_start)
             prompt_start += rc.data.num_prompts
             if rc.evals.heldout:
-                run_eval(rd, rc, r, policy)
+                run_eval(rd, rc, r, policy, reports)
+        if reports.pending:
+            reports.build(rd.root)
         if not cfg.dry_run:
             print(summary(rd))
             if any(e["stage"] == "eval" for e in rd.manifest["stages"]):
@@ -216,6 +238,8 @@ def run(cfg: DictConfig, run_dir: str | None = None, stages: list[Stage] = STAGE
                 print(f"report: {rd.root / 'report.md'}")
     except BaseException as e:
         print(f"posttrain: error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", file=_log_only())
+        if reports.pending:  # the evals that finished before the failure
+            reports.build(rd.root)
         raise
     finally:
         log.close()

@@ -19,7 +19,7 @@ from posttrain.config import (
     TrainJob,
     register,
 )
-from posttrain.rundir import Stage, StageChanged, StageResult
+from posttrain.rundir import Stage, StageChanged, StageError, StageResult
 from recipes import loop
 
 # Each stage's outputs (name -> file written in its folder), as the real stages name them.
@@ -159,3 +159,43 @@ def test_where_the_trained_rm_scores_is_out_of_every_stage_hash():
     assert hashes("+rm.scorer.device_map=auto") == base
     rm, scored = hashes("+rm.scorer.dtype=bfloat16")
     assert rm == base[0] and scored != base[1]
+
+
+@pytest.mark.parametrize("overrides, handed", [
+    (["sft.lora.enabled=true"], True),                            # a LoRA SFT, then this round's DPO
+    ([], False),                                                  # full weights: nothing to hand over
+    (["sft.lora.enabled=true", "dpo.enabled=false"], False),      # the SFT model is the round's policy
+    (["sft.lora.enabled=true", "sft.seeds=[1,2]"], False),        # seeds are averaged as full models
+    (["sft.lora.enabled=true", "launch=torchrun_zero3"], False),  # ZeRO-3 saves the merged model
+])
+def test_an_sft_adapter_is_handed_over_only_to_the_dpo_after_it(tmp_path, overrides, handed):
+    rec = Recorder()
+    loop.run(recipe("round=1", *overrides), run_dir=str(tmp_path), stages=rec.table())
+    assert rec.call(1, "sft")[0].adapter_only is handed
+    assert all(not cfg.adapter_only for _, name, cfg, _ in rec.calls if name in ("dpo", "rm"))
+
+
+def test_the_report_is_built_once_at_the_end_and_after_a_failure(tmp_path, monkeypatch):
+    """Plotting takes seconds: within `Reports.every` of the last build an eval only marks the report stale; the
+    end of the invocation builds it, a failed one too; past `every`, each eval builds it."""
+    built = []
+    monkeypatch.setattr(loop, "build_report", lambda root: built.append(root))
+    loop.run(recipe("round=2"), run_dir=str(tmp_path / "a"), stages=Recorder().table())
+    assert built == [tmp_path / "a"]
+
+    built.clear()
+    rec = Recorder()
+    table = rec.table()
+    failing = [Stage(s.name, _raise, s.resumable, s.module) if s.name == "sft" else s for s in table]
+    with pytest.raises(StageError, match="sft broke"):
+        loop.run(recipe("round=2"), run_dir=str(tmp_path / "b"), stages=failing)
+    assert built == [tmp_path / "b"] and rec.called()[0] == (0, "eval")
+
+    built.clear()
+    monkeypatch.setattr(loop.Reports.__init__, "__defaults__", (0.0,))  # every eval is past `every`
+    loop.run(recipe("round=2"), run_dir=str(tmp_path / "c"), stages=Recorder().table())
+    assert built == [tmp_path / "c"] * 3  # rounds 0, 1, 2
+
+
+def _raise(cfg, inputs, out):
+    raise RuntimeError("sft broke")
