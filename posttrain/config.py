@@ -321,9 +321,9 @@ class LaunchConfig:
     master_addr: Optional[str] = None
     master_port: Optional[int] = None  # None: any free port on one machine, 29500 across machines
     hostfile: Optional[str] = None
-    # launcher=direct: start each training process from a fork server that imported torch, transformers, peft,
-    # datasets and TRL once per run (posttrain/train/launch.py), instead of a new interpreter that imports them
-    # again (~7 s a stage on a small CPU). false: a plain `python -m` subprocess per stage.
+    # launcher=direct on a machine without GPUs: start each training process from a fork server that imported
+    # torch, transformers, peft, datasets and TRL once per run (posttrain/train/forkserver.py), instead of a new
+    # interpreter that imports them again (~7 s a stage on a small CPU). false: a plain `python -m` subprocess.
     preload: bool = True
     # The data stages' processes and shard sizes (the nodes and master address above are theirs too).
     data: DataLaunch = field(default_factory=DataLaunch)

@@ -82,8 +82,9 @@ def _tiny_kwargs(spec: str) -> dict:
     return kwargs
 
 
-def _local_path(spec: str) -> Path | None:
-    """Returns the on-disk path a spec names (pkg:// or a path), None for tiny:// and hub ids. Raises _SpecError."""
+def _local_path(spec: str, adapters: bool = False) -> Path | None:
+    """Returns the on-disk path a spec names (pkg:// or a path), None for tiny:// and hub ids. Raises _SpecError.
+    `adapters`: a PEFT adapter folder passes too (a stage's handoff; a recipe names a model)."""
     if spec.startswith("pkg://"):
         path = _pkg_path(spec)
     elif spec.startswith(("/", "./", "../", "~")) or os.path.exists(spec):
@@ -93,9 +94,8 @@ def _local_path(spec: str) -> Path | None:
     else:
         return None
     if path.is_dir():
-        if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
-            raise _SpecError(f"folder {str(path)!r} has no config.json, so it is not a Hugging Face model folder "
-                             "(nor a PEFT adapter folder: adapter_config.json)")
+        if not (path / "config.json").is_file() and not (adapters and (path / "adapter_config.json").is_file()):
+            raise _SpecError(f"folder {str(path)!r} has no config.json, so it is not a Hugging Face model folder")
     elif path.suffix.lower() != ".gguf":
         raise _SpecError(f"file {str(path)!r} is neither a model folder nor a .gguf file")
     return path.resolve()
@@ -231,7 +231,7 @@ def resolve_model(spec: str) -> str:
             from posttrain.prune import resolve_pruned
 
             return resolve_pruned(spec, cache_dir())
-        path = _local_path(spec)
+        path = _local_path(spec, adapters=True)
     except _SpecError as err:
         raise _fail("model", spec, err) from None
     if path is None:
@@ -323,9 +323,16 @@ def load_causal_lm(spec: str, dtype="float32", **kwargs):
 
 
 def adapter_base(path: str) -> str | None:
-    """The base model of a folder that holds a PEFT adapter and no model of its own (`adapter_config.json`, no
-    `config.json`), else None."""
+    """The base model spec of a folder that holds a PEFT adapter and no model of its own (`adapter_config.json`,
+    no `config.json`), else None. A relative path there is relative to the adapter's folder (a base inside the same
+    run directory: the run can move)."""
     folder = Path(path)
     if not (folder / "adapter_config.json").is_file() or (folder / "config.json").is_file():
         return None
-    return json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
+    base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not isinstance(base, str) or not base:
+        raise ValueError(f"{folder / 'adapter_config.json'} names no base_model_name_or_path: which model the "
+                         "adapter belongs to is unknown")
+    if base.startswith(("./", "../")):
+        return str((folder / base).resolve())
+    return base

@@ -43,7 +43,7 @@ from posttrain.errors import PosttrainError
 # 2: typed stage configs and list inputs (`plain`, `Inputs`); 1 (no "format" key): untyped dict configs.
 MANIFEST_FORMAT = 2
 # Settings that say how a stage runs, not what it computes: a run resumes on other hardware with other values.
-UNHASHED = ("launch",)
+UNHASHED = ("launch", "adapter_only")  # TrainJob: how a stage runs, and in which form it hands its model on
 _VERSIONED = ("posttrain", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "deepspeed",
               "hydra-core")
 
@@ -145,8 +145,7 @@ def _hash_recorded(recorded: dict) -> str:
 ADDED_AT_DEFAULT = {"warmup_steps": 0, "optim": None, "max_grad_norm": None, "gradient_checkpointing": None,
                     "attn_implementation": None, "dtype": None, "data": [], "packing": False, "loss_type": "sigmoid",
                     "label_smoothing": 0.0, "num_prompts": None, "report_to": None,
-                    "teacher_logprobs": 0, "kd": {"weight": 0.0, "temperature": 1.0}, "scorer": {},
-                    "adapter_only": False}
+                    "teacher_logprobs": 0, "kd": {"weight": 0.0, "temperature": 1.0}, "scorer": {}}
 
 
 def _hashed_part(recorded: dict) -> dict:

@@ -27,7 +27,7 @@ from evals.report import build_report, terminal_table
 from evals.stage import eval_stage
 from evals.tracking import log_eval
 from posttrain.config import EvalJob, GenerateJob, Init, ScoreJob, SelectJob, Source, TrainJob, round_config, section
-from posttrain.models import resolve_path
+from posttrain.models import adapter_base, resolve_path
 from posttrain.rundir import RunDir, Stage, redact, redact_override
 from posttrain.sources import fingerprint_path, parse_sources
 from posttrain.train import forkserver
@@ -117,6 +117,12 @@ def run_round(rd: RunDir, rc: DictConfig, r: int, policy: str, prompt_start: int
         start = rc.model.path if rc.sft.init == Init.base else policy
         # A LoRA SFT whose only consumer is this round's DPO hands it its adapter, unmerged (TrainJob.adapter_only)
         handoff = dpo_follows and rc.sft.lora.enabled and not rc.sft.seeds and not rc.launch.deepspeed
+        finished = rd.entry(r, "sft")
+        if finished is not None and not handoff and adapter_base(rd.output(finished, "model")) is not None:
+            # its adapter was for a DPO stage the recipe no longer runs after it: the round's policy must be whole
+            print(f"posttrain: round_{r}/sft saved its LoRA adapter alone for the DPO stage after it, which this "
+                  "recipe no longer runs: running it again to save the merged model")
+            rd.redo.add(f"round_{r}/sft")
         sft = rd.run_stage(r, "sft", _train_job(rc, "sft", adapter_only=handoff),
                            _with_user_data({"model": start, "data": data}, rc, "sft"))
         policy = rd.output(sft, "model")
@@ -205,9 +211,9 @@ def run(cfg: DictConfig, run_dir: str | None = None, stages: list[Stage] = STAGE
     """Bring the run in `run_dir` (default `cfg.run_dir`) up to round `cfg.round`. `stages`: the stage table
     (tests swap in stub stages with the same names); `overrides`: the command line's, kept (redacted) in
     overrides.yaml beside config.yaml."""
-    launcher = OmegaConf.select(cfg, "launch.launcher")
-    if not cfg.dry_run and cfg.round >= 1 and getattr(launcher, "name", launcher) == "direct" \
-            and OmegaConf.select(cfg, "launch.preload", default=True):
+    launch = {"launcher": OmegaConf.select(cfg, "launch.launcher"),
+              "preload": OmegaConf.select(cfg, "launch.preload", default=True)}
+    if not cfg.dry_run and cfg.round >= 1 and stages is STAGES and forkserver.usable(launch):
         forkserver.start()  # its imports run beside the validation's (posttrain/train/forkserver.py)
     rounds = validate(cfg)
     rd = RunDir(run_dir or cfg.run_dir, stages, redo=list(cfg.redo), dry_run=cfg.dry_run)

@@ -1,7 +1,8 @@
 """Training processes forked from a server that imported the training libraries once (`launch.preload`).
 
 A training process of the direct launcher spends ~7 s on a small CPU importing torch, transformers, peft, datasets
-and TRL before its first step, at every stage and every seed. With `launch.preload` (the default) the driver starts
+and TRL before its first step, at every stage and every seed. With `launch.preload` (the default), on a machine
+without GPU devices (CUDA does not survive a fork; a GPU stage's minutes dwarf its imports), the driver starts
 one server process at the beginning of a run, `python -m posttrain.train.forkserver FD`, which imports `PRELOAD`
 while the driver validates the recipe, then waits. Each training stage asks it for a process: the server forks,
 and the fork becomes `python -m <module> CONFIG` (runpy, `__main__`, `sys.argv`) with the stage's environment,
@@ -17,8 +18,11 @@ Unlike `multiprocessing`'s forkserver, the fork never re-imports the driver's `_
 an `if __name__ == "__main__"` guard works as before.
 
 The protocol: one SOCK_SEQPACKET socket pair; a request is one JSON message (module, config, env, cwd) carrying the
-output's file descriptor; the server answers {"pid"} when forked and {"code"} when the fork ended (the exit code,
-or minus the signal that ended it). One request at a time: the driver runs its stages one after another.
+output's file descriptor (and the driver's stdin); the server answers {"pid"} when forked and {"code"} when the fork
+ended (the exit code, or minus the signal that ended it). One request at a time: the driver runs its stages one
+after another. A driver interrupted mid-stage (or a server that failed) discards the server, its fork with it.
+At its end the fork does what the interpreter does at exit (joins the stage's threads, runs the exit hooks,
+flushes), then leaves with os._exit.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import signal
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 PRELOAD = ["torch", "transformers", "transformers.trainer", "datasets", "accelerate", "peft",
            "trl.trainer.sft_trainer", "trl.trainer.dpo_trainer", "trl.trainer.reward_trainer"]
@@ -37,7 +42,7 @@ _MESSAGE = 1 << 20  # the largest message: a request carries the stage's environ
 # Variables libraries read when they are imported (the server's imports keep the values it started with), less those
 # each fork applies itself
 IMPORT_TIME = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "DATASETS_", "TOKENIZERS_", "ACCELERATE_", "TRL_", "PEFT_",
-               "TORCH_", "PYTORCH_", "CUDA_", "NCCL_", "MKL_", "OMP_", "DS_", "PYTHON", "LD_")
+               "TORCH_", "PYTORCH_", "CUDA_", "NCCL_", "MKL_", "OMP_", "DS_", "PYTHON", "LD_", "TQDM_", "XDG_", "HOME")
 PER_FORK = ("PYTHONPATH", "PYTHONUNBUFFERED", "OMP_NUM_THREADS")
 
 
@@ -75,6 +80,15 @@ class _Server:
 _server: _Server | None = None
 
 
+def usable(launch: dict) -> bool:
+    """Whether a stage launched as `launch` (LaunchConfig fields) forks from the server: the direct launcher with
+    `preload` on, on a machine without GPU devices (CUDA does not survive a fork, and a GPU stage's minutes dwarf
+    its imports)."""
+    gpu = any(Path(dev).exists() for dev in ("/dev/nvidiactl", "/dev/kfd"))
+    return getattr(launch.get("launcher"), "name", launch.get("launcher")) == "direct" and \
+        bool(launch.get("preload", True)) and not gpu
+
+
 def start() -> None:
     """Have a server running that started under this process's `import_env()` (starting one returns at once; it
     imports in the background)."""
@@ -94,29 +108,38 @@ def run(module: str, config_path, env: dict, relay) -> int:
     """Run `python -m module config_path` as a fork of the server, with `env` and this process's working directory;
     its stdout and stderr go to `relay(fd)` (which reads the fd to its end). Returns the exit code (negative: the
     signal that ended it). If this process is interrupted meanwhile, the fork is killed."""
+    global _server
     start()
     assert _server is not None
     read, write = os.pipe()
     try:
         request = {"module": module, "config": str(config_path), "env": env, "cwd": os.getcwd()}
-        socket.send_fds(_server.sock, [json.dumps(request).encode()], [write])
-    finally:
+        # the driver's stdin too, as a subprocess inherits it (a breakpoint() in a trainer reads it)
+        stdin = [0] if _usable(0) else []
+        socket.send_fds(_server.sock, [json.dumps(request).encode()], [write, *stdin])
         os.close(write)  # the fork holds the only write end: the pipe ends when the fork does
-    pid = None
-    try:
-        pid = _answer()["pid"]
+        write = -1
+        _answer()  # forked
         relay(read)
         return _answer()["code"]
     except BaseException:
-        if pid is not None:  # interrupted: the stage's process goes, and the server says so
-            try:
-                os.kill(pid, signal.SIGKILL)
-                _answer()
-            except (OSError, RuntimeError):
-                pass
+        # Interrupted, or the server failed: it goes, and its fork with it (PR_SET_PDEATHSIG); the next stage starts
+        # a new one rather than read this one's answers out of step
+        _server.close()
+        _server = None
         raise
     finally:
         os.close(read)
+        if write >= 0:
+            os.close(write)
+
+
+def _usable(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+        return True
+    except OSError:
+        return False
 
 
 def _answer() -> dict:
@@ -143,14 +166,14 @@ def serve(fd: int) -> None:
         except ImportError:  # a library this install lacks: the fork imports what it needs itself
             pass
     while True:
-        message, fds, _, _ = socket.recv_fds(sock, _MESSAGE, 1)
+        message, fds, _, _ = socket.recv_fds(sock, _MESSAGE, 2)
         if not message:  # the driver closed its end, or died
             return
         request = json.loads(message)
         pid = os.fork()
         if pid == 0:
             sock.close()
-            _become(request, fds[0], base_path)  # never returns
+            _become(request, fds, base_path)  # never returns
         for each in fds:
             os.close(each)
         sock.send(json.dumps({"pid": pid}).encode())
@@ -158,20 +181,26 @@ def serve(fd: int) -> None:
         sock.send(json.dumps({"code": os.waitstatus_to_exitcode(status)}).encode())
 
 
-def _become(request: dict, out: int, base_path: list[str]) -> None:
-    """In the fork: `python -m module config` with the request's environment, directory and output; exits."""
+def _become(request: dict, fds: list[int], base_path: list[str]) -> None:
+    """In the fork: `python -m module config` with the request's environment, directory, output (`fds[0]`) and
+    stdin (`fds[1]`, when sent); exits."""
     import atexit
     import io
     import runpy
+    import threading
     import traceback
 
     code = 1
     try:
         die_with_parent()  # the server's death (it follows the driver's) ends this process
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        out, *stdin = fds
         for fd in (1, 2):
             os.dup2(out, fd)
         os.close(out)
+        if stdin:
+            os.dup2(stdin[0], 0)
+            os.close(stdin[0])
         # unbuffered, as PYTHONUNBUFFERED makes a subprocess's streams
         sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), write_through=True, line_buffering=True)
         sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), write_through=True, line_buffering=True,
@@ -199,10 +228,12 @@ def _become(request: dict, out: int, base_path: list[str]) -> None:
     except BaseException:  # noqa: BLE001 - reported as a `python -m` run reports it
         traceback.print_exc()
     finally:
-        try:
-            atexit._run_exitfuncs()  # a fork ends with os._exit: the libraries' exit hooks run here
+        try:  # what the interpreter does at exit, which a fork leaving with os._exit skips
+            threading._shutdown()  # the stage's own non-daemon threads (a tracker's uploads) end first
+            atexit._run_exitfuncs()
             sys.stdout.flush()
             sys.stderr.flush()
+            ctypes.CDLL(None).fflush(None)  # C-level stdio buffers
         finally:
             os._exit(code)
 

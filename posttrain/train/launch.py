@@ -38,6 +38,7 @@ from pathlib import Path
 
 from posttrain.config import TrainJob
 from posttrain.errors import PosttrainError
+from posttrain.train import forkserver
 from posttrain.train.forkserver import die_with_parent
 
 LAUNCHERS = ("direct", "torchrun", "accelerate")
@@ -176,7 +177,7 @@ def run_training(module: str, settings: dict, work_dir: Path, launch: dict, log_
     config_path.write_text(json.dumps(settings, indent=2, sort_keys=True, default=str))
     env = stage_env(work_dir, launch, group)
     tail: deque[bytes] = deque(maxlen=64)  # last chunks of output, for the error message
-    forked = launch["launcher"] == "direct" and launch.get("preload", True)
+    forked = forkserver.usable(launch)
     with open(work_dir / log_name, "ab") as log:
         how = "  (a fork of the preloaded server: posttrain/train/forkserver.py)" if forked else ""
         log.write(f"$ {' '.join(cmd)}{how}\n".encode())
@@ -191,8 +192,6 @@ def run_training(module: str, settings: dict, work_dir: Path, launch: dict, log_
                 tail.append(chunk)
 
         if forked:
-            from posttrain.train import forkserver
-
             code = forkserver.run(module, config_path, env, relay)
         else:
             with subprocess.Popen(

@@ -141,7 +141,7 @@ def train(settings: dict) -> dict:
 
     with phases("save"):
         if peft_config is not None and settings.get("adapter_only"):  # the DPO stage after it merges it
-            common.save_adapter(trainer, out / "model", tokenizer, settings["base"])
+            common.save_adapter(trainer, out / "model", tokenizer, settings["base"], settings.get("dtype") or "auto")
         else:
             common.save_model(trainer, out / "model", tokenizer, merge_lora=peft_config is not None,
                               dtype=settings.get("dtype") or "auto")

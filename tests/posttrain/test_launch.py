@@ -302,22 +302,53 @@ def test_a_forked_stage_process_is_a_python_dash_m_run(tmp_path, monkeypatch, pr
     """launch.preload forks the stage's process from the server that imported the libraries: it sees what a fresh
     `python -m module CONFIG` would (its own `__main__`, argv, the stage's environment and working directory,
     OMP_NUM_THREADS applied), its output reaches the log, and its exit code fails the stage the same way."""
-    (tmp_path / "probe_trainer.py").write_text(PROBE)
-    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    from posttrain.train import forkserver
+
+    forkserver.start()  # before the variables below: the fork, not the server's start, must bring them
+    code, work, cwd = tmp_path / "code", tmp_path / "stage", tmp_path / "cwd"
+    for folder in (code, work, cwd):
+        folder.mkdir()
+    (code / "probe_trainer.py").write_text(PROBE)
+    monkeypatch.setenv("PYTHONPATH", str(code))
     monkeypatch.setenv("PROBE_VALUE", "seen")
-    monkeypatch.setenv("OMP_NUM_THREADS", "2")
-    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the tests' server imported torch with 1
+    monkeypatch.chdir(cwd)
     launch = {"launcher": "direct", "preload": preload}
-    run_training("probe_trainer", {}, tmp_path, launch)
-    log = (tmp_path / "train.log").read_text()
+    run_training("probe_trainer", {}, work, launch)
+    log = (work / "train.log").read_text()
     assert (" (a fork of the preloaded server" in log.splitlines()[0]) is preload
-    config = tmp_path / "train_config.json"
-    assert f"name __main__ argv ['{config}'] cwd {tmp_path}\n" in log
-    assert f"env seen {tmp_path / 'tensorboard'} threads 2\n" in log and "to stderr\n" in log
+    config = work / "train_config.json"
+    assert f"name __main__ argv ['{config}'] cwd {cwd}\n" in log
+    assert f"env seen {work / 'tensorboard'} threads 2\n" in log and "to stderr\n" in log
     monkeypatch.setenv("PROBE_EXIT", "3")
     with pytest.raises(StageFailed, match="probe_trainer exited with code 3") as err:
-        run_training("probe_trainer", {}, tmp_path, launch)
+        run_training("probe_trainer", {}, work, launch)
     assert "to stderr" in str(err.value)
+
+
+def test_a_driver_interrupted_mid_stage_discards_the_server(tmp_path, monkeypatch):
+    """Ctrl-C while a forked stage runs: the fork and its server go; the next stage gets a new server and its own
+    exit code, not the old fork's."""
+    from posttrain.train import forkserver
+
+    (tmp_path / "probe_trainer.py").write_text(PROBE)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    monkeypatch.setenv("PROBE_EXIT", "5")
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path))  # the probe prints it
+
+    def interrupted(fd):
+        os.read(fd, 1)
+        raise KeyboardInterrupt
+
+    forkserver.start()
+    server = forkserver._server
+    with pytest.raises(KeyboardInterrupt):
+        forkserver.run("probe_trainer", tmp_path / "c.json", dict(os.environ), interrupted)
+    assert forkserver._server is None and server.proc.poll() is not None
+    output = []
+    assert forkserver.run("probe_trainer", tmp_path / "c.json", dict(os.environ),
+                          lambda fd: output.extend(iter(lambda: os.read(fd, 1 << 16), b""))) == 5
+    assert b"to stderr" in b"".join(output)
 
 
 def test_a_killed_driver_leaves_no_forked_trainer(tmp_path):

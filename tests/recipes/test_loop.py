@@ -199,3 +199,27 @@ def test_the_report_is_built_once_at_the_end_and_after_a_failure(tmp_path, monke
 
 def _raise(cfg, inputs, out):
     raise RuntimeError("sft broke")
+
+
+def test_an_sft_adapter_left_without_its_dpo_is_trained_again_whole(tmp_path):
+    """A run whose LoRA SFT handed its adapter to DPO, resumed with DPO switched off (as the "no DPO pairs" error
+    suggests): the round's policy must be a whole model, so the SFT stage runs again (the adapter folder is kept
+    under superseded/), and the evaluation gets the merged model."""
+    rec = Recorder()
+
+    def sft(cfg, inputs, out: Path) -> StageResult:
+        rec.calls.append((1, "sft", cfg, inputs))
+        (out / "model").mkdir()
+        (out / "model" / ("adapter_config.json" if cfg.adapter_only else "config.json")).write_text(
+            '{"base_model_name_or_path": "tiny://layers=2,hidden=64,seed=0"}')
+        return StageResult(outputs={"model": "model"}, rows=1)
+
+    table = [Stage(s.name, sft, s.resumable, s.module) if s.name == "sft" else s for s in rec.table()]
+    loop.run(recipe("round=1", "sft.lora.enabled=true"), run_dir=str(tmp_path), stages=table)
+    assert (tmp_path / "round_1" / "05_sft" / "model" / "adapter_config.json").exists()
+    rec.calls.clear()
+    loop.run(recipe("round=1", "sft.lora.enabled=true", "dpo.enabled=false"), run_dir=str(tmp_path), stages=table)
+    assert ("sft" in [name for _, name, _, _ in rec.calls]) and not rec.call(1, "sft")[0].adapter_only
+    assert (tmp_path / "round_1" / "05_sft" / "model" / "config.json").exists()
+    assert list((tmp_path / "round_1" / "superseded").glob("*sft*/model/adapter_config.json"))
+    assert rec.call(1, "eval")[1]["policy"] == str(tmp_path / "round_1" / "05_sft" / "model")
