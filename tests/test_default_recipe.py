@@ -73,9 +73,11 @@ def test_default_recipe_shrunk_runs_two_rounds(tmp_path):
     for r in (1, 2):
         gen = next(e for e in manifest["stages"] if (e["round"], e["stage"]) == (r, "generate"))
         assert gen["rows"] == 12 * 4
-        for s in ("sft", "dpo"):
-            entry = next(e for e in manifest["stages"] if (e["round"], e["stage"]) == (r, s))
-            assert (run_dir / entry["outputs"]["model"] / "config.json").is_file()
+        # The LoRA SFT hands DPO its adapter alone (TrainJob.adapter_only); DPO's policy is a whole model
+        sft, dpo = (next(e for e in manifest["stages"] if (e["round"], e["stage"]) == (r, s)) for s in ("sft", "dpo"))
+        assert (run_dir / sft["outputs"]["model"] / "adapter_config.json").is_file()
+        assert not (run_dir / sft["outputs"]["model"] / "model.safetensors").exists()
+        assert (run_dir / dpo["outputs"]["model"] / "config.json").is_file()
 
     for r in (0, 1, 2):
         entry = next(e for e in manifest["stages"] if (e["round"], e["stage"]) == (r, "eval"))

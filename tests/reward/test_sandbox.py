@@ -34,12 +34,16 @@ def python(code: str) -> str:
 
 
 def our_children() -> list[int]:
-    """Processes whose parent is this test process (a surviving sandbox would be one)."""
+    """Processes whose parent is this test process (a surviving sandbox would be one), less the training fork
+    server an earlier test of the session started (posttrain/train/forkserver.py), which outlives stages."""
+    from posttrain.train import forkserver
+
+    server = forkserver._server.proc.pid if forkserver._server is not None else None
     pids = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/stat") as f:
-                if int(f.read().rsplit(")", 1)[1].split()[1]) == os.getpid():
+                if int(f.read().rsplit(")", 1)[1].split()[1]) == os.getpid() and int(pid) != server:
                     pids.append(int(pid))
         except (OSError, IndexError, ValueError):
             pass
