@@ -324,8 +324,7 @@ def load_causal_lm(spec: str, dtype="float32", **kwargs):
 
 def adapter_base(path: str) -> str | None:
     """The base model spec of a folder that holds a PEFT adapter and no model of its own (`adapter_config.json`,
-    no `config.json`), else None. A relative path there is relative to the adapter's folder (a base inside the same
-    run directory: the run can move)."""
+    no `config.json`), else None."""
     folder = Path(path)
     if not (folder / "adapter_config.json").is_file() or (folder / "config.json").is_file():
         return None
@@ -333,6 +332,4 @@ def adapter_base(path: str) -> str | None:
     if not isinstance(base, str) or not base:
         raise ValueError(f"{folder / 'adapter_config.json'} names no base_model_name_or_path: which model the "
                          "adapter belongs to is unknown")
-    if base.startswith(("./", "../")):
-        return str((folder / base).resolve())
     return base

@@ -28,7 +28,7 @@ from evals.stage import eval_stage
 from evals.tracking import log_eval
 from posttrain.config import EvalJob, GenerateJob, Init, ScoreJob, SelectJob, Source, TrainJob, round_config, section
 from posttrain.models import adapter_base, resolve_path
-from posttrain.rundir import RunDir, Stage, redact, redact_override
+from posttrain.rundir import RunDir, Stage, config_hash_of, redact, redact_override
 from posttrain.sources import fingerprint_path, parse_sources
 from posttrain.train import forkserver
 from posttrain.train.dpo import dpo_stage
@@ -117,14 +117,16 @@ def run_round(rd: RunDir, rc: DictConfig, r: int, policy: str, prompt_start: int
         start = rc.model.path if rc.sft.init == Init.base else policy
         # A LoRA SFT whose only consumer is this round's DPO hands it its adapter, unmerged (TrainJob.adapter_only)
         handoff = dpo_follows and rc.sft.lora.enabled and not rc.sft.seeds and not rc.launch.deepspeed
+        job = _train_job(rc, "sft", adapter_only=handoff)
         finished = rd.entry(r, "sft")
-        if finished is not None and not handoff and adapter_base(rd.output(finished, "model")) is not None:
-            # its adapter was for a DPO stage the recipe no longer runs after it: the round's policy must be whole
+        if finished is not None and not handoff and finished.get("config_hash") == config_hash_of(job) \
+                and adapter_base(rd.output(finished, "model")) is not None:
+            # Its adapter was for a DPO stage the recipe no longer runs after it: the round's policy must be whole.
+            # (Other changed settings are still the user's call: the stage then stops as changed, as any would.)
             print(f"posttrain: round_{r}/sft saved its LoRA adapter alone for the DPO stage after it, which this "
                   "recipe no longer runs: running it again to save the merged model")
             rd.redo.add(f"round_{r}/sft")
-        sft = rd.run_stage(r, "sft", _train_job(rc, "sft", adapter_only=handoff),
-                           _with_user_data({"model": start, "data": data}, rc, "sft"))
+        sft = rd.run_stage(r, "sft", job, _with_user_data({"model": start, "data": data}, rc, "sft"))
         policy = rd.output(sft, "model")
 
     # On the latest pairs only (they are close to the current policy), with the recipe's own (dpo.data).

@@ -155,18 +155,14 @@ def save_model(trainer, model_dir: Path, tokenizer, merge_lora: bool, dtype: str
 def save_adapter(trainer, model_dir: Path, tokenizer, base: str, dtype: str = "auto") -> None:
     """Write the trained LoRA adapter alone (PEFT's folder: adapter_config.json, adapter_model.safetensors) plus the
     tokenizer, the config naming `base`, the model spec training started from (not the cache folder it resolved
-    to; relative to `model_dir` when both lie in one run directory); `posttrain.models.load_causal_lm` loads it
-    merged into that base. Under DeepSpeed (which the loop never asks this of) the merged model, as `save_model`."""
+    to; a local folder as an absolute path); `posttrain.models.load_causal_lm` loads it merged into that base.
+    Under DeepSpeed (which the loop never asks this of): the merged model, as `save_model`."""
     if trainer.is_deepspeed_enabled:
         save_model(trainer, model_dir, tokenizer, merge_lora=True, dtype=dtype)
         return
     if is_main():
         trainer.model.save_pretrained(str(model_dir), safe_serialization=True)
         tokenizer.save_pretrained(str(model_dir))
-        run_root = model_dir.resolve().parents[2]  # <run>/round_N/<stage folder>/model
-        if Path(base).is_absolute() and Path(base).resolve().is_relative_to(run_root):
-            base = os.path.relpath(Path(base).resolve(), model_dir.resolve())
-            base = base if base.startswith("../") else f"./{base}"
         config = model_dir / "adapter_config.json"
         config.write_text(json.dumps({**json.loads(config.read_text()), "base_model_name_or_path": base}, indent=2))
     barrier()

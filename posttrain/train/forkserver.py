@@ -84,7 +84,7 @@ def usable(launch: dict) -> bool:
     """Whether a stage launched as `launch` (LaunchConfig fields) forks from the server: the direct launcher with
     `preload` on, on a machine without GPU devices (CUDA does not survive a fork, and a GPU stage's minutes dwarf
     its imports)."""
-    gpu = any(Path(dev).exists() for dev in ("/dev/nvidiactl", "/dev/kfd"))
+    gpu = any(Path(dev).exists() for dev in ("/dev/nvidiactl", "/dev/kfd", "/dev/dxg"))
     return getattr(launch.get("launcher"), "name", launch.get("launcher")) == "direct" and \
         bool(launch.get("preload", True)) and not gpu
 
@@ -109,24 +109,31 @@ def run(module: str, config_path, env: dict, relay) -> int:
     its stdout and stderr go to `relay(fd)` (which reads the fd to its end). Returns the exit code (negative: the
     signal that ended it). If this process is interrupted meanwhile, the fork is killed."""
     global _server
+    # the driver's stdin too, as a subprocess inherits it (a breakpoint() in a trainer reads it); decided before
+    # any descriptor of ours could take the number 0 of a stdin the driver started without
+    stdin = [0] if sys.stdin is not None and _usable(0) else []
     start()
     assert _server is not None
     read, write = os.pipe()
+    pid = None
     try:
         request = {"module": module, "config": str(config_path), "env": env, "cwd": os.getcwd()}
-        # the driver's stdin too, as a subprocess inherits it (a breakpoint() in a trainer reads it)
-        stdin = [0] if _usable(0) else []
         socket.send_fds(_server.sock, [json.dumps(request).encode()], [write, *stdin])
         os.close(write)  # the fork holds the only write end: the pipe ends when the fork does
         write = -1
-        _answer()  # forked
+        pid = _answer()["pid"]
         relay(read)
         return _answer()["code"]
     except BaseException:
-        # Interrupted, or the server failed: it goes, and its fork with it (PR_SET_PDEATHSIG); the next stage starts
-        # a new one rather than read this one's answers out of step
-        _server.close()
-        _server = None
+        # Interrupted, or the server failed: the fork is killed, and the server goes too (the fork with it, should
+        # it not be forked yet); the next stage starts a new one rather than read this one's answers out of step
+        if pid is not None:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        server, _server = _server, None
+        server.close()
         raise
     finally:
         os.close(read)
@@ -170,9 +177,16 @@ def serve(fd: int) -> None:
         if not message:  # the driver closed its end, or died
             return
         request = json.loads(message)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        ctypes.CDLL(None).fflush(None)  # nothing of the server's buffered output is written again by the fork
+        server = os.getpid()
         pid = os.fork()
         if pid == 0:
             sock.close()
+            die_with_parent()  # the server's death (it follows the driver's) ends this process
+            if os.getppid() != server:  # it died before the line above
+                os._exit(1)
             _become(request, fds, base_path)  # never returns
         for each in fds:
             os.close(each)
@@ -192,7 +206,6 @@ def _become(request: dict, fds: list[int], base_path: list[str]) -> None:
 
     code = 1
     try:
-        die_with_parent()  # the server's death (it follows the driver's) ends this process
         signal.signal(signal.SIGINT, signal.default_int_handler)
         out, *stdin = fds
         for fd in (1, 2):
@@ -228,14 +241,15 @@ def _become(request: dict, fds: list[int], base_path: list[str]) -> None:
     except BaseException:  # noqa: BLE001 - reported as a `python -m` run reports it
         traceback.print_exc()
     finally:
-        try:  # what the interpreter does at exit, which a fork leaving with os._exit skips
-            threading._shutdown()  # the stage's own non-daemon threads (a tracker's uploads) end first
-            atexit._run_exitfuncs()
-            sys.stdout.flush()
-            sys.stderr.flush()
-            ctypes.CDLL(None).fflush(None)  # C-level stdio buffers
-        finally:
-            os._exit(code)
+        # what the interpreter does at exit, which a fork leaving with os._exit skips: the stage's own non-daemon
+        # threads (a tracker's uploads) end, the exit hooks run, Python's and C's buffers are flushed
+        for step in (threading._shutdown, atexit._run_exitfuncs, sys.stdout.flush, sys.stderr.flush,
+                     lambda: ctypes.CDLL(None).fflush(None)):
+            try:
+                step()
+            except BaseException:  # noqa: BLE001 - each step runs whatever the one before did
+                pass
+        os._exit(code)
 
 
 if __name__ == "__main__":

@@ -362,7 +362,7 @@ def test_an_sft_adapter_is_handed_to_dpo_without_a_merged_copy(tiny_model_dir, p
     adapter, merged = models[True], models[False]
     assert not (adapter / "config.json").exists() and not (adapter / "model.safetensors").exists()
     assert adapter_base(str(adapter)) == str(tiny_model_dir.resolve())
-    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"].startswith("../")
+    assert json.loads((adapter / "adapter_config.json").read_text())["peft_type"] == "LORA"
     assert (adapter / "adapter_model.safetensors").stat().st_size < (merged / "model.safetensors").stat().st_size / 4
     loaded, saved = load_causal_lm(str(adapter)).state_dict(), load_file(str(merged / "model.safetensors"))
     assert {k for k in loaded if k != "lm_head.weight"} <= saved.keys()

@@ -217,6 +217,9 @@ def test_an_sft_adapter_left_without_its_dpo_is_trained_again_whole(tmp_path):
     table = [Stage(s.name, sft, s.resumable, s.module) if s.name == "sft" else s for s in rec.table()]
     loop.run(recipe("round=1", "sft.lora.enabled=true"), run_dir=str(tmp_path), stages=table)
     assert (tmp_path / "round_1" / "05_sft" / "model" / "adapter_config.json").exists()
+    with pytest.raises(StageChanged):  # a changed setting besides is the user's call, as for any finished stage
+        loop.run(recipe("round=1", "sft.lora.enabled=true", "dpo.enabled=false", "sft.learning_rate=1e-4"),
+                 run_dir=str(tmp_path), stages=table)
     rec.calls.clear()
     loop.run(recipe("round=1", "sft.lora.enabled=true", "dpo.enabled=false"), run_dir=str(tmp_path), stages=table)
     assert ("sft" in [name for _, name, _, _ in rec.calls]) and not rec.call(1, "sft")[0].adapter_only
