@@ -43,7 +43,8 @@ _MESSAGE = 1 << 20  # the largest message: a request carries the stage's environ
 # each fork applies itself
 IMPORT_TIME = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "DATASETS_", "TOKENIZERS_", "ACCELERATE_", "TRL_", "PEFT_",
                "TORCH_", "PYTORCH_", "CUDA_", "NCCL_", "MKL_", "OMP_", "DS_", "PYTHON", "LD_", "TQDM_", "XDG_", "HOME")
-PER_FORK = ("PYTHONPATH", "PYTHONUNBUFFERED", "OMP_NUM_THREADS")
+PER_FORK = ("PYTHONPATH", "PYTHONUNBUFFERED", "OMP_NUM_THREADS",
+            "PYTORCH_NVML_BASED_CUDA_CHECK")  # the last set by a library in the driver mid-run; CPU machines only
 
 
 def import_env() -> dict:
