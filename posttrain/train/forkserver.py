@@ -166,7 +166,7 @@ def serve(fd: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the fork and the driver; the server reports it
     sock = socket.socket(fileno=fd)
     # the installation's part of the path: without the server's directory and PYTHONPATH, which the fork replaces
-    own = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    own = _python_path(os.environ)
     base_path = [p for p in sys.path[1:] if p not in own]
     for name in PRELOAD:
         try:
@@ -194,6 +194,10 @@ def serve(fd: int) -> None:
         sock.send(json.dumps({"pid": pid}).encode())
         _, status = os.waitpid(pid, 0)
         sock.send(json.dumps({"code": os.waitstatus_to_exitcode(status)}).encode())
+
+
+def _python_path(env) -> list[str]:
+    return [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
 
 
 def _become(request: dict, fds: list[int], base_path: list[str]) -> None:
@@ -224,8 +228,7 @@ def _become(request: dict, fds: list[int], base_path: list[str]) -> None:
         os.environ.clear()
         os.environ.update(env)
         # the path a fresh `python -m` starts with: the working directory, PYTHONPATH, then the installation's
-        python_path = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-        sys.path[:] = [request["cwd"], *python_path, *base_path]
+        sys.path[:] = [request["cwd"], *_python_path(env), *base_path]
         if env.get("OMP_NUM_THREADS", "").isdigit():  # OpenMP read the server's value when torch was imported
             import torch
 
