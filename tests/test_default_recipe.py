@@ -73,6 +73,7 @@ def test_default_recipe_shrunk_runs_two_rounds(tmp_path):
     for r in (1, 2):
         gen = next(e for e in manifest["stages"] if (e["round"], e["stage"]) == (r, "generate"))
         assert gen["rows"] == 12 * 4
+        assert gen["metrics"]["backend"]["kept"] is True  # the policy the eval before it answered with
         # The LoRA SFT hands DPO its adapter alone (TrainJob.adapter_only); DPO's policy is a whole model
         sft, dpo = (next(e for e in manifest["stages"] if (e["round"], e["stage"]) == (r, s)) for s in ("sft", "dpo"))
         assert (run_dir / sft["outputs"]["model"] / "adapter_config.json").is_file()

@@ -152,16 +152,18 @@ def save_model(trainer, model_dir: Path, tokenizer, merge_lora: bool, dtype: str
     barrier()
 
 
-def save_adapter(trainer, model_dir: Path, tokenizer, base: str, dtype: str = "auto") -> None:
+def save_adapter(trainer, model_dir: Path, tokenizer, base: str) -> None:
     """Write the trained LoRA adapter alone (PEFT's folder: adapter_config.json, adapter_model.safetensors) plus the
     tokenizer, the config naming `base`, the model spec training started from (not the cache folder it resolved
     to; a local folder as an absolute path); `posttrain.models.load_causal_lm` loads it merged into that base.
-    Under DeepSpeed (which the loop never asks this of): the merged model, as `save_model`."""
+    Called on every rank: under DeepSpeed the Trainer gathers the adapter's weights (only the trainable ones under
+    ZeRO-3, never the base) and rank 0 writes; nothing the size of the model is gathered, merged or written."""
     if trainer.is_deepspeed_enabled:
-        save_model(trainer, model_dir, tokenizer, merge_lora=True, dtype=dtype)
-        return
-    if is_main():
+        trainer.save_model(str(model_dir))
+    elif is_main():
         trainer.model.save_pretrained(str(model_dir), safe_serialization=True)
+    if is_main():
+        (model_dir / "training_args.bin").unlink(missing_ok=True)
         tokenizer.save_pretrained(str(model_dir))
         config = model_dir / "adapter_config.json"
         config.write_text(json.dumps({**json.loads(config.read_text()), "base_model_name_or_path": base}, indent=2))

@@ -38,6 +38,7 @@ from pathlib import Path
 
 from posttrain.config import TrainJob
 from posttrain.errors import PosttrainError
+from posttrain.models import release_models
 from posttrain.train import forkserver
 from posttrain.train.forkserver import die_with_parent
 
@@ -167,6 +168,7 @@ def run_training(module: str, settings: dict, work_dir: Path, launch: dict, log_
                  config_name: str = "train_config.json") -> None:
     """Freeze `settings` to `work_dir/<config_name>`, run `module` on it, stream its output into
     `work_dir/<log_name>` (appended, so a resumed stage keeps the first attempt's log) and to stderr."""
+    release_models()  # the driver's kept inference model: the processes started here need the memory
     launch = {**DEFAULTS, **launch}
     config_path = work_dir / config_name
     cmd = command(module, config_path, launch)

@@ -140,11 +140,11 @@ def train(settings: dict) -> dict:
             metrics["eval_loss_after"] = trainer.evaluate()["eval_loss"]
 
     with phases("save"):
-        dtype = settings.get("dtype") or "auto"
         if peft_config is not None and settings.get("adapter_only"):  # the DPO stage after it merges it
-            common.save_adapter(trainer, out / "model", tokenizer, settings["base"], dtype)
+            common.save_adapter(trainer, out / "model", tokenizer, settings["base"])
         else:
-            common.save_model(trainer, out / "model", tokenizer, merge_lora=peft_config is not None, dtype=dtype)
+            common.save_model(trainer, out / "model", tokenizer, merge_lora=peft_config is not None,
+                              dtype=settings.get("dtype") or "auto")
     metrics["seconds"] = phases.seconds()
     if common.is_main():
         if not settings["keep_checkpoints"]:

@@ -229,7 +229,7 @@ def test_auto_dtype_is_bf16_only_where_the_hardware_has_it(tiny_model_dir, monke
     native = models.native_bf16(backend.device)
     assert backend.dtype == ("bfloat16" if native else "float32")
     assert next(backend.model.parameters()).dtype == getattr(torch, backend.dtype)
-    assert backend.stats() == {"engine": "hf", "dtype": backend.dtype, "device": backend.device}
+    assert backend.stats() == {"engine": "hf", "dtype": backend.dtype, "device": backend.device, "kept": False}
     assert (f"runs in {backend.dtype} on {backend.device} (dtype=auto: {native or 'no native bf16 here'})"
             in capsys.readouterr().out)
     # Sampling in bf16 is as repeatable per seed as in fp32.
@@ -258,3 +258,50 @@ def test_draw_refuses_a_row_without_probability_mass():
     for bad in (torch.zeros(2, 5), torch.full((1, 5), float("nan"))):
         with pytest.raises(ValueError, match="NaN, infinite or all zero"):
             draw(bad)
+
+
+def test_a_kept_model_serves_the_next_stage_until_released(tiny_model_dir, tmp_path):
+    """posttrain.models.keeping_models (the round loop: round N's eval answers with the policy round N + 1 samples
+    from): a second backend on the same model, precision and device reuses the first one's weights and samples
+    exactly as a freshly loaded model; anything else, a changed folder, a release or a launched process loads
+    again, never holding two."""
+    import gc
+    import shutil
+    import weakref
+
+    from posttrain import models
+    from posttrain.train.launch import run_training
+
+    sampling = Sampling(temperature=1.0, max_new_tokens=8, seed=5)
+    folder = tmp_path / "policy"
+    shutil.copytree(tiny_model_dir, folder)
+    fresh = HFBackend(str(folder), batch_size=3, **FP32)
+    expected = fresh.generate(PROMPTS, n=2, sampling=sampling)
+    assert not fresh.kept and HFBackend(str(folder), **FP32).model is not fresh.model  # not kept outside
+    del fresh
+
+    with models.keeping_models():
+        first = HFBackend(str(folder), batch_size=2, **FP32)  # another batch size: the same weights
+        first.generate(PROMPTS, n=2, sampling=Sampling(temperature=0.0, max_new_tokens=8, seed=0))
+        second = HFBackend(str(folder), batch_size=3, **FP32)
+        assert second.kept and second.model is first.model and second.stats()["kept"] is True
+        assert second.generate(PROMPTS, n=2, sampling=sampling) == expected
+        kept = weakref.ref(first.model)
+        del first, second
+
+        other = HFBackend(str(folder), dtype="bfloat16")  # another precision: loaded, the kept one dropped
+        gc.collect()
+        assert not other.kept and kept() is None
+        del other
+        (folder / "generation_config.json").touch()  # the folder changed (a stage written again)
+        assert not HFBackend(str(folder), dtype="bfloat16").kept
+        assert HFBackend(str(folder), dtype="bfloat16").kept
+        models.release_models()
+        assert not HFBackend(str(folder), dtype="bfloat16").kept
+
+        # A training or data-stage process is started: the driver's kept model goes first.
+        work = tmp_path / "stage"
+        work.mkdir()
+        run_training("json.tool", {"probe": 1}, work, {"launcher": "direct", "preload": False})
+        assert not HFBackend(str(folder), dtype="bfloat16").kept
+    assert not HFBackend(str(folder), dtype="bfloat16").kept  # the context closed: nothing kept

@@ -177,7 +177,28 @@ def test_sft_with_lora_through_accelerate_launch(tmp_path, base, kd_data):
     assert not (out / "model_adapter").exists()
 
 
-def test_dpo_under_zero3(tmp_path, base):
+@pytest.fixture(scope="module")
+def zero3_adapter(tmp_path_factory, sft_data) -> Path:
+    """A LoRA SFT under ZeRO-3 that hands its adapter to the DPO after it (TrainJob.adapter_only, the loop's
+    choice): the ranks' adapter weights gathered and written alone, no merged model."""
+    out = tmp_path_factory.mktemp("sft-adapter")
+    job = dataclasses.replace(_sft_job(ZERO3, batch_size=4, lora=LORA), adapter_only=True)
+    m = sft_stage(job, {"model": TINY, "data": [sft_data]}, out).metrics
+    assert m["loss_curve"][-1]["loss"] < m["loss_curve"][0]["loss"]
+    folder = out / "model"
+    assert sorted(p.name for p in folder.iterdir() if not p.name.startswith("tokenizer")) == [
+        "README.md", "adapter_config.json", "adapter_model.safetensors", "chat_template.jinja"]  # PEFT's card
+    assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == TINY
+    adapter = load_file(str(folder / "adapter_model.safetensors"))
+    assert len(adapter) == 2 * 2 * 2  # 2 layers x (q_proj, v_proj) x (lora_A, lora_B), each with its full shape
+    assert all(t.numel() > 0 for t in adapter.values())
+    assert all(t.abs().max() > 1e-3 for name, t in adapter.items() if "lora_B" in name)  # trained (B starts at 0)
+    return folder
+
+
+def test_dpo_under_zero3(tmp_path, base, zero3_adapter):
+    """DPO on 2 ZeRO-3 processes, starting from the LoRA SFT adapter above: merged into the base as the ranks
+    load it partitioned, to the model one process merges (its reference log-probs, row by row)."""
     from posttrain.train.dpo import Llama3DPOTrainer, build_datasets, load_policy, trl_args
 
     rows = [
@@ -194,7 +215,8 @@ def test_dpo_under_zero3(tmp_path, base):
     out.mkdir()
     dpo = DPOConfig(learning_rate=1e-3, epochs=2, batch_size=2, max_length=256, logging_steps=1, save_steps=1000,
                     eval_fraction=0.2, lr_scheduler="constant", warmup_ratio=0.0)
-    m = dpo_stage(TrainJob(train=dpo, seed=0, launch=ZERO3), {"model": TINY, "data": [str(pairs)]}, out).metrics
+    inputs = {"model": str(zero3_adapter), "data": [str(pairs)]}
+    m = dpo_stage(TrainJob(train=dpo, seed=0, launch=ZERO3), inputs, out).metrics
 
     assert m["ref_logps"] == {"train": "computed", "eval": "computed"}
     assert m["train_rows"] + m["eval_rows"] == 12 and m["steps"] == 4
@@ -205,16 +227,22 @@ def test_dpo_under_zero3(tmp_path, base):
     start = load_file(str(base / "model.safetensors"))
     assert max((trained[k] - start[k]).abs().max().item() for k in start) > 1e-3
 
-    # The reference log-probs the two ranks computed (each on its half, gathered) are one process's, row by row.
+    # The reference log-probs the two ranks computed (each on its half, gathered) from the adapter merged into
+    # their partitions are one process's from the plainly merged model, row by row; the base alone gives others.
     stored = datasets.load_from_disk(str(out / "ref_logps" / "train"))
     settings = json.loads((out / "train_config.json").read_text())
+    assert settings["model"] == str(zero3_adapter)
     train_ds, _ = build_datasets(settings["data"], settings["eval_fraction"])
-    model, tokenizer, _ = load_policy(settings)
-    single = Llama3DPOTrainer(model=model, args=trl_args(settings, tmp_path / "single", disable_tqdm=True),
-                              train_dataset=train_ds, processing_class=tokenizer, ref_store=tmp_path / "single_ref")
-    assert stored["chosen_ids"] == single.train_dataset["chosen_ids"]
+    single = {}
+    for name, model_spec in (("merged", str(zero3_adapter)), ("base", TINY)):
+        model, tokenizer, _ = load_policy({**settings, "model": model_spec})
+        single[name] = Llama3DPOTrainer(
+            model=model, args=trl_args(settings, tmp_path / name, disable_tqdm=True), train_dataset=train_ds,
+            processing_class=tokenizer, ref_store=tmp_path / f"{name}_ref").train_dataset
+    assert stored["chosen_ids"] == single["merged"]["chosen_ids"]
     for col in ("ref_chosen_logps", "ref_rejected_logps"):
-        assert stored[col] == pytest.approx(single.train_dataset[col], rel=1e-5)
+        assert stored[col] == pytest.approx(single["merged"][col], rel=1e-5)
+        assert stored[col] != pytest.approx(single["base"][col], rel=1e-3)
 
 
 def test_rm_under_zero3(tmp_path, base):

@@ -91,7 +91,7 @@ def test_tiny_round_distills_teacher_into_student(finished):
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     assert gen["metrics"]["backend"] == {"engine": "hf", "dtype": "bfloat16" if native_bf16(device) else "float32",
-                                         "device": device}
+                                         "device": device, "kept": False}  # eval 0 answered as the student
 
     rows = datasets.load_from_disk(str(run_dir / gen["outputs"]["generations"]))
     assert len(rows) == 24 * 2 == gen["rows"]  # K=2 completions per prompt

@@ -166,7 +166,7 @@ def test_where_the_trained_rm_scores_is_out_of_every_stage_hash():
     ([], False),                                                  # full weights: nothing to hand over
     (["sft.lora.enabled=true", "dpo.enabled=false"], False),      # the SFT model is the round's policy
     (["sft.lora.enabled=true", "sft.seeds=[1,2]"], False),        # seeds are averaged as full models
-    (["sft.lora.enabled=true", "launch=torchrun_zero3"], False),  # ZeRO-3 saves the merged model
+    (["sft.lora.enabled=true", "launch=torchrun_zero3"], True),   # ZeRO-3 too: merged on the partitions
 ])
 def test_an_sft_adapter_is_handed_over_only_to_the_dpo_after_it(tmp_path, overrides, handed):
     rec = Recorder()
