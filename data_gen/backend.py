@@ -13,6 +13,7 @@ keeps a stage's finished work.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -44,13 +45,19 @@ class PromptsRejected(RuntimeError):
 
 def build_backend(cfg: dict, model: str, journal_dir: str | None = None) -> Backend:
     """A backend from its `_target_` config, built with `model` (and `journal_dir`, for a class that takes one:
-    paid endpoints journal every finished prompt there, so a crash redoes none)."""
+    paid endpoints journal every finished prompt there, so a crash redoes none). Any backend but the hf one
+    drops the model the driver kept (posttrain.models.keeping_models) first."""
     import inspect
 
     from hydra.utils import get_object, instantiate
 
-    extra = {}
-    if journal_dir is not None and "journal_dir" in inspect.signature(get_object(cfg["_target_"])).parameters:
+    from posttrain.models import release_models
+
+    cls, extra = get_object(cfg["_target_"]), {}
+    hf = sys.modules.get("data_gen.hf_backend")  # not imported: nothing was kept for it
+    if hf is None or not (isinstance(cls, type) and issubclass(cls, hf.HFBackend)):
+        release_models()  # a model kept for the hf backend (posttrain.models.keeping_models) is of no use to it
+    if journal_dir is not None and "journal_dir" in inspect.signature(cls).parameters:
         extra["journal_dir"] = journal_dir
     return instantiate(cfg, model=model, _convert_="all", **extra)
 

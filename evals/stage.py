@@ -39,6 +39,7 @@ from data_gen.generate import GENERATION_FEATURES
 from data_gen.prompts import load_prompts
 from posttrain.config import DataLaunch, EvalJob
 from posttrain.errors import PosttrainError
+from posttrain.models import keep_model
 from posttrain.rundir import Inputs, StageResult, stable_hash, write_text_atomic
 from posttrain.shards import Shards, publish, run_ranks, shard_plan
 from posttrain.timing import Phases
@@ -197,6 +198,10 @@ def _loaded(key: Any, build: Callable[[], Any]) -> Any:
     return _LOADED[name]
 
 
+def _policy_key(backend_cfg: dict, policy: str) -> list:
+    return ["policy", backend_cfg, policy]
+
+
 def _response_features(rewards: list[str]) -> datasets.Features:
     return datasets.Features({**GENERATION_FEATURES, **{f"reward.{n}": datasets.Value("float64") for n in rewards}})
 
@@ -211,7 +216,7 @@ def eval_shards(settings: dict, rank: int, world: int) -> None:
     todo = shards.todo()
     if not todo:
         return
-    backend = _loaded(["policy", settings["backend"], settings["policy"]],
+    backend = _loaded(_policy_key(settings["backend"], settings["policy"]),
                       lambda: instantiate(settings["backend"], model=settings["policy"], _convert_="all"))
     rewards = {name: _loaded(["reward", name, node, settings["inputs"]],
                              lambda name=name, node=node: build_reward(with_trained_model(name, node,
@@ -300,7 +305,7 @@ def eval_stage(job: EvalJob, inputs: Inputs, out: Path) -> StageResult:
     responses = [{k: r[k] for k in GENERATION_FEATURES} for r in scored]
 
     def generate(messages: list[list[dict]]) -> list[dict]:  # for suites with prompts of their own
-        backend = _loaded(["policy", backend_cfg, inputs["policy"]],
+        backend = _loaded(_policy_key(backend_cfg, inputs["policy"]),
                           lambda: instantiate(backend_cfg, model=inputs["policy"], _convert_="all"))
         return _one_each(backend, sampling)(messages)
 
@@ -330,7 +335,9 @@ def eval_stage(job: EvalJob, inputs: Inputs, out: Path) -> StageResult:
                 ctx.suite = name
                 metrics[name] = _clean(name, suite(ctx))
     finally:
-        _LOADED.clear()  # free the policy and reward models
+        # The policy's model stays for the next round's generate (posttrain.models.keeping_models); the rest goes.
+        keep_model(getattr(_LOADED.get(stable_hash(_policy_key(backend_cfg, inputs["policy"]))), "model", None))
+        _LOADED.clear()
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     shutil.rmtree(shards.dir)  # last: a crash before this point leaves every shard for the rerun
     (out / "heldout.jsonl").unlink()

@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import tempfile
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -324,16 +325,17 @@ def load_causal_lm(spec: str, dtype="float32", **kwargs):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype), **kwargs)
 
 
-# Models kept between the driver's in-process stages (`keeping_models`); None: nothing is kept.
+# The model kept between the driver's in-process stages (`keeping_models`); None: nothing is kept.
 _KEPT: dict | None = None
+_KEYS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> what `inference_model` loaded it as
 
 
 @contextlib.contextmanager
 def keeping_models() -> Iterator[None]:
-    """While open, `inference_model` keeps the last model it loaded for the next in-process stage that asks for
-    the same one (the round loop: the eval of round N answers with the policy round N + 1 then samples from).
-    One model at most; `release_models` drops it, and so does every launch of training or data-stage processes
-    (posttrain.train.launch.run_training), so a kept model never holds memory another process needs."""
+    """While open, a model handed to `keep_model` (the round loop: the policy round N's eval answered with) serves
+    the next `inference_model` call that asks for the same one (round N + 1's generate samples from it) instead of
+    a second load. One model at most; `release_models` drops it: the loop after generate, `build_backend` before
+    any backend but the hf one (vLLM wants the GPU's memory), `run_training` before it starts any process."""
     global _KEPT
     outer, _KEPT = _KEPT, {}
     try:
@@ -341,6 +343,14 @@ def keeping_models() -> Iterator[None]:
     finally:
         release_models()
         _KEPT = outer
+
+
+def keep_model(model) -> None:
+    """Keep `model`, loaded by `inference_model`, for the next stage (in place of any kept before); a no-op outside
+    `keeping_models` or for anything else."""
+    if _KEPT is not None and model is not None and model in _KEYS:
+        _KEPT.clear()
+        _KEPT[_KEYS[model]] = model
 
 
 def release_models() -> None:
@@ -357,10 +367,10 @@ def release_models() -> None:
 
 
 def inference_model(spec: str, dtype, device: str):
-    """(`load_causal_lm(spec, dtype)` on `device` in eval mode, whether it was kept): inside `keeping_models`,
-    the model an earlier stage of this process loaded with the same spec, precision and device, as long as the
-    files of its local folder are unchanged; otherwise loaded, and kept in place of the one kept before.
-    Callers must not change its weights."""
+    """(`load_causal_lm(spec, dtype)` on `device` in eval mode, whether it was kept): the kept model (`keep_model`)
+    when it was loaded here with the same spec, precision and device and its folder's top-level files are unchanged
+    (an adapter folder's base is not looked at: the loop never keeps one); otherwise loaded, the kept one dropped
+    first. Callers must not change its weights."""
     path = resolve_model(spec)
     folder = Path(path)
     files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in folder.iterdir()) if folder.is_dir() \
@@ -370,8 +380,7 @@ def inference_model(spec: str, dtype, device: str):
         return _KEPT[key], True
     release_models()  # before loading: never two models in memory for one
     model = load_causal_lm(spec, dtype=dtype).to(device).eval()
-    if _KEPT is not None:
-        _KEPT[key] = model
+    _KEYS[model] = key
     return model, False
 
 

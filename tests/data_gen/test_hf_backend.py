@@ -261,14 +261,15 @@ def test_draw_refuses_a_row_without_probability_mass():
 
 
 def test_a_kept_model_serves_the_next_stage_until_released(tiny_model_dir, tmp_path):
-    """posttrain.models.keeping_models (the round loop: round N's eval answers with the policy round N + 1 samples
-    from): a second backend on the same model, precision and device reuses the first one's weights and samples
-    exactly as a freshly loaded model; anything else, a changed folder, a release or a launched process loads
-    again, never holding two."""
+    """posttrain.models.keeping_models (the round loop: round N's eval keeps the policy it answered with for round
+    N + 1's generate): a backend on the kept model, precision and device reuses its weights and samples exactly as
+    a freshly loaded model; anything else, a changed folder, a release, another kind of backend or a launched
+    process loads again, never holding two."""
     import gc
     import shutil
     import weakref
 
+    from data_gen.backend import build_backend
     from posttrain import models
     from posttrain.train.launch import run_training
 
@@ -277,31 +278,42 @@ def test_a_kept_model_serves_the_next_stage_until_released(tiny_model_dir, tmp_p
     shutil.copytree(tiny_model_dir, folder)
     fresh = HFBackend(str(folder), batch_size=3, **FP32)
     expected = fresh.generate(PROMPTS, n=2, sampling=sampling)
-    assert not fresh.kept and HFBackend(str(folder), **FP32).model is not fresh.model  # not kept outside
+    models.keep_model(fresh.model)  # outside keeping_models: nothing is kept
+    assert not fresh.kept and HFBackend(str(folder), **FP32).model is not fresh.model
     del fresh
 
+    def kept(**kwargs) -> bool:
+        return HFBackend(str(folder), **kwargs).kept
+
     with models.keeping_models():
-        first = HFBackend(str(folder), batch_size=2, **FP32)  # another batch size: the same weights
+        first = HFBackend(str(folder), batch_size=2, **FP32)  # the eval's
         first.generate(PROMPTS, n=2, sampling=Sampling(temperature=0.0, max_new_tokens=8, seed=0))
-        second = HFBackend(str(folder), batch_size=3, **FP32)
+        assert not kept(**FP32)  # loaded, not kept: only what a stage hands to keep_model is
+        models.keep_model(first.model)
+        second = HFBackend(str(folder), batch_size=3, **FP32)  # the next generate's: another batch size
         assert second.kept and second.model is first.model and second.stats()["kept"] is True
         assert second.generate(PROMPTS, n=2, sampling=sampling) == expected
-        kept = weakref.ref(first.model)
+        assert kept(**FP32)  # still kept until released
+        gone = weakref.ref(first.model)
         del first, second
-
-        other = HFBackend(str(folder), dtype="bfloat16")  # another precision: loaded, the kept one dropped
+        assert not kept(dtype="bfloat16")  # another precision: loaded, and the kept one dropped
         gc.collect()
-        assert not other.kept and kept() is None
-        del other
-        (folder / "generation_config.json").touch()  # the folder changed (a stage written again)
-        assert not HFBackend(str(folder), dtype="bfloat16").kept
-        assert HFBackend(str(folder), dtype="bfloat16").kept
-        models.release_models()
-        assert not HFBackend(str(folder), dtype="bfloat16").kept
+        assert gone() is None
 
-        # A training or data-stage process is started: the driver's kept model goes first.
-        work = tmp_path / "stage"
-        work.mkdir()
-        run_training("json.tool", {"probe": 1}, work, {"launcher": "direct", "preload": False})
-        assert not HFBackend(str(folder), dtype="bfloat16").kept
-    assert not HFBackend(str(folder), dtype="bfloat16").kept  # the context closed: nothing kept
+        def keep_one():
+            models.keep_model(HFBackend(str(folder), **FP32).model)
+
+        keep_one()
+        (folder / "generation_config.json").touch()  # the folder changed (a stage written again)
+        assert not kept(**FP32)
+        for release in (models.release_models,
+                        lambda: build_backend({"_target_": "types.SimpleNamespace"}, "some-model"),  # not hf
+                        lambda: run_training("json.tool", {"probe": 1}, tmp_path, {"launcher": "direct",
+                                                                                  "preload": False})):
+            keep_one()
+            release()
+            assert not kept(**FP32)
+        keep_one()
+        assert isinstance(build_backend({"_target_": "data_gen.hf_backend.HFBackend", **FP32}, str(folder)), HFBackend)
+        assert kept(**FP32)  # the hf backend itself takes it
+    assert not kept(**FP32)  # the context closed: nothing kept

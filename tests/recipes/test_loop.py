@@ -226,3 +226,33 @@ def test_an_sft_adapter_left_without_its_dpo_is_trained_again_whole(tmp_path):
     assert (tmp_path / "round_1" / "05_sft" / "model" / "config.json").exists()
     assert list((tmp_path / "round_1" / "superseded").glob("*sft*/model/adapter_config.json"))
     assert rec.call(1, "eval")[1]["policy"] == str(tmp_path / "round_1" / "05_sft" / "model")
+
+
+def test_the_policy_an_eval_answered_with_is_kept_for_the_next_generate_only(tmp_path):
+    """posttrain.models.keeping_models in the loop: what round N's eval keeps reaches round N + 1's generate and no
+    stage after it; nothing is kept once the run returns."""
+    from posttrain import models
+    from posttrain.rundir import Stage
+
+    rec, seen = Recorder(), []
+
+    class Policy:  # stands for the eval backend's model
+        pass
+
+    def stage(name):
+        recorded = rec.stage(name)
+
+        def fn(cfg, inputs, out):
+            seen.append((name, bool(models._KEPT)))
+            if name == "eval":
+                policy = Policy()
+                models._KEYS[policy] = f"policy of {inputs['policy']}"
+                models.keep_model(policy)
+            return recorded(cfg, inputs, out)
+        return fn
+
+    table = [Stage(s.name, stage(s.name), s.resumable, s.module) for s in loop.STAGES]
+    loop.run(recipe("round=2", "rm.enabled=false"), run_dir=str(tmp_path), stages=table)
+    after_eval = [("generate", True)] + [(name, False) for name in ROUND[1:]]
+    assert seen == [("eval", False)] + after_eval * 2
+    assert models._KEPT is None
