@@ -209,7 +209,7 @@ def _become(request: dict, fds: list[int], base_path: list[str]) -> None:
     import threading
     import traceback
 
-    code = 1
+    code, interrupted = 1, False
     try:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         out, *stdin = fds
@@ -242,6 +242,9 @@ def _become(request: dict, fds: list[int], base_path: list[str]) -> None:
                 code = e.code or 0
             else:
                 print(e.code, file=sys.stderr)
+    except KeyboardInterrupt:  # as the interpreter does: the traceback, then death by SIGINT (exit code -2)
+        traceback.print_exc()
+        interrupted = True
     except BaseException:  # noqa: BLE001 - reported as a `python -m` run reports it
         traceback.print_exc()
     finally:
@@ -253,6 +256,9 @@ def _become(request: dict, fds: list[int], base_path: list[str]) -> None:
                 step()
             except BaseException:  # noqa: BLE001 - each step runs whatever the one before did
                 pass
+        if interrupted:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGINT)
         os._exit(code)
 
 

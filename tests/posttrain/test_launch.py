@@ -293,6 +293,8 @@ import torch
 print("name", __name__, "argv", sys.argv[1:], "cwd", os.getcwd(), flush=True)
 print("env", os.environ.get("PROBE_VALUE"), os.environ["TENSORBOARD_LOGGING_DIR"], "threads", torch.get_num_threads())
 print("to stderr", file=sys.stderr)
+if os.environ.get("PROBE_INTERRUPT"):
+    raise KeyboardInterrupt
 sys.exit(int(os.environ.get("PROBE_EXIT", "0")))
 '''
 
@@ -324,6 +326,10 @@ def test_a_forked_stage_process_is_a_python_dash_m_run(tmp_path, monkeypatch, pr
     with pytest.raises(StageFailed, match="probe_trainer exited with code 3") as err:
         run_training("probe_trainer", {}, work, launch)
     assert "to stderr" in str(err.value)
+    monkeypatch.setenv("PROBE_INTERRUPT", "1")  # a KeyboardInterrupt of its own: the traceback, death by SIGINT
+    with pytest.raises(StageFailed, match="probe_trainer exited with code -2") as err:
+        run_training("probe_trainer", {}, work, launch)
+    assert "KeyboardInterrupt" in str(err.value)
 
 
 def test_a_driver_interrupted_mid_stage_discards_the_server(tmp_path, monkeypatch):
