@@ -43,7 +43,7 @@ _MESSAGE = 1 << 20  # the largest message: a request carries the stage's environ
 # each fork applies itself
 IMPORT_TIME = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "DATASETS_", "TOKENIZERS_", "ACCELERATE_", "TRL_", "PEFT_",
                "TORCH_", "PYTORCH_", "CUDA_", "NCCL_", "MKL_", "OMP_", "DS_", "PYTHON", "LD_", "TQDM_", "XDG_", "HOME")
-PER_FORK = ("PYTHONPATH", "PYTHONUNBUFFERED", "OMP_NUM_THREADS",
+PER_FORK = ("PYTHONPATH", "PYTHONUNBUFFERED", "PYTHONIOENCODING", "OMP_NUM_THREADS",
             "PYTORCH_NVML_BASED_CUDA_CHECK")  # the last set by a library in the driver mid-run; CPU machines only
 
 
@@ -204,6 +204,7 @@ def _become(request: dict, fds: list[int], base_path: list[str]) -> None:
     """In the fork: `python -m module config` with the request's environment, directory, output (`fds[0]`) and
     stdin (`fds[1]`, when sent); exits."""
     import atexit
+    import codecs
     import io
     import runpy
     import threading
@@ -219,11 +220,14 @@ def _become(request: dict, fds: list[int], base_path: list[str]) -> None:
         if stdin:
             os.dup2(stdin[0], 0)
             os.close(stdin[0])
-        # unbuffered, as PYTHONUNBUFFERED makes a subprocess's streams
-        sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), write_through=True, line_buffering=True)
-        sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), write_through=True, line_buffering=True,
-                                      errors="backslashreplace")
         env = request["env"]
+        # unbuffered, as PYTHONUNBUFFERED makes a subprocess's streams, in PYTHONIOENCODING's "encoding:errors"
+        encoding, _, errors = env.get("PYTHONIOENCODING", "").partition(":")
+        encoding = codecs.lookup(encoding).name if encoding else None  # named as the interpreter names it
+        sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), write_through=True, line_buffering=True,
+                                      encoding=encoding, errors=errors or None)
+        sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), write_through=True, line_buffering=True,
+                                      encoding=encoding, errors="backslashreplace")
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(env)

@@ -293,6 +293,7 @@ import torch
 print("name", __name__, "argv", sys.argv[1:], "cwd", os.getcwd(), flush=True)
 print("env", os.environ.get("PROBE_VALUE"), os.environ["TENSORBOARD_LOGGING_DIR"], "threads", torch.get_num_threads())
 print("to stderr", file=sys.stderr)
+print("encoding", sys.stdout.encoding, sys.stdout.errors, sys.stderr.encoding, sys.stderr.errors, flush=True)
 if os.environ.get("PROBE_INTERRUPT"):
     raise KeyboardInterrupt
 sys.exit(int(os.environ.get("PROBE_EXIT", "0")))
@@ -314,6 +315,7 @@ def test_a_forked_stage_process_is_a_python_dash_m_run(tmp_path, monkeypatch, pr
     monkeypatch.setenv("PYTHONPATH", str(code))
     monkeypatch.setenv("PROBE_VALUE", "seen")
     monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the tests' server imported torch with 1
+    monkeypatch.setenv("PYTHONIOENCODING", "latin-1:replace")
     monkeypatch.chdir(cwd)
     launch = {"launcher": "direct", "preload": preload}
     run_training("probe_trainer", {}, work, launch)
@@ -322,6 +324,7 @@ def test_a_forked_stage_process_is_a_python_dash_m_run(tmp_path, monkeypatch, pr
     config = work / "train_config.json"
     assert f"name __main__ argv ['{config}'] cwd {cwd}\n" in log
     assert f"env seen {work / 'tensorboard'} threads 2\n" in log and "to stderr\n" in log
+    assert "encoding iso8859-1 replace iso8859-1 backslashreplace\n" in log
     monkeypatch.setenv("PROBE_EXIT", "3")
     with pytest.raises(StageFailed, match="probe_trainer exited with code 3") as err:
         run_training("probe_trainer", {}, work, launch)
