@@ -348,9 +348,13 @@ def keeping_models() -> Iterator[None]:
 def keep_model(model) -> None:
     """Keep `model`, loaded by `inference_model`, for the next stage (in place of any kept before); a no-op outside
     `keeping_models` or for anything else."""
-    if _KEPT is not None and model is not None and model in _KEYS:
+    try:
+        key = _KEYS.get(model)
+    except TypeError:  # not hashable: no model of ours
+        return
+    if _KEPT is not None and key is not None:
         _KEPT.clear()
-        _KEPT[_KEYS[model]] = model
+        _KEPT[key] = model
 
 
 def release_models() -> None:

@@ -224,6 +224,8 @@ def _become(request: dict, fds: list[int], base_path: list[str]) -> None:
         # unbuffered, as PYTHONUNBUFFERED makes a subprocess's streams, in PYTHONIOENCODING's "encoding:errors"
         encoding, _, errors = env.get("PYTHONIOENCODING", "").partition(":")
         encoding = codecs.lookup(encoding).name if encoding else None  # named as the interpreter names it
+        if stdin and (encoding or errors):  # the driver's, sent above
+            sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False), encoding=encoding, errors=errors or None)
         sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), write_through=True, line_buffering=True,
                                       encoding=encoding, errors=errors or None)
         sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), write_through=True, line_buffering=True,
@@ -247,8 +249,8 @@ def _become(request: dict, fds: list[int], base_path: list[str]) -> None:
             else:
                 print(e.code, file=sys.stderr)
     except KeyboardInterrupt:  # as the interpreter does: the traceback, then death by SIGINT (exit code -2)
+        code, interrupted = 128 + signal.SIGINT, True  # 130 if the signal cannot end it, as CPython
         traceback.print_exc()
-        interrupted = True
     except BaseException:  # noqa: BLE001 - reported as a `python -m` run reports it
         traceback.print_exc()
     finally:

@@ -293,7 +293,8 @@ import torch
 print("name", __name__, "argv", sys.argv[1:], "cwd", os.getcwd(), flush=True)
 print("env", os.environ.get("PROBE_VALUE"), os.environ["TENSORBOARD_LOGGING_DIR"], "threads", torch.get_num_threads())
 print("to stderr", file=sys.stderr)
-print("encoding", sys.stdout.encoding, sys.stdout.errors, sys.stderr.encoding, sys.stderr.errors, flush=True)
+print("encoding", sys.stdout.encoding, sys.stdout.errors, sys.stderr.encoding, sys.stderr.errors, sys.stdin.encoding,
+      flush=True)
 if os.environ.get("PROBE_INTERRUPT"):
     raise KeyboardInterrupt
 sys.exit(int(os.environ.get("PROBE_EXIT", "0")))
@@ -318,13 +319,19 @@ def test_a_forked_stage_process_is_a_python_dash_m_run(tmp_path, monkeypatch, pr
     monkeypatch.setenv("PYTHONIOENCODING", "latin-1:replace")
     monkeypatch.chdir(cwd)
     launch = {"launcher": "direct", "preload": preload}
-    run_training("probe_trainer", {}, work, launch)
+    saved, null = os.dup(0), os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)  # a stdin to hand on, wherever the tests run
+    try:
+        run_training("probe_trainer", {}, work, launch)
+    finally:
+        os.dup2(saved, 0)
+        os.close(saved), os.close(null)
     log = (work / "train.log").read_text()
     assert (" (a fork of the preloaded server" in log.splitlines()[0]) is preload
     config = work / "train_config.json"
     assert f"name __main__ argv ['{config}'] cwd {cwd}\n" in log
     assert f"env seen {work / 'tensorboard'} threads 2\n" in log and "to stderr\n" in log
-    assert "encoding iso8859-1 replace iso8859-1 backslashreplace\n" in log
+    assert "encoding iso8859-1 replace iso8859-1 backslashreplace iso8859-1\n" in log
     monkeypatch.setenv("PROBE_EXIT", "3")
     with pytest.raises(StageFailed, match="probe_trainer exited with code 3") as err:
         run_training("probe_trainer", {}, work, launch)
