@@ -202,6 +202,11 @@ def _policy_key(backend_cfg: dict, policy: str) -> list:
     return ["policy", backend_cfg, policy]
 
 
+def _policy_backend(backend_cfg: dict, policy: str) -> Any:
+    """The backend answering as the policy, built once per process (`_loaded`)."""
+    return _loaded(_policy_key(backend_cfg, policy), lambda: instantiate(backend_cfg, model=policy, _convert_="all"))
+
+
 def _response_features(rewards: list[str]) -> datasets.Features:
     return datasets.Features({**GENERATION_FEATURES, **{f"reward.{n}": datasets.Value("float64") for n in rewards}})
 
@@ -216,8 +221,7 @@ def eval_shards(settings: dict, rank: int, world: int) -> None:
     todo = shards.todo()
     if not todo:
         return
-    backend = _loaded(_policy_key(settings["backend"], settings["policy"]),
-                      lambda: instantiate(settings["backend"], model=settings["policy"], _convert_="all"))
+    backend = _policy_backend(settings["backend"], settings["policy"])
     rewards = {name: _loaded(["reward", name, node, settings["inputs"]],
                              lambda name=name, node=node: build_reward(with_trained_model(name, node,
                                                                                           settings["inputs"])))
@@ -305,9 +309,7 @@ def eval_stage(job: EvalJob, inputs: Inputs, out: Path) -> StageResult:
     responses = [{k: r[k] for k in GENERATION_FEATURES} for r in scored]
 
     def generate(messages: list[list[dict]]) -> list[dict]:  # for suites with prompts of their own
-        backend = _loaded(_policy_key(backend_cfg, inputs["policy"]),
-                          lambda: instantiate(backend_cfg, model=inputs["policy"], _convert_="all"))
-        return _one_each(backend, sampling)(messages)
+        return _one_each(_policy_backend(backend_cfg, inputs["policy"]), sampling)(messages)
 
     ctx = EvalContext(
         round=job.round,

@@ -383,7 +383,7 @@ def inference_model(spec: str, dtype, device: str):
     if _KEPT is not None and key in _KEPT:
         return _KEPT[key], True
     release_models()  # before loading: never two models in memory for one
-    model = load_causal_lm(spec, dtype=dtype).to(device).eval()
+    model = load_causal_lm(path, dtype=dtype).to(device).eval()  # resolved above
     _KEYS[model] = key
     return model, False
 
